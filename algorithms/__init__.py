@@ -1,0 +1,1 @@
+"""Federated methods: the algorithm protocol, the registry, shared models and one module per method."""

@@ -1,0 +1,1 @@
+"""The `simfed` command line (typer). Config files are parsed here and nowhere else."""

@@ -1,0 +1,1 @@
+"""Federated datasets: the Arrow partition store, importers (LEAF, IDX, synthetic) and split schemes."""
