@@ -1,0 +1,244 @@
+"""The algorithm protocol: the one seam between a method's math and the engine's plumbing.
+
+A method is one module that defines a frozen config dataclass and an `Algorithm` subclass, and
+registers it (`simfed.algorithms.registry.register`). The engine never imports a method by name.
+
+A round is an ordered list of **phases** (one communication exchange each). For every phase:
+
+  server (engine.server.Server, in the server actor or in-process)
+    bcast  = algo.broadcast(phase, cfg, state, info)           -> sent to all clients (ray.put once)
+    per    = algo.payloads(phase, cfg, state, client_ids, info) -> {client_id: payload} or None,
+                                                                  produced in one batched call per chunk
+  client (engine.worker.Worker, in a worker actor or in-process)
+    reply  = algo.client(phase, cfg, bcast, payload, data, cstate, ctx)
+  server
+    algo.absorb(phase, cfg, state, client_id, reply.item, info)  for every per-client item, as it arrives
+    algo.finish(phase, cfg, state, sums, n_clients, info)        once, with reply.sums added over clients
+
+`Reply.sums` are summable messages (the engine pre-sums them inside each worker and again on
+the server, so memory is O(model), never O(cohort x model)); float64 stays float64, which is what
+the least-squares Gram accumulators need. `Reply.item` is a per-client message for methods whose
+server step is per client (a hypernetwork's vector-Jacobian product at that client's input).
+A reply whose tensors are not all finite is dropped by the engine and counted, never absorbed.
+
+Evaluation is phases too (`eval_phases`): PeFLL needs a descriptor exchange before it can hand a
+client its zero-shot model, pFedHN fits an embedding for an unseen client, FedAvg needs one. The
+replies of the last eval phase carry `evals` (split -> Eval); the engine turns them into metric
+rows. Evaluation never changes client state (the engine ignores `state` in eval replies), so how
+often a run evaluates cannot change its training.
+
+Server state is any object with `state_dict()`/`load_state_dict()`; `ServerState` below gives
+that for attributes holding modules, optimizers, tensors and plain values. Attributes whose name
+starts with `_` are round scratch and are not checkpointed (checkpoints fall between rounds).
+
+Randomness comes only from `ClientContext.generator(...)` / `numpy_rng(...)` on clients and
+`RoundInfo.generator(...)` on the server, all derived from (run seed, round, client id, phase).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+
+KEEP = "__simfed_keep_state__"  # Reply.state default: leave the client's persistent state as it is
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of ints/strings; stable across processes and Python runs."""
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the data look like: input shape (C, H, W) and number of classes."""
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """Where the run is: passed to every server-side call."""
+
+    round: int
+    seed: int
+    mode: str = "train"  # "train" or "eval"
+    cohort: str = "seen"  # which clients this pass is over: "seen" or "unseen"
+    phase_index: int = 0
+    client_ids: tuple[int, ...] = ()
+
+    def generator(self, *tags: Any) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.mode, "server", *tags))
+
+
+@dataclass(frozen=True)
+class Eval:
+    """Evaluation of one client on one split: sample count, summed loss, correct predictions."""
+
+    n: int
+    loss_sum: float
+    correct: int
+
+
+@dataclass
+class Reply:
+    sums: dict[str, Any] | None = None
+    item: Any = None
+    state: Any = KEEP
+    evals: dict[str, Eval] | None = None
+    n_train: int = 0  # samples processed in training (for throughput and weighting)
+
+
+class ClientData:
+    """One client's data, loaded lazily per split as float tensors in [0, 1] on the device."""
+
+    def __init__(self, client_id: int, cohort: str, reader: Callable[[int, str], tuple[np.ndarray, np.ndarray]],
+                 device: torch.device | str = "cpu", counts: Mapping[str, int] | None = None):
+        self.client_id = client_id
+        self.cohort = cohort
+        self.device = torch.device(device)
+        self._reader = reader
+        self._counts = dict(counts or {})
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self._cache:
+            x, y = self._reader(self.client_id, name)
+            # uint8 -> float once per client and split; the store hands out memory-mapped views.
+            xt = torch.from_numpy(np.asarray(x)).to(self.device, torch.float32).div_(255.0)
+            yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device)
+            self._cache[name] = (xt, yt)
+        return self._cache[name]
+
+    def n(self, name: str) -> int:
+        if name in self._counts:
+            return int(self._counts[name])
+        return int(self.split(name)[1].shape[0])
+
+
+@dataclass
+class ClientContext:
+    """Everything a client step may use besides its data and state."""
+
+    client_id: int
+    cohort: str
+    round: int
+    seed: int
+    phase: str
+    mode: str
+    task: Task
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache: dict = field(default_factory=dict)  # per worker, lives across clients and rounds
+
+    def _seed(self, tags: tuple) -> int:
+        return derive_seed(self.seed, self.round, self.mode, self.client_id, self.phase, *tags)
+
+    def generator(self, *tags: Any) -> torch.Generator:
+        return torch.Generator().manual_seed(self._seed(tags))
+
+    def numpy_rng(self, *tags: Any) -> np.random.Generator:
+        return np.random.default_rng(self._seed(tags))
+
+    def module(self, key: Any, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """A worker-local module instance, built once and reused (one copy of each model per worker)."""
+        if key not in self.cache:
+            self.cache[key] = build().to(self.device)
+        return self.cache[key]
+
+
+class ServerState:
+    """Server state whose public attributes are modules, optimizers, tensors or plain values."""
+
+    def state_dict(self) -> dict:
+        out = {}
+        for k, v in vars(self).items():
+            if k.startswith("_"):
+                continue
+            out[k] = v.state_dict() if hasattr(v, "state_dict") else v
+        return out
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        for k, v in sd.items():
+            cur = getattr(self, k, None)
+            if hasattr(cur, "load_state_dict"):
+                cur.load_state_dict(v)
+            else:
+                setattr(self, k, v)
+
+
+class Algorithm:
+    """Base class of every method. Subclasses set `name`, `Config` and override the hooks."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    summary: ClassVar[str] = ""
+    uses_client_state: ClassVar[bool] = False
+
+    # --- server side -------------------------------------------------------------------
+    def init(self, cfg: Any, task: Task, seed: int) -> ServerState:
+        raise NotImplementedError
+
+    def train_phases(self, cfg: Any, state: Any, round: int) -> Sequence[str]:
+        raise NotImplementedError
+
+    def eval_phases(self, cfg: Any, state: Any, cohort: str) -> Sequence[str]:
+        raise NotImplementedError
+
+    def broadcast(self, phase: str, cfg: Any, state: Any, info: RoundInfo) -> Any:
+        return None
+
+    def payloads(self, phase: str, cfg: Any, state: Any, client_ids: Sequence[int],
+                 info: RoundInfo) -> Mapping[int, Any] | None:
+        return None
+
+    def absorb(self, phase: str, cfg: Any, state: Any, client_id: int, item: Any, info: RoundInfo) -> None:
+        return None
+
+    def finish(self, phase: str, cfg: Any, state: Any, sums: Mapping[str, Any], n_clients: int,
+               info: RoundInfo) -> Mapping[str, float] | None:
+        """Close a phase; may return server-side scalars (logged with the round)."""
+        return None
+
+    # --- client side ---------------------------------------------------------------------
+    def client(self, phase: str, cfg: Any, bcast: Any, payload: Any, data: ClientData, cstate: Any,
+               ctx: ClientContext) -> Reply:
+        raise NotImplementedError
+
+    # --- helpers -------------------------------------------------------------------------
+    def validate(self, cfg: Any, task: Task) -> None:
+        """Raise SimfedError for a config that cannot run on this task (called before any work)."""
+        return None
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any], where: str = "[algorithm]") -> Any:
+    """Build a frozen config dataclass; unknown keys are an error that lists the valid ones."""
+    from simfed.engine.errors import SimfedError
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise SimfedError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(sorted(fields))}")
+    out = {}
+    for k, v in values.items():
+        default = fields[k].default
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise SimfedError(f"{where} {k} must be true or false, got {v!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise SimfedError(f"{where} {k} must be a number, got {v!r}")
+            v = type(default)(v) if isinstance(default, float) or float(v).is_integer() else v
+            if isinstance(default, int) and isinstance(v, float):
+                raise SimfedError(f"{where} {k} must be an integer, got {v!r}")
+        if isinstance(default, tuple) and isinstance(v, list):
+            v = tuple(v)
+        out[k] = v
+    try:
+        return cls(**out)
+    except (TypeError, ValueError) as exc:
+        raise SimfedError(f"{where}: {exc}") from None

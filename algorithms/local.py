@@ -1,0 +1,60 @@
+"""Local: every client trains only its own model; nothing is communicated after the start.
+
+Each seen client keeps its model as engine-held client state, starting from the same seeded
+initial model, and runs k SGD steps whenever it is sampled. [reconstructed] An unseen client has
+no state: at evaluation it trains from the initial model for `unseen_steps` steps on its own train
+split, which is what "Local" means for a newcomer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simfed.algorithms.base import Algorithm, Reply
+from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate, local_sgd
+from simfed.algorithms.models import flat_params, load_flat
+from simfed.algorithms.registry import register
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_steps: int = 20
+    local_epochs: float = 0.0
+    unseen_steps: int = 200
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.batch_size < 1 or self.local_steps < 1 or self.unseen_steps < 0:
+            raise ValueError("lr must be > 0, batch_size and local_steps >= 1, unseen_steps >= 0")
+
+
+@register
+class Local(Algorithm):
+    name = "local"
+    Config = LocalConfig
+    summary = "Local: each client trains its own model, no federation"
+    uses_client_state = True
+
+    init = FedAvg.init  # the shared, seeded initial model; it never changes
+
+    def train_phases(self, cfg, state, round):
+        return ("train",)
+
+    def eval_phases(self, cfg, state, cohort):
+        return ("evaluate",)
+
+    def broadcast(self, phase, cfg, state, info):
+        return state.theta
+
+    def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
+        model = client_model(ctx)
+        load_flat(model, bcast if cstate is None else cstate)
+        if ctx.mode == "eval":
+            steps = cfg.unseen_steps if cstate is None else 0
+            return Reply(evals=finetune_and_evaluate(model, data, steps, cfg.lr, cfg.batch_size,
+                                                     ctx.generator("unseen")))
+        seen = local_sgd(model, data, cfg, ctx.generator("sgd"))
+        return Reply(state=flat_params(model), n_train=seen)

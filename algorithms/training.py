@@ -1,0 +1,76 @@
+"""Local training and evaluation loops shared by the methods (plain functions of their inputs)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from simfed.algorithms.base import Eval
+
+
+def num_steps(n: int, batch_size: int, steps: int, epochs: float) -> int:
+    """Local steps for a client: `epochs` passes over n samples when epochs > 0, else `steps`."""
+    if epochs > 0:
+        return max(1, math.ceil(epochs * n / batch_size))
+    return steps
+
+
+def batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """`steps` index batches drawn without replacement, reshuffling after every pass over the data."""
+    bs = min(batch_size, n)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos:pos + bs]
+        pos += bs
+
+
+def sgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+              gen: torch.Generator, momentum: float = 0.0, weight_decay: float = 0.0,
+              clip: float = 0.0) -> tuple[int, float]:
+    """Run `steps` SGD steps in place; returns (samples processed, mean training loss)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    seen, loss_sum = 0, torch.zeros(())
+    for idx in batches(int(y.shape[0]), batch_size, steps, gen):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        if clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        seen += int(idx.numel())
+        loss_sum += loss.detach() * idx.numel()
+    return seen, float(loss_sum) / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, class_mask: torch.Tensor | None = None,
+             batch_size: int = 2048) -> Eval:
+    """Summed cross-entropy and correct count; `class_mask` (bool, C) forbids absent classes."""
+    model.eval()
+    n = int(y.shape[0])
+    loss_sum, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        logits = model(x[start:start + batch_size])
+        if class_mask is not None:
+            # A large finite penalty, not -inf: a masked true label then gives a big but finite loss.
+            logits = logits.masked_fill(~class_mask, -1e4)
+        yb = y[start:start + batch_size]
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return Eval(n=n, loss_sum=loss_sum, correct=correct)
+
+
+def evaluate_splits(model: nn.Module, data, splits=("val", "test"), class_mask=None) -> dict[str, Eval]:
+    out = {}
+    for split in splits:
+        if data.n(split) > 0:
+            x, y = data.split(split)
+            out[split] = evaluate(model, x, y, class_mask=class_mask)
+    return out
