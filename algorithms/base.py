@@ -111,8 +111,8 @@ class ClientData:
         if name not in self._cache:
             x, y = self._reader(self.client_id, name)
             # uint8 -> float once per client and split; the store hands out memory-mapped views.
-            xt = torch.from_numpy(np.asarray(x)).to(self.device, torch.float32).div_(255.0)
-            yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device)
+            xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self.device).div_(255.0)
+            yt = torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device)
             self._cache[name] = (xt, yt)
         return self._cache[name]
 

@@ -1,0 +1,165 @@
+"""`simfed partition ...` (build stores) and `simfed info DIR` (describe and verify one).
+
+Every user error is raised as SimfedError; cli.main prints it as one stderr line, exit 2. The
+progress bar is drawn only when stderr is a terminal, so scripted runs and error paths print
+nothing else on stderr. `info` verifies checksums by default (--no-verify skips reading the
+whole store).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from simfed.engine.errors import SimfedError
+
+partition_app = typer.Typer(help="Build a partition store (federated dataset directory).",
+                            no_args_is_help=True, add_completion=False)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _done(path: str) -> None:
+    typer.echo(path)
+
+
+@partition_app.command("synthetic-femnist")
+def synthetic_femnist(
+    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    clients: int = typer.Option(3597, "--clients", help="Number of writers."),
+    seed: int = typer.Option(0, "--seed"),
+    style_strength: float = typer.Option(1.0, "--style-strength",
+                                         help="Scale of writer effects; >= 2 adds conflicting "
+                                              "allographs (local models win)."),
+    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
+    val_fraction: float = typer.Option(0.15, "--val-fraction"),
+    test_fraction: float = typer.Option(0.15, "--test-fraction"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Synthetic FEMNIST-shaped dataset (62 classes, 28x28, per-writer style)."""
+    from simfed.partitions.synthetic import make_synthetic_femnist
+
+    _done(make_synthetic_femnist(str(out), clients=clients, seed=seed,
+                                 unseen_fraction=unseen_fraction, style_strength=style_strength,
+                                 val_fraction=val_fraction, test_fraction=test_fraction,
+                                 overwrite=overwrite, progress=_progress()))
+
+
+@partition_app.command("leaf")
+def leaf(
+    src: Path = typer.Argument(..., help="LEAF data: all_data_*.json, or train/ and test/."),
+    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
+                                                 help="Default 0 with LEAF's split, else 0.15."),
+    test_fraction: Optional[float] = typer.Option(None, "--test-fraction",
+                                                  help="Only without LEAF's split; default 0.15."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Import LEAF JSON (FEMNIST); one client per writer."""
+    from simfed.partitions.leaf import import_leaf
+
+    _done(import_leaf(str(src), str(out), unseen_fraction=unseen_fraction, seed=seed,
+                      val_fraction=val_fraction, test_fraction=test_fraction,
+                      overwrite=overwrite, progress=_progress()))
+
+
+@partition_app.command("idx")
+def idx(
+    src: Path = typer.Argument(..., help="Directory with IDX files, or one images file."),
+    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    scheme: str = typer.Option(..., "--scheme", help="classes | dirichlet | iid"),
+    clients: int = typer.Option(..., "--clients"),
+    classes_per_client: Optional[int] = typer.Option(None, "--classes-per-client"),
+    alpha: Optional[float] = typer.Option(None, "--alpha"),
+    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    val_fraction: float = typer.Option(0.15, "--val-fraction"),
+    test_fraction: float = typer.Option(0.15, "--test-fraction"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Import MNIST / EMNIST / Fashion-MNIST IDX files and split them over clients."""
+    from simfed.partitions.idx import import_idx
+
+    if scheme not in ("classes", "dirichlet", "iid"):
+        raise SimfedError(f"--scheme must be classes, dirichlet or iid, got {scheme!r}")
+    if Path(out).exists() and not overwrite:
+        raise SimfedError(f"{out}: output already exists; remove it, choose another path or "
+                          "pass --overwrite")
+    _done(import_idx(str(src), str(out), scheme=scheme, clients=clients,
+                     classes_per_client=classes_per_client, alpha=alpha,
+                     unseen_fraction=unseen_fraction, seed=seed, val_fraction=val_fraction,
+                     test_fraction=test_fraction, overwrite=overwrite, progress=_progress()))
+
+
+def store_summary(path: str, verify: bool = True) -> dict:
+    """The numbers `simfed info` prints (also used by tests and the benchmark)."""
+    from simfed.partitions.store import PartitionStore
+
+    store = PartitionStore.open(path, verify=verify)
+    m = store.manifest
+    t = store.clients
+    n_train = t.column("n_train").to_numpy()
+    unseen = int((np.asarray(t.column("cohort").to_pylist()) == "unseen").sum())
+    return {
+        "path": store.path,
+        "clients": t.num_rows,
+        "seen": t.num_rows - unseen,
+        "unseen": unseen,
+        "num_classes": store.num_classes,
+        "classes": list(m["classes"]),
+        "sample_shape": list(store.sample_shape),
+        "samples": {s: int(t.column(f"n_{s}").to_numpy().sum()) for s in ("train", "val", "test")}
+        | {"total": int(sum(t.column(f"n_{s}").to_numpy().sum()
+                            for s in ("train", "val", "test")))},
+        "per_client": {"min": int(n_train.min()), "median": float(np.median(n_train)),
+                       "max": int(n_train.max()),
+                       "mean_total": float((m["counts"]["total"]) / max(t.num_rows, 1))},
+        "size_bytes": int(sum(m.get("file_sizes", {}).values())),
+        "verified": verify,
+        "source": m.get("source", {}),
+    }
+
+
+def info(
+    store_dir: str = typer.Argument(..., metavar="DIR", help="Partition store directory or URI."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="Check every file's sha256 (reads the whole store)."),
+) -> None:
+    """Describe a partition store: clients, cohorts, samples, classes, size."""
+    s = store_summary(store_dir, verify=verify)
+    if as_json:
+        typer.echo(json.dumps(s))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=s["path"], show_header=False)
+    classes = s["classes"]
+    rows = [
+        ("clients", f"{s['clients']} ({s['seen']} seen, {s['unseen']} unseen)"),
+        ("samples", ", ".join(f"{k} {v:,}" for k, v in s["samples"].items())),
+        ("classes", f"{s['num_classes']}: " + " ".join(classes[:12])
+         + (" ..." if len(classes) > 12 else "")),
+        ("sample shape", "x".join(map(str, s["sample_shape"])) + " uint8"),
+        ("train per client", "min {min}, median {median:g}, max {max}".format(**s["per_client"])),
+        ("size", f"{s['size_bytes'] / 2**20:.1f} MiB"),
+        ("checksums", "verified" if verify else "not checked (--no-verify)"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(partition_app, name="partition")
+    app.command("info")(info)

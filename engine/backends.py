@@ -1,0 +1,172 @@
+"""Backends run one phase over a list of clients: in-process (serial) or on a Ray worker pool.
+
+Both drive the same `Server` and `Worker` classes, so a serial run and a Ray run of any method
+execute the same code; only the transport differs. The Ray backend puts the broadcast payload in
+the object store once per phase, streams per-client payloads chunk by chunk (at most
+`inflight_per_worker` chunks queued per worker), forwards each finished chunk straight from the
+worker to the server actor (the driver only sees metric rows), and replaces a worker that died,
+retrying its chunks (bounded, counted).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+from simfed.algorithms.base import RoundInfo
+from simfed.engine.config import EngineConfig
+from simfed.engine.errors import SimfedError
+from simfed.engine.sampling import assign, chunk_size, chunked
+from simfed.engine.server import Server
+from simfed.engine.worker import Worker, WorkerSpec
+
+OnChunk = Callable[[dict], None]
+
+
+class SerialBackend:
+    """Everything in this process: the reference the Ray backend must agree with."""
+
+    name = "serial"
+
+    def __init__(self, spec: WorkerSpec, server_args: dict, engine: EngineConfig):
+        self.server = Server(**server_args)
+        self.worker = Worker(spec, 0)
+        self.n_workers = 1
+        self.chunk = engine.chunk_clients
+        self.retries = 0
+
+    def call(self, method: str, *args):
+        return getattr(self.server, method)(*args)
+
+    def workers_info(self) -> list[dict]:
+        return [self.worker.describe()]
+
+    def run_phase(self, phase: str, info: RoundInfo, client_ids: Sequence[int], sizes: dict, on_chunk: OnChunk,
+                  checkpointed_round: int) -> dict:
+        bcast = self.server.begin(phase, info)
+        for chunk in chunked(list(client_ids), chunk_size(len(client_ids), 1, self.chunk)):
+            payloads = self.server.payloads(phase, info, chunk)
+            meta, result = self.worker.run(phase, info, bcast, payloads, chunk, checkpointed_round)
+            self.server.receive(result, phase, info)
+            on_chunk(meta)
+        return self.server.end(phase, info)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """A user error raised inside an actor comes back wrapped; surface the original one-liner."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, SimfedError):
+        return SimfedError(str(cause))
+    return exc
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, spec: WorkerSpec, server_args: dict, engine: EngineConfig):
+        import ray
+
+        self.ray = ray
+        self.engine = engine
+        self.spec = spec
+        n = engine.workers or self._pool_size(engine)
+        if n < 1:
+            raise SimfedError(f"the Ray cluster has no room for one worker with {engine.cpus_per_worker} CPUs and "
+                              f"{engine.gpus_per_worker} GPUs; lower engine.cpus_per_worker/gpus_per_worker")
+        self.n_workers = n
+        self.retries = 0
+        # The server's work is light next to the clients'; it must not take a worker's CPU slot.
+        self.server = ray.remote(Server).options(num_cpus=0).remote(**server_args)
+        self._actor_cls = ray.remote(Worker)
+        self.workers = [self._start_worker(i) for i in range(n)]
+        self.generation = [0] * n
+        try:
+            ray.get(self.server.pid.remote())
+            self._info = ray.get([w.describe.remote() for w in self.workers])
+        except Exception as exc:
+            raise _unwrap(exc) from None
+
+    def _pool_size(self, engine: EngineConfig) -> int:
+        res = self.ray.cluster_resources()
+        n = math.floor(res.get("CPU", 0) / engine.cpus_per_worker) if engine.cpus_per_worker > 0 else 1 << 30
+        if engine.gpus_per_worker > 0:
+            n = min(n, math.floor(res.get("GPU", 0) / engine.gpus_per_worker + 1e-9))
+        return int(n)
+
+    def _start_worker(self, index: int):
+        return self._actor_cls.options(num_cpus=self.engine.cpus_per_worker, num_gpus=self.engine.gpus_per_worker,
+                                       max_restarts=0).remote(self.spec, index)
+
+    def call(self, method: str, *args):
+        try:
+            return self.ray.get(getattr(self.server, method).remote(*args))
+        except Exception as exc:
+            raise _unwrap(exc) from None
+
+    def workers_info(self) -> list[dict]:
+        return list(self._info)
+
+    def run_phase(self, phase: str, info: RoundInfo, client_ids: Sequence[int], sizes: dict, on_chunk: OnChunk,
+                  checkpointed_round: int) -> dict:
+        ray = self.ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+
+        lost = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+        bcast_ref = self.server.begin.remote(phase, info)
+        size = chunk_size(len(client_ids), self.n_workers, self.engine.chunk_clients)
+        queues = [chunked(ids, size) for ids in assign(list(client_ids), sizes, self.n_workers)]
+        inflight: dict = {}  # meta ref -> (worker, chunk, data ref, payload ref, attempt, generation)
+        per_worker = [0] * self.n_workers
+        acks = []
+
+        def submit(w: int, chunk: list[int], attempt: int, payload_ref=None) -> None:
+            if payload_ref is None:
+                payload_ref = self.server.payloads.remote(phase, info, chunk)
+            meta_ref, data_ref = self.workers[w].run.options(num_returns=2).remote(
+                phase, info, bcast_ref, payload_ref, chunk, checkpointed_round)
+            inflight[meta_ref] = (w, chunk, data_ref, payload_ref, attempt, self.generation[w])
+            per_worker[w] += 1
+
+        try:
+            while inflight or any(queues):
+                for w in range(self.n_workers):
+                    while queues[w] and per_worker[w] < self.engine.inflight_per_worker:
+                        submit(w, queues[w].pop(0), 0)
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    w, chunk, data_ref, payload_ref, attempt, gen = inflight.pop(ref)
+                    per_worker[w] -= 1
+                    try:
+                        meta = ray.get(ref)
+                    except lost:
+                        if attempt >= self.engine.max_retries:
+                            raise SimfedError(f"worker {w} died {attempt + 1} times running clients {chunk[:5]}...; "
+                                              f"giving up (engine.max_retries = {self.engine.max_retries})")
+                        if gen == self.generation[w]:
+                            self.workers[w] = self._start_worker(w)
+                            self.generation[w] += 1
+                        self.retries += 1
+                        submit(w, chunk, attempt + 1, payload_ref)
+                        continue
+                    acks.append(self.server.receive.remote(data_ref, phase, info))
+                    on_chunk(meta)
+            ray.get(acks)
+            return ray.get(self.server.end.remote(phase, info))
+        except Exception as exc:
+            raise _unwrap(exc) from None
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            self.ray.kill(w)
+        self.ray.kill(self.server)
+
+
+def make_backend(kind: str, spec: WorkerSpec, server_args: dict, engine: EngineConfig):
+    if kind == "serial":
+        return SerialBackend(spec, server_args, engine)
+    if kind == "ray":
+        return RayBackend(spec, server_args, engine)
+    raise SimfedError(f"unknown engine.backend {kind!r}; use \"ray\" or \"serial\"")

@@ -1,0 +1,93 @@
+"""Per-client metric rows in Parquet, and the summaries `simfed metrics` prints.
+
+Rows are written under RUN_DIR/metrics/ as one file per round and kind as soon as they exist
+(each file written to a temporary name and renamed), so
+`polars.scan_parquet(run_dir / "metrics" / "*.parquet")` works during and after a run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("run", pa.string()), ("round", pa.int32()), ("client_id", pa.int64()), ("cohort", pa.string()),
+    ("split", pa.string()), ("phase", pa.string()), ("n", pa.int64()), ("loss", pa.float64()),
+    ("accuracy", pa.float64()), ("seconds", pa.float64()), ("bytes_up", pa.int64()),
+    ("bytes_down", pa.int64()), ("dropped", pa.bool_()), ("node_id", pa.string()), ("worker", pa.int32()),
+])
+_FILE = re.compile(r"^r(\d+)-.*\.parquet$")
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | os.PathLike, run: str):
+        self.dir = Path(run_dir) / "metrics"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run = run
+
+    def write(self, rows: list[dict], round: int, kind: str) -> Path | None:
+        if not rows:
+            return None
+        cols = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA}
+        cols["run"] = [self.run] * len(rows)
+        table = pa.table(cols, schema=SCHEMA)
+        path = self.dir / f"r{round:06d}-{kind}.parquet"
+        tmp = self.dir / f".{path.name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def truncate_after(self, round: int) -> None:
+        """Remove files of rounds > `round` (they are rewritten when a resumed run gets there)."""
+        for path in self.dir.glob("r*.parquet"):
+            m = _FILE.match(path.name)
+            if m and int(m.group(1)) > round:
+                path.unlink()
+
+
+def load(run_dir: str | os.PathLike) -> pl.DataFrame:
+    files = sorted((Path(run_dir) / "metrics").glob("r*.parquet"))
+    if not files:
+        return pl.DataFrame(schema=pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema))
+    return pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+
+
+def summarize(df: pl.DataFrame, split: str = "test", round: int | None = None) -> pl.DataFrame:
+    """Per cohort at one eval round (default: the last): client-mean and sample-weighted accuracy,
+    std, 10th percentile, mean of the worst 10% of clients, best client."""
+    ev = df.filter((pl.col("split") == split) & ~pl.col("dropped"))
+    if ev.height == 0:
+        return pl.DataFrame()
+    r = int(ev["round"].max()) if round is None else round
+    ev = ev.filter(pl.col("round") == r)
+    out = []
+    for cohort in ("seen", "unseen"):
+        c = ev.filter(pl.col("cohort") == cohort).sort("accuracy")
+        if c.height == 0:
+            continue
+        k = max(1, math.ceil(0.1 * c.height))
+        acc = c["accuracy"]
+        out.append({
+            "round": r, "cohort": cohort, "split": split, "clients": c.height, "samples": int(c["n"].sum()),
+            "acc_mean": float(acc.mean()),
+            "acc_weighted": float((c["accuracy"] * c["n"]).sum() / max(int(c["n"].sum()), 1)),
+            "acc_std": float(acc.std(ddof=0)), "acc_p10": float(acc.quantile(0.1, interpolation="linear")),
+            "acc_worst10": float(acc.head(k).mean()), "acc_best": float(acc.max()),
+            "loss_mean": float(c["loss"].mean()),
+        })
+    return pl.DataFrame(out)
+
+
+def train_totals(df: pl.DataFrame) -> dict:
+    tr = df.filter(pl.col("split") == "train")
+    if tr.height == 0:
+        return {"rounds": 0, "client_updates": 0, "dropped": 0, "bytes_up": 0, "bytes_down": 0}
+    return {"rounds": int(tr["round"].max()), "client_updates": tr.height, "dropped": int(tr["dropped"].sum()),
+            "samples": int(tr["n"].sum()), "seconds": float(tr["seconds"].sum()),
+            "bytes_up": int(tr["bytes_up"].sum()), "bytes_down": int(tr["bytes_down"].sum())}

@@ -1,0 +1,89 @@
+"""The server: holds a method's state and reduces client messages as they stream in.
+
+Plain Python; the Ray backend wraps it as an actor (`ray.remote(Server)`), the serial backend
+calls it directly. Summable messages are added into one accumulator per phase (O(model) memory
+whatever the cohort size); per-client items go straight to `Algorithm.absorb`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from simfed.algorithms import registry
+from simfed.algorithms.base import RoundInfo, Task
+
+
+@dataclass
+class ChunkResult:
+    """What a worker sends the server for one chunk of clients."""
+
+    sums: dict[str, Any] | None = None
+    n_clients: int = 0  # clients whose replies are in `sums`/`items` (dropped ones excluded)
+    items: list[tuple[int, Any]] = field(default_factory=list)
+
+
+def add_into(acc: dict[str, Any] | None, sums: dict[str, Any] | None) -> dict[str, Any] | None:
+    """acc += sums, key by key; the first contribution is copied so callers' tensors stay untouched."""
+    if not sums:
+        return acc
+    if acc is None:
+        acc = {}
+    for k, v in sums.items():
+        if k in acc:
+            acc[k] += v
+        else:
+            acc[k] = v.clone() if hasattr(v, "clone") else (v.copy() if hasattr(v, "copy") else v)
+    return acc
+
+
+class Server:
+    def __init__(self, algorithm: str, cfg: Any, task: Task, seed: int, state_dict: dict | None = None,
+                 threads: int = 0):
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.algo = registry.get(algorithm)
+        self.cfg = cfg
+        self.state = self.algo.init(cfg, task, seed)
+        if state_dict is not None:
+            self.state.load_state_dict(state_dict)
+        self._acc: dict[str, Any] | None = None
+        self._n_clients = 0
+
+    def phases(self, mode: str, key: Any) -> list[str]:
+        if mode == "train":
+            return list(self.algo.train_phases(self.cfg, self.state, key))
+        return list(self.algo.eval_phases(self.cfg, self.state, key))
+
+    def begin(self, phase: str, info: RoundInfo) -> Any:
+        self._acc, self._n_clients = None, 0
+        return self.algo.broadcast(phase, self.cfg, self.state, info)
+
+    def payloads(self, phase: str, info: RoundInfo, client_ids: list[int]) -> Any:
+        return self.algo.payloads(phase, self.cfg, self.state, client_ids, info)
+
+    def receive(self, result: ChunkResult, phase: str, info: RoundInfo) -> int:
+        self._acc = add_into(self._acc, result.sums)
+        self._n_clients += result.n_clients
+        for cid, item in result.items:
+            self.algo.absorb(phase, self.cfg, self.state, cid, item, info)
+        return result.n_clients
+
+    def end(self, phase: str, info: RoundInfo) -> dict[str, float]:
+        stats = self.algo.finish(phase, self.cfg, self.state, self._acc or {}, self._n_clients, info)
+        self._acc = None
+        return dict(stats or {})
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def memory_bytes(self) -> int:
+        return psutil.Process(os.getpid()).memory_info().rss
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,155 @@
+"""A client worker: simulates many logical clients, one after another, with one copy of each model.
+
+Plain Python; the Ray backend wraps it as an actor and keeps a small pool of them alive for the
+whole run. Per chunk of clients it slices each client's rows from the memory-mapped store, loads
+the client's persistent state, runs the method's client step, drops non-finite replies, pre-sums
+the summable messages and returns (result for the server, metric rows for the driver).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from simfed.algorithms import registry
+from simfed.algorithms.base import KEEP, ClientContext, ClientData, RoundInfo, Task
+from simfed.engine.clientstate import ClientStateStore
+from simfed.engine.server import ChunkResult, add_into
+from simfed.partitions.store import PartitionStore
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    store_path: str
+    algorithm: str
+    cfg: Any
+    task: Task
+    seed: int
+    state_dir: str
+    threads: int = 1
+    use_gpu: bool = False
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of the tensors/arrays in a message: what a real client would send or receive."""
+    if obj is None:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    if isinstance(obj, (int, float)):
+        return 8
+    return 0
+
+
+def all_finite(obj: Any) -> bool:
+    if obj is None:
+        return True
+    if isinstance(obj, torch.Tensor):
+        return bool(torch.isfinite(obj).all()) if obj.is_floating_point() else True
+    if isinstance(obj, np.ndarray):
+        return bool(np.isfinite(obj).all()) if np.issubdtype(obj.dtype, np.floating) else True
+    if isinstance(obj, dict):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(all_finite(v) for v in obj)
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    return True
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, index: int = 0):
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec = spec
+        self.index = index
+        self.algo = registry.get(spec.algorithm)
+        self.store = PartitionStore.open(spec.store_path)
+        table = self.store.clients
+        ids = table.column("client_id").to_numpy()
+        self.cohort = dict(zip(ids.tolist(), table.column("cohort").to_pylist()))
+        self.counts = {s: dict(zip(ids.tolist(), table.column(f"n_{s}").to_numpy().tolist()))
+                       for s in ("train", "val", "test")}
+        self.states = ClientStateStore(spec.state_dir)
+        self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
+        self.cache: dict = {}
+        self.node_id = os.environ.get("SIMFED_NODE", "local")
+        try:
+            import ray
+
+            if ray.is_initialized():
+                self.node_id = ray.get_runtime_context().get_node_id()
+        except Exception:  # serial backend without Ray: the node is this machine
+            pass
+
+    def describe(self) -> dict:
+        gpu_ids: list = []
+        try:
+            import ray
+
+            if ray.is_initialized():
+                gpu_ids = list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+        except Exception:
+            pass
+        return {"index": self.index, "pid": os.getpid(), "node_id": self.node_id, "device": str(self.device),
+                "gpu_ids": gpu_ids, "threads": torch.get_num_threads()}
+
+    def run(self, phase: str, info: RoundInfo, bcast: Any, payloads: Any, client_ids: list[int],
+            checkpointed_round: int = -1, meta_extra: dict | None = None) -> tuple[dict, ChunkResult]:
+        spec, algo = self.spec, self.algo
+        result = ChunkResult()
+        rows: list[dict] = []
+        down_common = nbytes(bcast)
+        n_train = 0
+        for cid in client_ids:
+            t0 = time.perf_counter()
+            cohort = self.cohort[cid]
+            counts = {s: self.counts[s][cid] for s in ("train", "val", "test")}
+            data = ClientData(cid, cohort, self.store.read, self.device, counts)
+            cstate = None
+            if algo.uses_client_state:
+                # Evaluation after round r sees every state written up to and including round r.
+                at = (info.round + 1, 0) if info.mode == "eval" else (info.round, info.phase_index)
+                cstate = self.states.get(cid, *at)
+            ctx = ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
+                                mode=info.mode, task=spec.task, device=self.device, cache=self.cache)
+            payload = payloads.get(cid) if payloads else None
+            reply = algo.client(phase, spec.cfg, bcast, payload, data, cstate, ctx)
+            ok = all_finite(reply.sums) and all_finite(reply.item)
+            if ok:
+                result.sums = add_into(result.sums, reply.sums)
+                if reply.item is not None:
+                    result.items.append((cid, reply.item))
+                result.n_clients += 1
+                if info.mode == "train" and algo.uses_client_state and not (
+                        isinstance(reply.state, str) and reply.state == KEEP):
+                    self.states.put(cid, info.round, info.phase_index, reply.state, checkpointed_round)
+            n_train += reply.n_train
+            seconds = time.perf_counter() - t0
+            base = {"round": info.round + 1, "client_id": cid, "cohort": cohort, "phase": phase,
+                    "node_id": self.node_id, "worker": self.index}
+            if info.mode == "train":
+                rows.append({**base, "split": "train", "n": reply.n_train, "seconds": seconds,
+                             "bytes_up": nbytes(reply.sums) + nbytes(reply.item),
+                             "bytes_down": down_common + nbytes(payload), "dropped": not ok})
+            elif ok and reply.evals:
+                for split, ev in reply.evals.items():
+                    rows.append({**base, "split": split, "n": ev.n, "seconds": seconds,
+                                 "loss": ev.loss_sum / max(ev.n, 1), "accuracy": ev.correct / max(ev.n, 1),
+                                 "dropped": False})
+            elif not ok:
+                rows.append({**base, "split": "eval", "n": 0, "seconds": seconds, "dropped": True})
+        meta = {"rows": rows, "n_clients": len(client_ids), "n_train": n_train,
+                "dropped": sum(1 for r in rows if r.get("dropped"))}
+        return meta, result
