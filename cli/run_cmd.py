@@ -79,7 +79,7 @@ def launch(
 ) -> None:
     """Run an experiment; prints the run directory."""
     from simfed.engine import cluster
-    from simfed.engine.loop import run_experiment
+    from simfed.engine.loop import check_experiment, run_experiment
 
     if resume:
         run_dir = Path(resume)
@@ -94,10 +94,14 @@ def launch(
     if address is not None:
         doc.setdefault("engine", {})["address"] = address
     exp = cfgio.parse(doc, experiment or ("quickstart" if not resume else str(resume)))
+    progress = None if quiet else _Progress()
+    check_experiment(exp, progress)  # fail on bad input before starting Ray or writing anything
     run_dir = Path(resume) if resume else _run_dir(exp, out)
+    if not resume and (run_dir / "checkpoint.pt").exists():
+        raise SimfedError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    if exp.engine.backend == "ray":
+        cluster.connect(exp.engine.address)
     if not resume:
-        if (run_dir / "checkpoint.pt").exists():
-            raise SimfedError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = cfgio.to_dict(exp)
         for name, text in (("config.json", json.dumps(resolved, indent=2)), ("config.toml", cfgio.to_toml(resolved))):
@@ -105,9 +109,6 @@ def launch(
             tmp.write_text(text)
             os.replace(tmp, run_dir / name)
     typer.echo(str(run_dir))
-    if exp.engine.backend == "ray":
-        cluster.connect(exp.engine.address)
-    progress = None if quiet else _Progress()
     try:
         result = run_experiment(exp, run_dir, resume=bool(resume), on_event=progress)
     except KeyboardInterrupt:

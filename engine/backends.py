@@ -63,6 +63,42 @@ def _unwrap(exc: Exception) -> Exception:
     return exc
 
 
+class _PooledServer:
+    """Actor body: a Server that can be set up again for the next run without a new process."""
+
+    def setup(self, server_args: dict) -> int:
+        import os
+
+        self.server = Server(**server_args)
+        return os.getpid()
+
+    def call(self, method: str, *args):
+        return getattr(self.server, method)(*args)
+
+    def release(self) -> None:
+        self.server = None
+
+
+class _PooledWorker:
+    """Actor body: a Worker that can be set up again for the next run without a new process."""
+
+    def setup(self, spec: WorkerSpec, index: int) -> dict:
+        self.worker = Worker(spec, index)
+        return self.worker.describe()
+
+    def run(self, *args):
+        return self.worker.run(*args)
+
+    def release(self) -> None:
+        self.worker = None
+
+
+# Actors outlive a run: starting a Ray actor costs seconds (a process that imports torch), so
+# runs in one driver process reuse them. Keyed by the resources each worker asks for.
+_POOL: dict[tuple, list] = {}
+_SERVERS: list = []
+
+
 class RayBackend:
     name = "ray"
 
@@ -78,14 +114,19 @@ class RayBackend:
                               f"{engine.gpus_per_worker} GPUs; lower engine.cpus_per_worker/gpus_per_worker")
         self.n_workers = n
         self.retries = 0
-        # The server's work is light next to the clients'; it must not take a worker's CPU slot.
-        self.server = ray.remote(Server).options(num_cpus=0).remote(**server_args)
-        self._actor_cls = ray.remote(Worker)
-        self.workers = [self._start_worker(i) for i in range(n)]
+        self._key = (ray.get_runtime_context().get_job_id(), engine.cpus_per_worker, engine.gpus_per_worker)
+        pool = _POOL.setdefault(self._key, [])
+        while len(pool) < n:
+            pool.append(self._start_worker())
+        self.workers = pool[:n]
+        if not _SERVERS or _SERVERS[0][0] != self._key[0]:
+            # The server's work is light next to the clients'; it must not take a worker's CPU slot.
+            _SERVERS[:] = [(self._key[0], ray.remote(_PooledServer).options(num_cpus=0).remote())]
+        self.server = _SERVERS[0][1]
         self.generation = [0] * n
         try:
-            ray.get(self.server.pid.remote())
-            self._info = ray.get([w.describe.remote() for w in self.workers])
+            ray.get(self.server.setup.remote(server_args))
+            self._info = ray.get([w.setup.remote(spec, i) for i, w in enumerate(self.workers)])
         except Exception as exc:
             raise _unwrap(exc) from None
 
@@ -96,13 +137,20 @@ class RayBackend:
             n = min(n, math.floor(res.get("GPU", 0) / engine.gpus_per_worker + 1e-9))
         return int(n)
 
-    def _start_worker(self, index: int):
-        return self._actor_cls.options(num_cpus=self.engine.cpus_per_worker, num_gpus=self.engine.gpus_per_worker,
-                                       max_restarts=0).remote(self.spec, index)
+    def _start_worker(self):
+        return self.ray.remote(_PooledWorker).options(num_cpus=self.engine.cpus_per_worker,
+                                                      num_gpus=self.engine.gpus_per_worker, max_restarts=0).remote()
+
+    def _replace_worker(self, w: int) -> None:
+        actor = self._start_worker()
+        self.ray.get(actor.setup.remote(self.spec, w))
+        _POOL[self._key][w] = actor
+        self.workers[w] = actor
+        self.generation[w] += 1
 
     def call(self, method: str, *args):
         try:
-            return self.ray.get(getattr(self.server, method).remote(*args))
+            return self.ray.get(self.server.call.remote(method, *args))
         except Exception as exc:
             raise _unwrap(exc) from None
 
@@ -115,7 +163,8 @@ class RayBackend:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
         lost = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
-        bcast_ref = self.server.begin.remote(phase, info)
+        server = self.server.call
+        bcast_ref = server.remote("begin", phase, info)
         size = chunk_size(len(client_ids), self.n_workers, self.engine.chunk_clients)
         queues = [chunked(ids, size) for ids in assign(list(client_ids), sizes, self.n_workers)]
         inflight: dict = {}  # meta ref -> (worker, chunk, data ref, payload ref, attempt, generation)
@@ -124,7 +173,7 @@ class RayBackend:
 
         def submit(w: int, chunk: list[int], attempt: int, payload_ref=None) -> None:
             if payload_ref is None:
-                payload_ref = self.server.payloads.remote(phase, info, chunk)
+                payload_ref = server.remote("payloads", phase, info, chunk)
             meta_ref, data_ref = self.workers[w].run.options(num_returns=2).remote(
                 phase, info, bcast_ref, payload_ref, chunk, checkpointed_round)
             inflight[meta_ref] = (w, chunk, data_ref, payload_ref, attempt, self.generation[w])
@@ -146,22 +195,24 @@ class RayBackend:
                             raise SimfedError(f"worker {w} died {attempt + 1} times running clients {chunk[:5]}...; "
                                               f"giving up (engine.max_retries = {self.engine.max_retries})")
                         if gen == self.generation[w]:
-                            self.workers[w] = self._start_worker(w)
-                            self.generation[w] += 1
+                            self._replace_worker(w)
                         self.retries += 1
                         submit(w, chunk, attempt + 1, payload_ref)
                         continue
-                    acks.append(self.server.receive.remote(data_ref, phase, info))
+                    acks.append(server.remote("receive", data_ref, phase, info))
                     on_chunk(meta)
             ray.get(acks)
-            return ray.get(self.server.end.remote(phase, info))
+            return ray.get(server.remote("end", phase, info))
         except Exception as exc:
             raise _unwrap(exc) from None
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            self.ray.kill(w)
-        self.ray.kill(self.server)
+        """Actors stay in the pool for the next run (they end with the driver's Ray session); they
+        drop this run's state and memory maps now."""
+        try:
+            self.ray.get([a.release.remote() for a in [self.server, *self.workers]], timeout=60)
+        except Exception:  # a dead actor has nothing left to release; the pool replaces it next run
+            pass
 
 
 def make_backend(kind: str, spec: WorkerSpec, server_args: dict, engine: EngineConfig):

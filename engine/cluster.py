@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from simfed.engine.errors import SimfedError
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds on an address nothing listens at (Ray itself retries for minutes)."""
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SimfedError(f"--address {address!r}: expected 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise SimfedError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start one with "
+                          "`ray start --head` there, or leave out --address to run on this machine") from None
 
 
 def connect(address: str = "", num_cpus: int | None = None) -> bool:
@@ -15,6 +29,8 @@ def connect(address: str = "", num_cpus: int | None = None) -> bool:
         return False
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    if address and address != "auto":
+        _probe(address)
     try:
         if address:
             ray.init(address=address, **kwargs)

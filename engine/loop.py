@@ -54,21 +54,28 @@ def _write_status(run_dir: Path, status: dict) -> None:
     os.replace(tmp, run_dir / "status.json")
 
 
-def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool = False,
-                   on_event: Event | None = None, backend: str | None = None) -> dict[str, Any]:
-    emit = on_event or (lambda e: None)
-    run_dir = Path(run_dir)
-    run, eng = exp.run, exp.engine
+def check_experiment(exp: Experiment, on_event: Event | None = None):
+    """Everything that can be checked before any work: the store, the method against it, the cohort size.
+    Returns (store, task, seen ids, unseen ids)."""
+    run = exp.run
     store = open_store(exp.data, on_event)
     task = Task(tuple(int(v) for v in store.sample_shape), int(store.num_classes))
-    algo = registry.get(exp.algorithm)
-    algo.validate(exp.algorithm_config, task)
+    registry.get(exp.algorithm).validate(exp.algorithm_config, task)
     seen, unseen = [int(c) for c in store.client_ids("seen")], [int(c) for c in store.client_ids("unseen")]
     if run.clients_per_round < 1 or run.clients_per_round > len(seen):
         raise SimfedError(f"[run] clients_per_round = {run.clients_per_round} but the store {store.path} has "
                           f"{len(seen)} seen clients; use a value between 1 and {len(seen)}")
     if run.rounds < 1:
         raise SimfedError(f"[run] rounds = {run.rounds}; it must be at least 1")
+    return store, task, seen, unseen
+
+
+def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool = False,
+                   on_event: Event | None = None, backend: str | None = None) -> dict[str, Any]:
+    emit = on_event or (lambda e: None)
+    run_dir = Path(run_dir)
+    run, eng = exp.run, exp.engine
+    store, task, seen, unseen = check_experiment(exp, on_event)
     table = store.clients
     sizes = dict(zip(table.column("client_id").to_pylist(), table.column("n_train").to_pylist()))
 

@@ -11,6 +11,14 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 @pytest.fixture(scope="session")
+def engine_store(tmp_path_factory):
+    """24 synthetic-FEMNIST clients (21 seen, 3 unseen) for engine and CLI tests."""
+    from simfed.partitions.synthetic import make_synthetic_femnist
+
+    return make_synthetic_femnist(str(tmp_path_factory.mktemp("engine") / "store"), clients=24, seed=3)
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     import ray
 
@@ -18,3 +26,12 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """A synthetic-FEMNIST partition store with 24 writers (~5k samples); returns its path."""
+    from simfed.partitions.synthetic import make_synthetic_femnist
+
+    return make_synthetic_femnist(str(tmp_path_factory.mktemp("stores") / "tiny"), clients=24,
+                                  seed=0)

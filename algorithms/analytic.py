@@ -1,0 +1,232 @@
+"""Shared machinery of the analytic (least-squares) methods FedACnnL and pFedACnnL.
+
+A network is a list of layer tokens that the analytic path can solve in closed form:
+  "conv{k}x{c}"  k x k convolution (no padding, stride 1) with c output channels, then the
+                 activation, then max-pooling (`pool`, 1 = none);
+  "fc{n}"        fully connected hidden layer of width n, then the activation;
+  "fc"           the head (width = number of classes, no activation), last and only last.
+Every layer is linear in its weights given its inputs, so with the inputs X (im2col patches for a
+convolution, the flattened activations for a fully connected layer, plus a bias column of ones)
+and targets T, the layer is the ridge problem W = (X^T X + gamma I)^{-1} X^T T, whose sufficient
+statistics X^T X and X^T T add up over clients. Weights are kept as float64 matrices of shape
+(d_in + 1, d_out), the last row being the bias.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch.nn import functional as F
+
+from simfed.engine.errors import SimfedError
+
+LENET = ("conv5x16", "conv5x32", "fc120", "fc84", "fc")
+ACTIVATIONS = ("relu", "tanh", "identity")
+_CONV = re.compile(r"^conv(\d+)x(\d+)$")
+_FC = re.compile(r"^fc(\d+)$")
+CHUNK = 256  # samples per forward/Gram chunk: bounds the im2col buffer (256*576*26 doubles at layer 0)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One solvable layer with its geometry on a given task."""
+
+    index: int
+    token: str
+    kind: str  # "conv" or "fc"
+    kernel: int  # conv only
+    width: int  # output channels / units (num_classes for the head)
+    in_shape: tuple[int, ...]  # (C, H, W) for conv, (features,) for fc
+    out_shape: tuple[int, ...]  # after activation and pooling
+    head: bool
+
+    @property
+    def d(self) -> int:
+        """Rows of the weight matrix: inputs per output (patch size or features) plus the bias."""
+        if self.kind == "conv":
+            return self.in_shape[0] * self.kernel * self.kernel + 1
+        return self.in_shape[0] + 1
+
+    @property
+    def positions(self) -> int:
+        """Patches per image (conv) or 1 (fc)."""
+        if self.kind == "conv":
+            side = self.in_shape[1] - self.kernel + 1
+            return side * side
+        return 1
+
+
+def check_tokens(tokens: Sequence[str]) -> None:
+    """Raise ValueError naming the first layer the analytic path cannot solve."""
+    if not tokens:
+        raise ValueError("layers must name at least the head 'fc'")
+    for i, tok in enumerate(tokens):
+        last = i == len(tokens) - 1
+        if tok == "fc":
+            if not last:
+                raise ValueError(f"layer {i} 'fc' (the head) must be the last layer")
+            continue
+        if last:
+            raise ValueError(f"the last layer must be the head 'fc', got {tok!r}")
+        m = _CONV.match(tok) or _FC.match(tok)
+        if m is None:
+            raise ValueError(
+                f"layer {i} {tok!r} cannot be solved analytically (each layer must be linear in its weights "
+                "given its inputs); supported layers: conv<k>x<channels>, fc<width>, and the head fc")
+        if any(int(g) < 1 for g in m.groups()):
+            raise ValueError(f"layer {i} {tok!r}: sizes must be >= 1")
+        if _CONV.match(tok) and any(_FC.match(t) for t in tokens[:i]):
+            raise ValueError(f"layer {i} {tok!r}: a convolution cannot follow a fully connected layer")
+
+
+def build_layers(tokens: Sequence[str], input_shape: tuple[int, int, int], num_classes: int,
+                 pool: int) -> list[Layer]:
+    """Geometry of every layer on this task; SimfedError if the input is too small for it."""
+    check_tokens(tokens)
+    shape: tuple[int, ...] = tuple(input_shape)
+    out: list[Layer] = []
+    for i, tok in enumerate(tokens):
+        conv = _CONV.match(tok)
+        if conv:
+            k, c = int(conv.group(1)), int(conv.group(2))
+            side = shape[1] - k + 1
+            if shape[1] != shape[2] or side < pool:
+                raise SimfedError(f"[algorithm] layers: layer {i} {tok!r} needs square inputs of side >= "
+                                  f"{k + pool - 1}, it gets {shape[1]}x{shape[2]}; use smaller kernels or fewer layers")
+            new = (c, side // pool, side // pool)
+            out.append(Layer(i, tok, "conv", k, c, shape, new, False))
+        else:
+            feats = shape[0] if len(shape) == 1 else shape[0] * shape[1] * shape[2]
+            width = num_classes if tok == "fc" else int(tok[2:])
+            new = (width,)
+            out.append(Layer(i, tok, "fc", 0, width, (feats,), new, tok == "fc"))
+        shape = new
+    return out
+
+
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    return z
+
+
+def with_bias(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+
+
+def design(layer: Layer, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's input rows with the bias column: (N * patches, d) for conv, (N, d) for fc.
+
+    Rows of one sample are contiguous (sample-major), so per-sample targets repeat with
+    repeat_interleave. `positions` keeps only those patch positions (the same ones for every image).
+    """
+    if layer.kind == "conv":
+        p = F.unfold(h, layer.kernel).transpose(1, 2)  # (N, L, C*k*k), channel-major like Conv2d weights
+        if positions is not None:
+            p = p[:, positions]
+        return with_bias(p).reshape(-1, layer.d)
+    return with_bias(h.reshape(h.shape[0], -1))
+
+
+def conv_weight(layer: Layer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (d, c) matrix as Conv2d weight (c, C, k, k) and bias: unfold orders patches channel-major."""
+    c_in = layer.in_shape[0]
+    return w[:-1].T.reshape(layer.width, c_in, layer.kernel, layer.kernel), w[-1]
+
+
+def apply(layer: Layer, w: torch.Tensor, h: torch.Tensor, activation: str, pool: int) -> torch.Tensor:
+    """Forward one solved layer (including activation and pooling); the head returns raw outputs."""
+    if layer.kind == "conv":
+        # conv2d computes exactly the patch-times-W products of the least-squares problem, without
+        # materializing the im2col matrix.
+        z = activate(F.conv2d(h, *conv_weight(layer, w)), activation)
+        return F.max_pool2d(z, pool) if pool > 1 else z
+    z = torch.addmm(w[-1], h.reshape(h.shape[0], -1), w[:-1])
+    return z if layer.head else activate(z, activation)
+
+
+def forward(layers: Sequence[Layer], weights: Sequence[torch.Tensor], x: torch.Tensor, activation: str,
+            pool: int, upto: int | None = None) -> torch.Tensor:
+    """Inputs of layer `upto` (all layers when None): x through the already-solved layers below."""
+    h = x
+    for layer, w in zip(layers[:len(layers) if upto is None else upto], weights):
+        h = apply(layer, w.to(h.dtype), h, activation, pool)
+    return h
+
+
+def targets(layer: Layer, y: torch.Tensor, num_classes: int, projection: torch.Tensor | None,
+            activation: str) -> torch.Tensor:
+    """Per-sample targets: one-hot labels for the head, act(Y P) for a hidden layer."""
+    onehot = F.one_hot(y, num_classes).to(torch.float64)
+    if layer.head:
+        return onehot
+    return activate(onehot @ projection, activation)
+
+
+def statistics(layers: Sequence[Layer], index: int, weights: Sequence[torch.Tensor], x: torch.Tensor,
+               t_of: Callable, activation: str, pool: int, positions: torch.Tensor | None = None,
+               chunk: int = CHUNK, forward_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = X^T X (d x d) and b = X^T T (d x k) in float64 for one client's samples, chunk by chunk.
+
+    `weights` are the solved layers below `index`; `t_of(start, stop)` gives the per-sample
+    targets (n, k) of samples start:stop (a hidden conv layer's patches share their sample's
+    target). With the default float64 forward through the layers below, a sample's contribution
+    does not depend on its chunk or client beyond float64 summation order; a float32 forward is
+    ~3x faster but its per-sample results may depend on the batch it ran in (~1e-7 relative).
+    Two savings over forming X = [patches, 1] and T row by row, with identical sums: the bias
+    column enters through column sums and the row count, and because all patches of a sample
+    share one target row, X^T T = (per-sample patch sums)^T T.
+    """
+    layer = layers[index]
+    dd = layer.d - 1
+    a = torch.zeros(layer.d, layer.d, dtype=torch.float64)
+    b = None
+    for s in range(0, x.shape[0], chunk):
+        h = forward(layers, weights, x[s:s + chunk].to(forward_dtype), activation, pool, upto=index)
+        h = h.to(torch.float64)
+        if layer.kind == "conv":
+            u = F.unfold(h, layer.kernel)  # (n, C*k*k, L)
+            if positions is not None:
+                u = u[:, :, positions]
+        else:
+            u = h.reshape(h.shape[0], dd, 1)
+        n, _, rows = u.shape
+        p = u.transpose(1, 2).reshape(n * rows, dd)
+        colsum = p.sum(0)
+        a[:dd, :dd].addmm_(p.T, p)
+        a[:dd, dd] += colsum
+        a[dd, :dd] += colsum
+        a[dd, dd] += n * rows
+        t = t_of(s, s + n)
+        bt = torch.cat([u.sum(2).T @ t, rows * t.sum(0, keepdim=True)])
+        b = bt if b is None else b.add_(bt)
+    if b is None:
+        raise ValueError("statistics of an empty sample set")
+    return a, b
+
+
+def solve(a: torch.Tensor, b: torch.Tensor, gamma: float, where: str) -> torch.Tensor:
+    """W = (A + gamma I)^{-1} b by Cholesky; SimfedError (naming `where`) if A + gamma I is singular."""
+    d = a.shape[0]
+    m = a + gamma * torch.eye(d, dtype=a.dtype)
+    chol, info = torch.linalg.cholesky_ex(m)
+    diag = chol.diagonal() if int(info) == 0 else None
+    # A PSD Gram matrix with gamma = 0 may pass Cholesky with round-off pivots; a pivot this small
+    # relative to the largest means the system is numerically singular, and the solve would be noise.
+    eps = torch.finfo(torch.float64).eps
+    if diag is None or not torch.isfinite(diag).all() or float(diag.min()) ** 2 <= d * eps * float(diag.max()) ** 2:
+        raise SimfedError(
+            f"{where}: the summed Gram matrix X^T X + gamma I (d={d}, gamma={gamma}) is singular or not positive "
+            "definite, so the least-squares layer has no unique solution; set [algorithm] gamma > 0 "
+            "(e.g. gamma = 1) or give the layer more data")
+    return torch.cholesky_solve(b, chol)
+
+
+def ridge_toward(a: torch.Tensor, b: torch.Tensor, lam: float, w_ref: torch.Tensor, where: str) -> torch.Tensor:
+    """argmin ||X W - T||^2 + lam ||W - W_ref||^2 = (A + lam I)^{-1} (b + lam W_ref)."""
+    return solve(a, b + lam * w_ref, lam, where)

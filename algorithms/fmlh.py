@@ -1,0 +1,230 @@
+"""FMLH: federated meta-learning with a constrained hypernetwork (Wu, Wang, Lin, Yang, Shu, Yi,
+Khalil, Zomaya, 2025; shared/seeds/000). Only the abstract is available and the authors' code is
+incomplete, so the method is the reconstruction in shared/ALGORITHMS.md; every choice below that
+the abstract does not state is [reconstructed] and a config option (default in brackets).
+
+Server state: global meta-model w, per-client embeddings e_i, hypernetwork h (pFedHN's MLP) whose
+output is a personalization offset delta_i = P(h(e_i)), the personalized meta-model w_i = w +
+delta_i. One phase per round:
+  server -> client i: w (broadcast) and w_i (per client; one batched forward pass per chunk).
+  client: fixed seeded support/query split of its train data [support_fraction 0.2]; `meta_steps`
+          [5] first-order MAML meta-steps from w_i: phi = w_i after `inner_steps` (nu) [5] SGD
+          steps of `inner_lr` (alpha) [0.01] on support batches, then w_i -= `outer_lr` (beta)
+          [0.01] * grad L_query(phi). Sends the meta-update u_i = w_i_start - w_i_end (summable)
+          and the fine-tuned difference d_i = phi_last - w (item).
+  server: w -= `server_lr` [1] * mean u_i (unweighted mean over the clients that replied);
+          h and e_i fit d_i by least squares, i.e. the VJP at e_i with grad_outputs delta_i - d_i
+          (straight-through the projection: delta_i is the projected output), h's gradient
+          averaged over the cohort, clipped at `server_clip` [50], Adam [hn_lr 1e-3]; each e_i by
+          plain SGD [embed_lr 1e-2] on its own gradient (rows of absent clients do not move).
+Constraint [reconstructed]: ||delta_i||_2 <= rho with rho = `rho` [0.5] * ||w||_2 (projection onto
+the ball when the offset is produced), and optionally (`spectral_norm` [false]) every linear layer
+of h is projected after each step to spectral norm <= `spectral_bound` [1] (an exact SVD-based
+projection, deterministic, rather than power-iteration spectral normalization, whose random
+start would need global RNG): a Lipschitz bound on h.
+h's output heads start at `head_init_scale` [0.1] x the default init, so delta_i starts small and
+the first rounds are close to FO-MAML on w.
+Embedding rows: lazily created N(0, 1) from (run seed, client id); embed_dim [0 = 1 + n/4, else 26].
+Evaluation: from w_i (seen) or w (unseen), `finetune_steps` (nu) [5] SGD steps of `finetune_lr`
+[0.01] on the client's whole train split, then val/test. Report mean, max and p10 (the paper's
+lowest decile) with `simfed metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from simfed.algorithms import hypernet as hn
+from simfed.algorithms import training
+from simfed.algorithms.base import Algorithm, Reply, ServerState, Task, derive_seed
+from simfed.algorithms.fedavg import client_model
+from simfed.algorithms.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.registry import register
+from simfed.engine.errors import SimfedError
+
+
+@dataclass(frozen=True)
+class FMLHConfig:
+    embed_dim: int = 0
+    hidden: int = 100
+    n_hidden: int = 3
+    head_init_scale: float = 0.1
+    rho: float = 0.5
+    spectral_norm: bool = False
+    spectral_bound: float = 1.0
+    support_fraction: float = 0.2
+    meta_steps: int = 5
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    outer_lr: float = 0.01
+    batch_size: int = 32
+    server_lr: float = 1.0
+    hn_lr: float = 1e-3
+    embed_lr: float = 1e-2
+    server_clip: float = 50.0
+    finetune_steps: int = 5
+    finetune_lr: float = 0.01
+    target_shapes: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_shapes", hn.normalize_shapes(self.target_shapes))
+        if self.embed_dim < 0 or self.hidden < 1 or self.n_hidden < 0 or self.head_init_scale < 0:
+            raise ValueError("embed_dim >= 0 (0 = 1 + n/4), hidden >= 1, n_hidden >= 0, head_init_scale >= 0")
+        if self.rho < 0 or self.spectral_bound <= 0:
+            raise ValueError("rho must be >= 0 (a fraction of ||w||) and spectral_bound > 0")
+        if not 0 < self.support_fraction < 1:
+            raise ValueError(f"support_fraction must be in (0, 1), got {self.support_fraction}")
+        if self.meta_steps < 1 or self.inner_steps < 0 or self.batch_size < 1 or self.finetune_steps < 0:
+            raise ValueError("meta_steps and batch_size must be >= 1, inner_steps and finetune_steps >= 0")
+        if min(self.inner_lr, self.outer_lr, self.server_lr, self.hn_lr, self.embed_lr, self.finetune_lr) <= 0:
+            raise ValueError("all learning rates must be > 0")
+
+
+class FMLHState(ServerState):
+    def __init__(self, w, hnet, opt, emb, dim, seed):
+        self.w, self.hnet, self.opt, self.emb, self.dim, self.seed = w, hnet, opt, emb, dim, seed
+        self._egrad: dict = {}
+        self._n = 0
+
+
+def project(offsets: torch.Tensor, radius: float) -> torch.Tensor:
+    """Project each row onto the L2 ball of the given radius."""
+    norms = offsets.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return offsets * torch.clamp(radius / norms, max=1.0)
+
+
+def spectral_project_(hnet, bound: float) -> None:
+    with torch.no_grad():
+        for m in hnet.modules():
+            if isinstance(m, torch.nn.Linear):
+                s = torch.linalg.matrix_norm(m.weight, ord=2)
+                if s > bound:
+                    m.weight.mul_(bound / s)
+
+
+def support_query(n: int, frac: float, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed split per client (seeded by run seed and client id, the same every round)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, "fmlh-split", ctx.client_id)))
+    if n < 2:
+        return perm, perm
+    k = min(max(1, round(frac * n)), n - 1)
+    return perm[:k], perm[k:]
+
+
+def fo_maml(model, w_i: torch.Tensor, x, y, sup, qry, cfg, gen) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """First-order MAML meta-steps from w_i; returns (w_i_end, phi_last, samples processed)."""
+    cur, phi, seen = w_i.clone(), w_i, 0
+    for _ in range(cfg.meta_steps):
+        load_flat(model, cur)
+        if cfg.inner_steps > 0:
+            s, _ = training.sgd_train(model, x[sup], y[sup], steps=cfg.inner_steps, batch_size=cfg.batch_size,
+                                      lr=cfg.inner_lr, gen=gen)
+            seen += s
+        phi = flat_params(model)
+        qb = qry[torch.randperm(len(qry), generator=gen)[:cfg.batch_size]]
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[qb]), y[qb]).backward()
+        seen += len(qb)
+        cur = cur - cfg.outer_lr * torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return cur, phi, seen
+
+
+@register
+class FMLH(Algorithm):
+    name = "fmlh"
+    Config = FMLHConfig
+    summary = "FMLH: federated meta-learning with a norm-constrained hypernetwork offset (Wu et al. 2025)"
+
+    def validate(self, cfg, task: Task) -> None:
+        hn.check_targets(cfg.target_shapes, task, self.name)
+
+    def init(self, cfg, task: Task, seed: int) -> FMLHState:
+        shapes = hn.check_targets(cfg.target_shapes, task, self.name)
+        dim = hn.default_embed_dim(task, cfg.embed_dim)
+        w = flat_params(init_model(lenet_for(task.input_shape, task.num_classes), seed))
+        hnet = init_model(hn.HyperNet(dim, shapes, cfg.hidden, cfg.n_hidden), derive_seed(seed, "fmlh-hnet"))
+        with torch.no_grad():
+            for head in hnet.heads:
+                head.weight.mul_(cfg.head_init_scale)
+                head.bias.mul_(cfg.head_init_scale)
+        if cfg.spectral_norm:
+            spectral_project_(hnet, cfg.spectral_bound)
+        opt = torch.optim.Adam(hnet.parameters(), lr=cfg.hn_lr)
+        return FMLHState(w, hnet, opt, {}, dim, seed)
+
+    def train_phases(self, cfg, state, round):
+        return ("meta",)
+
+    def eval_phases(self, cfg, state, cohort):
+        return ("evaluate",)
+
+    def offsets(self, cfg, state, rows: list[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return project(state.hnet(torch.stack(rows)), cfg.rho * float(state.w.norm()))
+
+    def broadcast(self, phase, cfg, state, info):
+        return state.w
+
+    def payloads(self, phase, cfg, state, client_ids, info):
+        ids = [int(c) for c in client_ids]
+        if info.mode == "eval" and info.cohort == "unseen":
+            return {c: state.w for c in ids}  # no embedding for a newcomer: start from the meta-model
+        rows = [hn.embedding_row(state.emb, c, state.dim, state.seed, "fmlh-embed", store=info.mode == "train")
+                for c in ids]
+        off = self.offsets(cfg, state, rows)
+        return {c: state.w + off[j] for j, c in enumerate(ids)}
+
+    def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
+        if payload is None:
+            return Reply()
+        model = client_model(ctx)
+        load_flat(model, payload)
+        if ctx.mode == "eval":
+            if cfg.finetune_steps > 0 and data.n("train") > 0:
+                x, y = data.split("train")
+                training.sgd_train(model, x, y, steps=cfg.finetune_steps, batch_size=cfg.batch_size,
+                                   lr=cfg.finetune_lr, gen=ctx.generator("finetune"))
+            return Reply(evals=training.evaluate_splits(model, data))
+        n = data.n("train")
+        if n < 1:
+            raise SimfedError(f"fmlh: client {ctx.client_id} has no training samples; every client needs >= 1")
+        x, y = data.split("train")
+        sup, qry = support_query(n, cfg.support_fraction, ctx)
+        end, phi, seen = fo_maml(model, payload, x, y, sup, qry, cfg, ctx.generator("meta"))
+        return Reply(sums={"u": payload - end, "n": torch.tensor(1.0, dtype=torch.float64)},
+                     item=phi - bcast, n_train=seen)
+
+    def absorb(self, phase, cfg, state, client_id, item, info):
+        if item is None or info.mode != "train":
+            return
+        cid = int(client_id)
+        e = hn.embedding_row(state.emb, cid, state.dim, state.seed, "fmlh-embed")
+        radius = cfg.rho * float(state.w.norm())
+        state._egrad[cid] = hn.vjp_(state.hnet, e[None], lambda out: project(out, radius) - item[None])[0]
+        state._n += 1
+
+    def finish(self, phase, cfg, state, sums, n_clients, info):
+        if info.mode != "train":
+            return None
+        n_w = int(float(sums.get("n", 0.0))) if sums else 0
+        n_h, state._n = state._n, 0
+        out = {"clients": float(n_w)}
+        if n_w > 0:
+            step = sums["u"].to(state.w.dtype) / n_w
+            state.w = state.w - cfg.server_lr * step
+            out["meta_update_norm"] = float(step.norm())
+        params = list(state.hnet.parameters())
+        if n_h > 0:
+            for p in params:
+                p.grad.div_(n_h)
+            out["hnet_grad_norm"] = hn.grad_norm_clip_(params, cfg.server_clip)
+            state.opt.step()
+            hn.sgd_rows_(state.emb, state._egrad, cfg.embed_lr, 0.0, cfg.server_clip)
+            if cfg.spectral_norm:
+                spectral_project_(state.hnet, cfg.spectral_bound)
+        state.opt.zero_grad(set_to_none=True)
+        state._egrad = {}
+        return out

@@ -1,0 +1,214 @@
+"""Shared pieces of the hypernetwork methods (pFedHN, PeFLL, FMLH); not a method itself.
+
+- `HyperNet`: the pFedHN/PeFLL fully connected hypernetwork (PeFLL Table 5, arXiv 2306.05515):
+  Linear(d, 100), then `n_hidden` x [ReLU, Linear(100, 100)], then one linear head per target
+  tensor of the client model. It maps a batch of inputs (B, d) to a batch of flat parameter
+  vectors (B, D) in one forward pass, which is how a chunk of clients gets its models.
+- `vjp_`: the server's backward pass at one client: accumulates J_h(x)^T g into the
+  hypernetwork's `.grad` (streaming, O(model) memory) and returns the input gradient.
+- `embed_net` / `embed_input`: PeFLL's embedding network (Table 4): the client LeNet with
+  C + num_classes input channels (the one-hot label broadcast as constant planes) and output l.
+- `train_delta`: k local SGD steps from a given flat model; returns theta - theta' (a gradient-like
+  step: the server descends along it).
+- `sgd_rows_`: per-client embedding rows updated only for the clients that took part
+  (an optimizer with momentum or weight decay on the whole table would keep moving absent rows).
+- `serial_phase`: a tiny in-process reference driver of the protocol (used by the tests and
+  the benches; the engine's serial backend is the production path).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from simfed.algorithms import training
+from simfed.algorithms.base import Reply, RoundInfo, derive_seed
+from simfed.algorithms.models import LeNet, flat_params, lenet_for, load_flat, param_shapes
+from simfed.engine.errors import SimfedError
+
+
+class HyperNet(nn.Module):
+    def __init__(self, in_dim: int, shapes: Sequence[tuple[str, Sequence[int]]], hidden: int = 100,
+                 n_hidden: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden)]
+        for _ in range(n_hidden):
+            layers += [nn.ReLU(), nn.Linear(hidden, hidden)]
+        self.mlp = nn.Sequential(*layers)
+        self.shapes = [(str(n), tuple(int(v) for v in s)) for n, s in shapes]
+        self.heads = nn.ModuleList(nn.Linear(hidden, math.prod(s)) for _, s in self.shapes)
+
+    @property
+    def out_dim(self) -> int:
+        return sum(math.prod(s) for _, s in self.shapes)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        f = self.mlp(e)
+        return torch.cat([head(f) for head in self.heads], dim=-1)
+
+
+def client_shapes(input_shape, num_classes) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(s)) for n, s in param_shapes(lenet_for(tuple(input_shape), num_classes))]
+
+
+def normalize_shapes(value) -> tuple:
+    """Config helper: TOML lists of lists -> a tuple of int tuples (frozen dataclasses need hashables)."""
+    try:
+        return tuple(tuple(int(v) for v in s) for s in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"target_shapes must be a list of integer lists, got {value!r}") from None
+
+
+def check_targets(target_shapes: tuple, task, method: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The hypernetwork's head shapes: the client LeNet's, or the configured ones if they match it."""
+    want = client_shapes(task.input_shape, task.num_classes)
+    if target_shapes:
+        got = [tuple(s) for s in target_shapes]
+        if got != [s for _, s in want]:
+            raise SimfedError(
+                f"[algorithm] target_shapes of {method} = {got} do not match the client model for input "
+                f"{tuple(task.input_shape)} and {task.num_classes} classes, which needs "
+                f"{[s for _, s in want]}; remove target_shapes to derive them from the model")
+    return want
+
+
+def vjp_(module: nn.Module, x: torch.Tensor, grad_out, *, params: bool = True) -> torch.Tensor:
+    """Accumulate J(x)^T g into module's .grad (if `params`) and return d<module(x), g>/dx.
+
+    `grad_out` is a tensor, or a function of the (detached) output when g depends on it
+    (PeFLL's lambda_theta term, FMLH's least-squares residual).
+    """
+    x = x.detach().clone().requires_grad_(True)
+    out = module(x)
+    if callable(grad_out):
+        grad_out = grad_out(out.detach())
+    targets = [x] + ([p for p in module.parameters()] if params else [])
+    grads = torch.autograd.grad(out, targets, grad_outputs=grad_out.to(out.dtype))
+    if params:
+        for p, g in zip(module.parameters(), grads[1:]):
+            p.grad = g if p.grad is None else p.grad.add_(g)
+    return grads[0].detach()
+
+
+def grad_norm_clip_(params: Sequence[torch.Tensor], max_norm: float) -> float:
+    ps = [p for p in params if p.grad is not None]
+    if not ps:
+        return 0.0
+    if max_norm > 0:
+        return float(nn.utils.clip_grad_norm_(ps, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ps])))
+
+
+def embed_net(input_shape, num_classes: int, dim: int, use_labels: bool) -> LeNet:
+    c, h, _ = input_shape
+    return LeNet(in_channels=c + (num_classes if use_labels else 0), num_classes=dim, image_size=h)
+
+
+def embed_input(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """x (N, C, H, W) and labels -> (N, C + K, H, W) with the one-hot label as K constant planes."""
+    if y is None:
+        return x
+    onehot = F.one_hot(y, num_classes).to(x.dtype)
+    planes = onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+    return torch.cat([x, planes], dim=1)
+
+
+def train_delta(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, steps: int,
+                batch_size: int, lr: float, momentum: float, weight_decay: float, clip: float,
+                gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    load_flat(model, theta)
+    seen, _ = training.sgd_train(model, x, y, steps=steps, batch_size=batch_size, lr=lr, gen=gen,
+                                 momentum=momentum, weight_decay=weight_decay, clip=clip)
+    return theta - flat_params(model), seen
+
+
+def sgd_rows_(table: dict, grads: Mapping[int, torch.Tensor], lr: float, weight_decay: float,
+              clip: float = 0.0) -> None:
+    """Plain SGD (weight decay, per-row clip) on the embedding rows of the clients that took part."""
+    for cid, g in grads.items():
+        if clip > 0 and float(g.norm()) > clip:
+            g = g * (clip / float(g.norm()))
+        e = table[cid]
+        table[cid] = e - lr * (g + weight_decay * e)
+
+
+def embedding_row(table: dict, cid: int, dim: int, seed: int, tag: str, scale: float = 1.0,
+                  store: bool = True) -> torch.Tensor:
+    """Client cid's embedding, created on first use as N(0, scale^2) from (run seed, tag, cid).
+
+    The server does not know the client list at init, so rows are created lazily; seeding by
+    client id (not by round) makes a row the same whenever its client is first sampled.
+    `store=False` (evaluation) returns the initial row without adding it to the state.
+    """
+    cid = int(cid)
+    if cid in table:
+        return table[cid]
+    gen = torch.Generator().manual_seed(derive_seed(seed, tag, cid))
+    row = torch.randn(dim, generator=gen) * scale
+    if store:
+        table[cid] = row
+    return row
+
+
+def default_embed_dim(task, configured: int) -> int:
+    """1 + n/4 (pFedHN/PeFLL code) with n the seen clients if the task says, else 1 + 100/4."""
+    if configured > 0:
+        return configured
+    n = getattr(task, "num_clients", None) or getattr(task, "num_seen_clients", None) or 100
+    return 1 + int(n) // 4
+
+
+def summary(accs: Sequence[float]) -> dict[str, float]:
+    """Client-mean accuracy, 10th percentile and mean of the worst 10% (at least one client)."""
+    a = np.sort(np.asarray(accs, dtype=np.float64))
+    if a.size == 0:
+        return {"clients": 0, "mean": float("nan"), "p10": float("nan"), "worst10": float("nan")}
+    k = max(1, int(math.ceil(0.1 * a.size)))
+    return {"clients": int(a.size), "mean": float(a.mean()), "p10": float(np.percentile(a, 10)),
+            "worst10": float(a[:k].mean())}
+
+
+def _finite(r: Reply) -> bool:
+    tensors = list((r.sums or {}).values())
+    if isinstance(r.item, torch.Tensor):
+        tensors.append(r.item)
+    return all(torch.isfinite(torch.as_tensor(t)).all() for t in tensors)
+
+
+def serial_phase(algo, phase: str, cfg, state, client_ids: Sequence[int], info: RoundInfo,
+                 make: Callable[[int, str], tuple[Any, Any]], chunk: int = 64,
+                 cstates: dict | None = None) -> tuple[dict, dict]:
+    """Run one phase in process like the engine: payloads per chunk, client, absorb, finish.
+
+    `make(cid, phase)` -> (ClientData, ClientContext). Returns (finish() output, {cid: evals}).
+    Replies with non-finite tensors are dropped, as the engine does.
+    """
+    bcast = algo.broadcast(phase, cfg, state, info)
+    sums: dict[str, torch.Tensor] = {}
+    n, evals = 0, {}
+    ids = list(client_ids)
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        per = algo.payloads(phase, cfg, state, part, info) or {}
+        for cid in part:
+            data, ctx = make(cid, phase)
+            cs = None if cstates is None else cstates.get(cid)
+            r = algo.client(phase, cfg, bcast, per.get(cid), data, cs, ctx)
+            if not _finite(r):
+                continue
+            n += 1
+            for k, v in (r.sums or {}).items():
+                sums[k] = v.clone() if k not in sums else sums[k] + v
+            if r.item is not None:
+                algo.absorb(phase, cfg, state, cid, r.item, info)
+            if r.evals:
+                evals[cid] = r.evals
+            if cstates is not None and info.mode == "train" and not (isinstance(r.state, str)):
+                cstates[cid] = r.state
+    out = algo.finish(phase, cfg, state, sums, n, info) or {}
+    return out, evals

@@ -1,0 +1,163 @@
+"""LEAF JSON importer (FEMNIST as LEAF writes it): natural split, one client per writer.
+
+Accepted layouts of SRC:
+- LEAF's own split: ``SRC/train/*.json`` and ``SRC/test/*.json``. LEAF's test rows become the
+  store's test split exactly; the store's val split is carved from LEAF's train rows per client
+  with ``val_fraction`` (default 0.0, i.e. LEAF's split is kept as is).
+- Unsplit: ``SRC/all_data_*.json`` (or ``SRC/all_data/*.json``, any ``SRC/*.json``, or SRC being
+  one JSON file); split per client with schemes.split_within_clients (default 0.7/0.15/0.15).
+
+Each file holds {"users": [...], "num_samples": [...], "user_data": {user: {"x": [...],
+"y": [...]}}}; x is a list of 784 floats in [0, 1] (28x28 row-major), y an int in 0..61.
+Quantization (documented, exact inverse not needed): uint8 = round(x * 255), with round half to
+even (numpy.rint). LEAF's FEMNIST keeps a white background (1.0); we store pixels as given.
+
+Files are parsed one at a time and only their uint8 pixels are kept (~640 MB for all of FEMNIST,
+not the several GB that parsed JSON floats take). Client ids are 0..U-1 in order of first
+appearance (files sorted by name); the clients table keeps the LEAF user id in ``name``. A user
+appearing in several files has its rows concatenated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from simfed.engine.errors import SimfedError
+from simfed.partitions import schemes
+from simfed.partitions.progress import progress_bar
+from simfed.partitions.synthetic import CLASSES as FEMNIST_CLASSES
+from simfed.partitions.writer import StoreWriter
+
+PIXELS = 784
+
+
+def find_files(src: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """(files with train rows or unsplit rows, test files); test list empty when unsplit."""
+    src = Path(src)
+    if not src.exists():
+        raise SimfedError(f"{src}: no such file or directory")
+    if src.is_file():
+        return [src], []
+    if (src / "train").is_dir() and (src / "test").is_dir():
+        train, test = sorted((src / "train").glob("*.json")), sorted((src / "test").glob("*.json"))
+        if not train or not test:
+            raise SimfedError(f"{src}: LEAF train/ and test/ folders must both contain .json files")
+        return train, test
+    for pattern in ("all_data_*.json", "all_data/*.json", "*.json"):
+        files = sorted(src.glob(pattern))
+        if files:
+            return files, []
+    raise SimfedError(f"{src}: no LEAF JSON files (all_data_*.json or train/ and test/) found")
+
+
+def parse_file(path: Path, num_classes: int):
+    """Yield (user, x uint8 (n, 784), y int64) for each user of one LEAF JSON file."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise SimfedError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise SimfedError(f"{path}: not a UTF-8 JSON file") from None
+    except OSError as exc:
+        raise SimfedError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("users"), list) \
+            or not isinstance(obj.get("user_data"), dict):
+        raise SimfedError(f"{path}: not a LEAF file (needs 'users' list and 'user_data' object)")
+    users, data = obj["users"], obj["user_data"]
+    counts = obj.get("num_samples")
+    if counts is not None and (not isinstance(counts, list) or len(counts) != len(users)):
+        raise SimfedError(f"{path}: 'num_samples' must be a list as long as 'users'")
+    for i, user in enumerate(users):
+        entry = data.get(user)
+        if not isinstance(entry, dict) or not entry.get("x") or not entry.get("y"):
+            raise SimfedError(f"{path}: user {user!r} has no data (missing or empty x/y in "
+                              "'user_data')")
+        try:
+            x = np.asarray(entry["x"], dtype=np.float32)
+        except (ValueError, TypeError):
+            raise SimfedError(f"{path}: user {user!r}: x has the wrong length (rows differ in "
+                              f"length or hold non-numbers); expected {PIXELS} floats per "
+                              "sample") from None
+        if x.ndim != 2 or x.shape[1] != PIXELS:
+            got = x.shape[1] if x.ndim == 2 else "not a list of lists"
+            raise SimfedError(f"{path}: user {user!r}: x has the wrong length ({got}); expected "
+                              f"{PIXELS} floats (28x28) per sample")
+        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise SimfedError(f"{path}: user {user!r}: x values must be finite and in [0, 1]")
+        try:
+            yf = np.asarray(entry["y"], dtype=np.float64)
+        except (ValueError, TypeError):
+            raise SimfedError(f"{path}: user {user!r}: y must be a list of integers") from None
+        if yf.ndim != 1 or not np.all(yf == np.round(yf)):
+            raise SimfedError(f"{path}: user {user!r}: y must be a list of integers")
+        if len(yf) != len(x):
+            raise SimfedError(f"{path}: user {user!r}: {len(x)} x rows but {len(yf)} labels")
+        bad = yf[(yf < 0) | (yf >= num_classes)]
+        if len(bad):
+            raise SimfedError(f"{path}: user {user!r}: label {int(bad[0])} out of range "
+                              f"0..{num_classes - 1}")
+        if counts is not None and counts[i] != len(yf):
+            raise SimfedError(f"{path}: user {user!r}: num_samples says {counts[i]} but "
+                              f"user_data has {len(yf)}")
+        yield str(user), np.rint(x * 255).astype(np.uint8), yf.astype(np.int64)
+
+
+def import_leaf(src: str | os.PathLike, out: str | os.PathLike, *, unseen_fraction: float = 0.1,
+                seed: int = 0, val_fraction: float | None = None, test_fraction: float | None = None,
+                classes: list[str] | None = None, overwrite: bool = False,
+                progress: bool = False) -> str:
+    """Import LEAF JSON from SRC into a store at OUT; returns OUT.
+
+    val/test fractions default to 0.0/LEAF's own test when SRC has train/ and test/, and to
+    0.15/0.15 otherwise (test_fraction is ignored when LEAF's split is present).
+    """
+    classes = list(classes or FEMNIST_CLASSES)
+    if Path(out).exists() and not overwrite:  # fail before parsing gigabytes of JSON
+        raise SimfedError(f"{out}: output already exists; remove it, choose another path or "
+                          "pass --overwrite")
+    train_files, test_files = find_files(src)
+    split_layout = bool(test_files)
+    ids: dict[str, int] = {}
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray, int]]] = {}
+    files = [(f, 0) for f in train_files] + [(f, 2) for f in test_files]
+    with progress_bar(progress, "reading LEAF files", len(files)) as advance:
+        for path, code in files:
+            for user, x, y in parse_file(path, len(classes)):
+                cid = ids.setdefault(user, len(ids))
+                parts.setdefault(cid, []).append((x, y, code))
+            advance(1)
+    no_train = [u for u, c in ids.items() if not any(code == 0 for _, _, code in parts[c])]
+    if no_train:
+        raise SimfedError(f"{src}: user {no_train[0]!r} has test rows but no train rows; every "
+                          "client needs >= 1 train sample")
+    names = {c: u for u, c in ids.items()}
+    source = {"importer": "leaf", "src": str(src), "leaf_split": split_layout, "seed": seed,
+              "quantization": "uint8 = rint(x * 255)"}
+    with StoreWriter(out, classes=classes, sample_shape=(1, 28, 28), overwrite=overwrite,
+                     source=source) as w:
+        step = 200
+        for lo in range(0, len(ids), step):
+            chunk = range(lo, min(lo + step, len(ids)))
+            x = np.concatenate([p[0] for c in chunk for p in parts[c]])
+            y = np.concatenate([p[1] for c in chunk for p in parts[c]])
+            client = np.concatenate([np.full(len(p[1]), c) for c in chunk for p in parts[c]])
+            code = np.concatenate([np.full(len(p[1]), p[2], np.int8) for c in chunk
+                                   for p in parts[c]])
+            if split_layout:
+                tr = code == 0
+                code[tr] = schemes.split_within_clients(client[tr], y[tr], seed + lo,
+                                                        val_fraction or 0.0, 0.0)
+            else:
+                code = schemes.split_within_clients(
+                    client, y, seed + lo,
+                    schemes.DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
+                    schemes.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction)
+            w.add(x.reshape(-1, 1, 28, 28), y, client, code, names)
+            for c in chunk:  # free as we go: the store now holds these rows
+                del parts[c]
+        return w.finish(unseen_fraction=unseen_fraction, seed=seed)

@@ -1,0 +1,270 @@
+"""The Arrow partition store: layout and zero-copy reading (writing lives in writer.py).
+
+Layout of a store directory (format_version 1):
+
+- ``manifest.json``: format_version, classes, num_classes, sample_shape [C, H, W], dtype "uint8",
+  counts {train, val, test, total, clients, seen, unseen}, files {name: sha256},
+  file_sizes {name: bytes}, plus free-form ``source`` metadata from the importer.
+- ``clients.parquet``: client_id (int64, sorted), name (the source's user id, e.g. LEAF writer),
+  cohort ("seen"/"unseen"), n_train, n_val, n_test, n_classes (distinct labels in the client's
+  train split), train_offset, val_offset, test_offset (first row of the client in each split file).
+- ``train.arrow``, ``val.arrow``, ``test.arrow``: Arrow IPC *file* format, uncompressed, columns
+  ``x`` (fixed_size_binary(C*H*W), the pixels row-major) and ``y`` (int64), rows sorted by client.
+
+Reconstructed choices:
+- A client's rows never straddle two record batches (the writer only cuts batches at client
+  boundaries), so ``read`` is a slice of one batch's buffers: zero-copy from the memory map.
+- Labels are stored as int64 so that ``y`` too is a view (8 bytes/sample next to 784 for pixels).
+- Arrays returned by ``read`` are read-only views; callers that need to write must copy
+  (torch.from_numpy warns on read-only input; ``torch.as_tensor(x).float()`` copies anyway).
+- Writing is local-only (build in a temp dir next to OUT, rename at the end); reading accepts any
+  URI that ``pyarrow.fs`` understands (non-local files are read per batch, not memory-mapped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from simfed.engine.errors import SimfedError
+from simfed.partitions.writer import (  # noqa: F401  (write_store is part of this module's API)
+    CLIENTS, FORMAT_VERSION, MANIFEST, SPLIT_FILES, SPLITS, StoreWriter, choose_unseen,
+    write_store)
+
+
+# ---------------------------------------------------------------- reading
+
+# Per-process cache of open split files: {(pid, path, split): _SplitFile}. Keyed by pid so a
+# forked child never reuses its parent's file handles.
+_OPEN: dict[tuple[int, str, str], "_SplitFile"] = {}
+
+
+def _resolve(path: str) -> tuple[pafs.FileSystem | None, str, bool]:
+    """(filesystem, path inside it, is_local) for a local path or a pyarrow.fs URI.
+
+    Local paths get no pyarrow filesystem at all: plain ``open`` and ``pa.memory_map`` suffice,
+    and a process that used pyarrow's LocalFileSystem streams with torch imported was seen to
+    abort at interpreter exit ("terminate called without an active exception").
+    """
+    if "://" in path and not path.startswith("file://"):
+        try:
+            fs, inner = pafs.FileSystem.from_uri(path)
+        except Exception as exc:  # pyarrow raises several types for unknown schemes/hosts
+            raise SimfedError(f"{path}: cannot open store URI ({exc})") from None
+        return fs, inner.rstrip("/"), False
+    local = path[len("file://"):] if path.startswith("file://") else path
+    return None, os.path.abspath(local), True
+
+
+def _open_stream(fs: pafs.FileSystem | None, path: str):
+    return open(path, "rb") if fs is None else fs.open_input_stream(path)
+
+
+class _SplitFile:
+    """One opened split file: reader, row start of each batch, cache of decoded batches."""
+
+    def __init__(self, fs: pafs.FileSystem | None, path: str, local: bool):
+        self.source = pa.memory_map(path, "r") if local else fs.open_input_file(path)
+        self.reader = ipc.open_file(self.source)
+        self.batch_rows = None
+        self.batches: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def starts(self) -> np.ndarray:
+        if self.batch_rows is None:
+            # Reading each batch's row count touches only its metadata, not its body.
+            n = [self.reader.get_batch(i).num_rows for i in range(self.reader.num_record_batches)]
+            self.batch_rows = np.concatenate(([0], np.cumsum(n, dtype=np.int64)))
+        return self.batch_rows
+
+    def batch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self.batches:
+            b = self.reader.get_batch(i)
+            xcol, ycol = b.column(0), b.column(1)
+            xbuf = np.frombuffer(xcol.buffers()[1], dtype=np.uint8)
+            width = xcol.type.byte_width
+            xs = xbuf[xcol.offset * width:(xcol.offset + len(xcol)) * width]
+            ys = ycol.to_numpy(zero_copy_only=True)
+            self.batches[i] = (xs, ys)
+        return self.batches[i]
+
+
+class PartitionStore:
+    """A federated dataset on disk; cheap to pickle (only the path travels)."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self._fs, self._root, self._local = _resolve(self.path)
+        self._manifest: dict | None = None
+        self._clients: pa.Table | None = None
+        self._index: dict[str, np.ndarray] | None = None
+
+    # -- construction / pickling
+    @classmethod
+    def open(cls, path: str, verify: bool = False) -> "PartitionStore":
+        store = cls(str(path))
+        store._load()  # fail early with a clear message rather than inside a worker
+        if verify:
+            store.verify()
+        return store
+
+    def __reduce__(self):
+        return (PartitionStore, (self.path,))
+
+    def _file(self, name: str) -> str:
+        return f"{self._root}/{name}"
+
+    def _read_bytes(self, name: str) -> bytes:
+        try:
+            with _open_stream(self._fs, self._file(name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise SimfedError(f"{self._file(name)}: missing; {self.path} is not a complete "
+                              "partition store (re-run `simfed partition`)") from None
+        except OSError as exc:
+            raise SimfedError(f"{self._file(name)}: cannot read ({exc})") from None
+
+    def _load(self) -> None:
+        if self._manifest is not None:
+            return
+        if self._local:
+            missing = not os.path.isdir(self._root)
+        else:
+            missing = self._fs.get_file_info(self._root).type == pafs.FileType.NotFound
+        if missing:
+            raise SimfedError(f"{self.path}: no such partition store directory")
+        try:
+            manifest = json.loads(self._read_bytes(MANIFEST))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SimfedError(f"{self._file(MANIFEST)}: malformed JSON ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            raise SimfedError(f"{self._file(MANIFEST)}: unsupported format_version "
+                              f"{manifest.get('format_version') if isinstance(manifest, dict) else None}"
+                              f" (expected {FORMAT_VERSION}); re-create the store")
+        try:
+            # ParquetFile without threads: pq.read_table's dataset path was seen to abort the
+            # process at exit when torch is also loaded (pyarrow 26, torch 2.13).
+            clients = pq.ParquetFile(pa.BufferReader(self._read_bytes(CLIENTS))).read(
+                use_threads=False)
+        except pa.ArrowInvalid as exc:
+            raise SimfedError(f"{self._file(CLIENTS)}: not a valid Parquet file ({exc}); "
+                              "re-create the store") from None
+        self._manifest, self._clients = manifest, clients
+        self._index = {c: clients.column(c).to_numpy() for c in clients.column_names
+                       if c not in ("name", "cohort")}
+        self._index["unseen"] = np.asarray(clients.column("cohort").to_numpy(zero_copy_only=False)
+                                           == "unseen")
+
+    def verify(self) -> None:
+        """Check every file's sha256 against the manifest (reads every byte)."""
+        self._load()
+        for name, expected in self._manifest["files"].items():
+            h = hashlib.sha256()
+            try:
+                with _open_stream(self._fs, self._file(name)) as f:
+                    while chunk := f.read(8 << 20):
+                        h.update(chunk)
+            except FileNotFoundError:
+                raise SimfedError(f"{self._file(name)}: missing from the store; re-create it") \
+                    from None
+            if h.hexdigest() != expected:
+                raise SimfedError(f"{self._file(name)}: checksum mismatch (file changed or "
+                                  "corrupt); re-create the store")
+
+    # -- metadata
+    @property
+    def manifest(self) -> dict:
+        self._load()
+        return self._manifest
+
+    @property
+    def clients(self) -> pa.Table:
+        self._load()
+        return self._clients
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.manifest["sample_shape"])
+
+    def client_ids(self, cohort: str | None = None) -> np.ndarray:
+        self._load()
+        ids = self._index["client_id"]
+        if cohort is None:
+            return ids.copy()
+        if cohort not in ("seen", "unseen"):
+            raise SimfedError(f"cohort must be 'seen', 'unseen' or None, got {cohort!r}")
+        mask = self._index["unseen"] if cohort == "unseen" else ~self._index["unseen"]
+        return ids[mask]
+
+    def _row(self, client_id: int) -> int:
+        self._load()
+        ids = self._index["client_id"]
+        i = int(np.searchsorted(ids, client_id))
+        if i >= len(ids) or ids[i] != client_id:
+            raise SimfedError(f"{self.path}: no client with id {client_id}")
+        return i
+
+    @staticmethod
+    def _check_split(split: str) -> None:
+        if split not in SPLITS:
+            raise SimfedError(f"split must be one of {SPLITS}, got {split!r}")
+
+    def num_samples(self, client_id: int, split: str) -> int:
+        self._check_split(split)
+        return int(self._index[f"n_{split}"][self._row(client_id)])
+
+    # -- data
+    def _split_file(self, split: str) -> _SplitFile:
+        key = (os.getpid(), self.path, split)
+        sf = _OPEN.get(key)
+        if sf is None:
+            try:
+                sf = _SplitFile(self._fs, self._file(SPLIT_FILES[split]), self._local)
+            except FileNotFoundError:
+                raise SimfedError(f"{self._file(SPLIT_FILES[split])}: missing; re-create the "
+                                  "store") from None
+            except pa.ArrowInvalid as exc:
+                raise SimfedError(f"{self._file(SPLIT_FILES[split])}: not an Arrow IPC file "
+                                  f"({exc}); re-create the store") from None
+            _OPEN[key] = sf
+        return sf
+
+    def read(self, client_id: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """x uint8 (n, C, H, W) and y int64 (n,): read-only views into the mapped file."""
+        self._check_split(split)
+        r = self._row(client_id)
+        n = int(self._index[f"n_{split}"][r])
+        shape = self.sample_shape
+        if n == 0:
+            return np.empty((0, *shape), np.uint8), np.empty((0,), np.int64)
+        off = int(self._index[f"{split}_offset"][r])
+        sf = self._split_file(split)
+        starts = sf.starts()
+        b = int(np.searchsorted(starts, off, side="right")) - 1
+        xs, ys = sf.batch(b)
+        lo = off - int(starts[b])
+        width = int(np.prod(shape))
+        x = xs[lo * width:(lo + n) * width].reshape(n, *shape)
+        return x, ys[lo:lo + n]
+
+    def __repr__(self) -> str:
+        return f"PartitionStore({self.path!r})"
+
+
+def close_all() -> None:
+    """Drop this process's cached file maps (tests; long-lived processes switching stores)."""
+    _OPEN.clear()

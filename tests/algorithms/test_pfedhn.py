@@ -1,0 +1,149 @@
+"""pFedHN: streamed VJPs give exactly the hypernetwork and embedding gradients; unseen fitting."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from simfed.algorithms import hypernet as hn
+from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
+from simfed.algorithms.models import lenet_for
+from simfed.algorithms.pfedhn import PFedHN, PFedHNConfig
+from simfed.engine.errors import SimfedError
+
+TASK = Task(input_shape=(1, 16, 16), num_classes=4)
+SEED = 3
+
+
+def make_clients(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for cid, n in enumerate(sizes):
+        x = rng.integers(0, 256, size=(n, 1, 16, 16), dtype=np.uint8)
+        y = rng.integers(0, 4, size=n)
+        out[cid] = {"train": (x, y), "val": (x[:4], y[:4]), "test": (x[:6], y[:6])}
+    return out
+
+
+def maker(clients, round_=0, mode="train", cohort="seen"):
+    cache: dict = {}
+
+    def make(cid, phase):
+        d = clients[cid]
+        data = ClientData(cid, cohort, reader=lambda c, s: d[s], counts={k: len(v[1]) for k, v in d.items()})
+        return data, ClientContext(client_id=cid, cohort=cohort, round=round_, seed=SEED, phase=phase,
+                                   mode=mode, task=TASK, cache=cache)
+    return make
+
+
+CFG = PFedHNConfig(embed_dim=5, hidden=16, n_hidden=2, local_steps=3, batch_size=8, lr=0.05,
+                   server_clip=0.0, unseen_exchanges=3, unseen_lr=0.5)
+
+
+def train_round(algo, state, clients, ids, drop=()):
+    info = RoundInfo(round=0, seed=SEED, client_ids=tuple(ids))
+    make = maker(clients)
+    per = algo.payloads("train", CFG, state, ids, info)
+    deltas = {}
+    for cid in ids:
+        data, ctx = make(cid, "train")
+        r = algo.client("train", CFG, None, per[cid], data, None, ctx)
+        if cid in drop:  # the engine drops a non-finite reply: it never reaches absorb
+            continue
+        deltas[cid] = r.item
+        algo.absorb("train", CFG, state, cid, r.item, info)
+    return info, deltas
+
+
+def check_grads(state, state0, deltas):
+    hnet = copy.deepcopy(state0.hnet)
+    emb = {c: state0.emb[c].clone().requires_grad_(True) for c in deltas}
+    loss = sum((hnet(emb[c][None])[0] * d).sum() for c, d in deltas.items())
+    loss.backward()
+    for p, q in zip(state.hnet.parameters(), hnet.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+    assert sorted(state._egrad) == sorted(deltas)
+    for c in deltas:
+        torch.testing.assert_close(state._egrad[c], emb[c].grad, atol=1e-5, rtol=1e-5)
+    return hnet, emb
+
+
+def test_streamed_vjp_equals_autograd_and_finish_takes_the_sgd_step():
+    algo = PFedHN()
+    clients = make_clients([30, 20, 25, 12])
+    state = algo.init(CFG, TASK, SEED)
+    ids = [0, 1, 2, 3]
+    for c in ids:  # create the rows the way payloads does, then snapshot
+        hn.embedding_row(state.emb, c, state.dim, SEED, "pfedhn-embed")
+    state0 = copy.deepcopy(state)
+    info, deltas = train_round(algo, state, clients, ids)
+    hnet, emb = check_grads(state, state0, deltas)
+    ref = copy.deepcopy(state0.hnet)
+    for p, q in zip(ref.parameters(), hnet.parameters()):
+        p.grad = q.grad / 4
+    torch.optim.SGD(ref.parameters(), lr=CFG.server_lr, momentum=0.9, weight_decay=CFG.server_weight_decay).step()
+    out = algo.finish("train", CFG, state, {}, 4, info)
+    assert out["clients"] == 4.0
+    for p, q in zip(state.hnet.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    for c in ids:  # embedding rows: their own gradient, SGD with weight decay
+        want = state0.emb[c] - CFG.embed_lr * (emb[c].grad + CFG.embed_weight_decay * state0.emb[c])
+        torch.testing.assert_close(state.emb[c], want, atol=1e-6, rtol=1e-6)
+
+
+def test_missing_client_and_empty_round():
+    algo = PFedHN()
+    clients = make_clients([30, 20, 25])
+    state = algo.init(CFG, TASK, SEED)
+    for c in range(3):
+        hn.embedding_row(state.emb, c, state.dim, SEED, "pfedhn-embed")
+    state0 = copy.deepcopy(state)
+    info, deltas = train_round(algo, state, clients, [0, 1, 2], drop={1})
+    check_grads(state, state0, deltas)
+    assert algo.finish("train", CFG, state, {}, 2, info)["clients"] == 2.0
+    assert torch.equal(state.emb[1], state0.emb[1])  # the dropped client's row does not move
+    before = [p.detach().clone() for p in state.hnet.parameters()]
+    assert algo.finish("train", CFG, state, {}, 0, info)["clients"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, state.hnet.parameters()))
+
+
+def test_unseen_clients_fit_a_new_embedding_with_h_frozen():
+    algo = PFedHN()
+    clients = make_clients([30, 20])
+    state = algo.init(CFG, TASK, SEED)
+    h0 = [p.detach().clone() for p in state.hnet.parameters()]
+    info = RoundInfo(round=5, seed=SEED, mode="eval", cohort="unseen", client_ids=(0, 1))
+    make = maker(clients, 5, mode="eval", cohort="unseen")
+    phases = algo.eval_phases(CFG, state, "unseen")
+    assert phases == ("fit0", "fit1", "fit2", "evaluate")
+    start = {c: hn.embedding_row({}, c, state.dim, SEED, "pfedhn-unseen") for c in (0, 1)}
+    for ph in phases[:-1]:
+        hn.serial_phase(algo, ph, CFG, state, [0, 1], info, make)
+    moved = {c: float((state._unseen[c] - start[c]).norm()) for c in (0, 1)}
+    assert all(m > 0 for m in moved.values())
+    _, evals = hn.serial_phase(algo, "evaluate", CFG, state, [0, 1], info, make)
+    assert sorted(evals) == [0, 1] and evals[0]["test"].n == 6
+    assert state._unseen == {} and state.emb == {}
+    assert all(torch.equal(a, b) for a, b in zip(h0, state.hnet.parameters()))
+    assert all(p.grad is None for p in state.hnet.parameters())
+
+
+def test_batched_payloads_equal_single_forward():
+    algo = PFedHN()
+    state = algo.init(CFG, TASK, SEED)
+    info = RoundInfo(round=0, seed=SEED)
+    per = algo.payloads("train", CFG, state, [4, 9, 2], info)
+    with torch.no_grad():
+        one = state.hnet(state.emb[9][None])[0]
+    torch.testing.assert_close(per[9], one, atol=1e-6, rtol=1e-6)
+    assert per[4].shape == (sum(p.numel() for p in lenet_for((1, 16, 16), 4).parameters()),)
+
+
+def test_bad_input():
+    with pytest.raises(SimfedError, match="target_shapes"):
+        PFedHN().validate(PFedHNConfig(target_shapes=[[16, 1, 5, 5], [16], [32, 16, 5, 5]]), TASK)
+    with pytest.raises(ValueError):
+        PFedHNConfig(unseen_lr=0)

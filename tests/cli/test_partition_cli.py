@@ -1,0 +1,162 @@
+"""`simfed partition ...` and `simfed info` through the real entry point (subprocesses)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def simfed(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "simfed.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(r, *fragments, out: Path | None = None):
+    """Exit 2, exactly one stderr line naming the problem, no traceback, nothing left behind."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("simfed: error: ")
+    assert "Traceback" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def leaf_obj(n_users=3, seed=0):
+    rng = np.random.default_rng(seed)
+    users = [f"f{u:04d}_01" for u in range(n_users)]
+    data = {}
+    for u in users:
+        n = int(rng.integers(4, 9))
+        data[u] = {"x": rng.random((n, 784)).round(3).tolist(),
+                   "y": rng.integers(0, 62, n).tolist()}
+    return {"users": users, "num_samples": [len(data[u]["y"]) for u in users], "user_data": data}
+
+
+def test_synthetic_then_info_json(tmp_path):
+    out = tmp_path / "femnist"
+    r = simfed("partition", "synthetic-femnist", out, "--clients", 40, "--seed", 3,
+               "--unseen-fraction", 0.25)
+    assert r.returncode == 0, r.stderr
+    r = simfed("info", out, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["clients"] == 40 and info["seen"] == 30 and info["unseen"] == 10
+    assert info["num_classes"] == 62
+    s = info["samples"]
+    assert s["total"] == s["train"] + s["val"] + s["test"]
+    assert 40 * 150 < s["total"] < 40 * 320
+    assert 1 <= info["per_client"]["min"] <= info["per_client"]["median"] \
+        <= info["per_client"]["max"]
+    assert info["size_bytes"] > s["total"] * 784
+    r = simfed("info", out)  # human-readable table
+    assert r.returncode == 0 and "40 (30 seen, 10 unseen)" in r.stdout
+    # Existing OUT is refused unless --overwrite.
+    r = simfed("partition", "synthetic-femnist", out, "--clients", 5)
+    assert_user_error(r, "already exists", "--overwrite")
+    r = simfed("partition", "synthetic-femnist", out, "--clients", 5, "--overwrite")
+    assert r.returncode == 0
+    assert json.loads(simfed("info", out, "--json").stdout)["clients"] == 5
+
+
+def test_checksum_mismatch_is_one_line(tmp_path):
+    out = tmp_path / "s"
+    assert simfed("partition", "synthetic-femnist", out, "--clients", 6).returncode == 0
+    with open(out / "train.arrow", "r+b") as f:
+        f.seek(5000)
+        b = f.read(1)
+        f.seek(5000)
+        f.write(bytes([b[0] ^ 0x55]))
+    r = simfed("info", out)
+    assert_user_error(r, "train.arrow", "checksum mismatch")
+    assert simfed("info", out, "--no-verify").returncode == 0
+
+
+def test_leaf_cli_round_trip(tmp_path):
+    src = tmp_path / "leaf"
+    src.mkdir()
+    obj = leaf_obj(4)
+    (src / "all_data_0.json").write_text(json.dumps(obj))
+    r = simfed("partition", "leaf", src, tmp_path / "out", "--unseen-fraction", 0.25)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(simfed("info", tmp_path / "out", "--json").stdout)
+    assert info["clients"] == 4 and info["unseen"] == 1
+    assert info["samples"]["total"] == sum(obj["num_samples"])
+
+
+def _mutations():
+    def no_data(o):
+        o["user_data"].pop("f0001_01")
+
+    def short_x(o):
+        o["user_data"]["f0002_01"]["x"][1] = [0.1] * 700
+
+    def bad_label(o):
+        o["user_data"]["f0000_01"]["y"][0] = 77
+
+    return [("no_data", no_data, "user 'f0001_01' has no data"),
+            ("short_x", short_x, "wrong length"),
+            ("bad_label", bad_label, "label 77 out of range")]
+
+
+@pytest.mark.parametrize("name, mutate, message", _mutations(), ids=[m[0] for m in _mutations()])
+def test_bad_leaf_input_via_cli(tmp_path, name, mutate, message):
+    src = tmp_path / "leaf"
+    src.mkdir()
+    obj = leaf_obj()
+    mutate(obj)
+    (src / "all_data_0.json").write_text(json.dumps(obj))
+    out = tmp_path / "out"
+    assert_user_error(simfed("partition", "leaf", src, out), "all_data_0.json", message, out=out)
+
+
+def test_malformed_json_and_missing_file_via_cli(tmp_path):
+    src = tmp_path / "leaf"
+    src.mkdir()
+    (src / "all_data_0.json").write_text('{"users": ["a"], "user_data": {')
+    out = tmp_path / "out"
+    assert_user_error(simfed("partition", "leaf", src, out), "all_data_0.json", "malformed JSON",
+                      out=out)
+    assert_user_error(simfed("partition", "leaf", tmp_path / "absent", out), "absent",
+                      "no such file", out=out)
+    assert_user_error(simfed("info", tmp_path / "absent"), "absent")
+
+
+def test_idx_wrong_magic_via_cli(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(
+        bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in x.shape) + x.tobytes()))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x08\x01\x00\x00" +
+                                                                        b"\x00" * 60))
+    out = tmp_path / "out"
+    r = simfed("partition", "idx", tmp_path, out, "--scheme", "iid", "--clients", 5)
+    assert_user_error(r, "train-labels-idx1-ubyte.gz", "wrong magic number", out=out)
+    r = simfed("partition", "idx", tmp_path, out, "--scheme", "bogus", "--clients", 5)
+    assert_user_error(r, "--scheme", out=out)
+
+
+def test_fashion_mnist_classes_via_cli(tmp_path):
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real Fashion-MNIST not installed at {FASHION}")
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "fm"
+    r = simfed("partition", "idx", FASHION, out, "--scheme", "classes", "--classes-per-client",
+               2, "--clients", 100, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    t = pq.read_table(out / "clients.parquet")
+    assert t.column("n_classes").to_pylist() == [2] * 100
+    info = json.loads(simfed("info", out, "--json").stdout)
+    assert info["samples"]["total"] == 70000 and info["unseen"] == 10
