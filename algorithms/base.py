@@ -56,10 +56,11 @@ def derive_seed(*parts: Any) -> int:
 
 @dataclass(frozen=True)
 class Task:
-    """What the data look like: input shape (C, H, W) and number of classes."""
+    """What the data look like: input shape (C, H, W), number of classes, number of training clients."""
 
     input_shape: tuple[int, int, int]
     num_classes: int
+    num_clients: int = 0  # seen (training) clients; sizes per-client tables such as embeddings
 
 
 @dataclass(frozen=True)

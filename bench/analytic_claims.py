@@ -97,19 +97,23 @@ def claim_time(args, data_dir: Path, out: Path, analytic_cfg: dict) -> dict:
              workers=args.workers, out=out)
     t_fa = fa["train_seconds"]
     reach = next((e for e in fv["evals"] if e["seen"]["acc_weighted"] >= target), None)
-    same_time = next((e for e in fv["evals"] if e["train_seconds"] >= t_fa), fv["evals"][-1])
+    within = [e for e in fv["evals"] if e["train_seconds"] <= t_fa]  # FedAvg's evals inside FedACnnL's time
     res = {"store": path, "store_generation_seconds": round(gen_s, 1), "seen_clients": seen,
            "fedacnnl": {"train_seconds": t_fa, "seen": fa["evals"][-1]["seen"], "unseen": fa["evals"][-1].get("unseen")},
-           "fedavg": {"cohort": min(args.fedavg_cohort, seen), "rounds": args.fedavg_rounds, "curve": fv["evals"]},
-           "fedavg_acc_at_fedacnnl_time": {"train_seconds": same_time["train_seconds"], "seen": same_time["seen"]}}
+           "fedavg": {"cohort": min(args.fedavg_cohort, seen), "rounds": args.fedavg_rounds,
+                      "train_seconds": fv["train_seconds"], "curve": fv["evals"]},
+           "fedavg_best_within_fedacnnl_time": max(within, key=lambda e: e["seen"]["acc_weighted"]) if within else None}
     if reach is not None:
+        # negative when FedAvg gets there first
         res["fedavg_time_to_fedacnnl_acc"] = reach["train_seconds"]
         res["time_reduction"] = round(1 - t_fa / reach["train_seconds"], 4)
+    elif fv["train_seconds"] >= t_fa:
+        res["fedavg_time_to_fedacnnl_acc"] = f"> {fv['train_seconds']}"
+        res["time_reduction_at_least"] = round(1 - t_fa / fv["train_seconds"], 4)
     else:
         res["fedavg_time_to_fedacnnl_acc"] = None
-        res["time_reduction_lower_bound"] = round(1 - t_fa / fv["train_seconds"], 4)
-        res["note"] = (f"FedAvg did not reach FedACnnL's accuracy in {args.fedavg_rounds} rounds "
-                       f"({fv['train_seconds']} s); the reduction is at least the lower bound")
+        res["note"] = (f"FedAvg's {args.fedavg_rounds} rounds ({fv['train_seconds']} s) were shorter than FedACnnL "
+                       f"({t_fa} s) and did not reach its accuracy; raise --fedavg-rounds to settle the ratio")
     res["paper_time_reduction"] = "0.83-0.99"
     return res
 

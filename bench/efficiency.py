@@ -20,6 +20,10 @@ taken out of the engine's wall time. Pairs see the same background load, which m
 machine. Figures:
 - ratio = engine samples/s / plain samples/s (target >= 0.85);
 - ratio_median_of_pairs: median over rounds of plain_s / engine_s (robust to one disturbed round);
+- niceness: Ray runs every worker process (actors included) at nice 15 (RAY_worker_niceness); the
+  plain processes get the same niceness by default (--plain-nice), else on a loaded machine the
+  comparison measures the scheduler, not the engine;
+- worker_busy_imbalance: worst round's max/mean - 1 of the workers' summed client seconds;
 - cpu_ratio: the same in samples per CPU-second (engine: every process of the run; plain: its
   processes), worker_cpu_ratio: engine worker actors only (isolates per-client overhead from the
   cost of the driver/server/Ray daemons).

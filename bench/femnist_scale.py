@@ -127,6 +127,11 @@ def main() -> None:
         out["ratio"] = round(plain["seconds"] / rnd["seconds"], 4)
         if engine["round_cpu_seconds"] > 0:
             out["cpu_ratio"] = round(plain["cpu_seconds"] / engine["round_cpu_seconds"], 4)
+            # the memory sampler runs in the driver (PSS reads /proc/PID/smaps: not free); take it out
+            excl = engine["round_cpu_seconds"] - mem.cpu_s
+            out["cpu_ratio_excl_memory_sampler"] = round(plain["cpu_seconds"] / excl, 4) if excl > 0 else None
+            workers_cpu = cpu_round.get("worker_actor", 0.0)
+            out["worker_cpu_ratio"] = round(plain["cpu_seconds"] / workers_cpu, 4) if workers_cpu else None
     if a.json:
         print(json.dumps(out, indent=2))
     else:

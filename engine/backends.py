@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from simfed.algorithms.base import RoundInfo
+from simfed.algorithms import registry
+from simfed.algorithms.base import Algorithm, RoundInfo
 from simfed.engine.config import EngineConfig
 from simfed.engine.errors import SimfedError
 from simfed.engine.sampling import assign, chunk_size, chunked
@@ -96,6 +97,7 @@ class _PooledWorker:
 # Actors outlive a run: starting a Ray actor costs seconds (a process that imports torch), so
 # runs in one driver process reuse them. Keyed by the resources each worker asks for.
 _POOL: dict[tuple, list] = {}
+PLACEMENT_TIMEOUT_S = 300
 _SERVERS: list = []
 
 
@@ -115,6 +117,10 @@ class RayBackend:
         self.n_workers = n
         self.retries = 0
         self._key = (ray.get_runtime_context().get_job_id(), engine.cpus_per_worker, engine.gpus_per_worker)
+        for key in [k for k in _POOL if k != self._key]:
+            # Workers of another shape would hold resources this pool may need.
+            for actor in _POOL.pop(key):
+                ray.kill(actor)
         pool = _POOL.setdefault(self._key, [])
         while len(pool) < n:
             pool.append(self._start_worker())
@@ -126,7 +132,12 @@ class RayBackend:
         self.generation = [0] * n
         try:
             ray.get(self.server.setup.remote(server_args))
-            self._info = ray.get([w.setup.remote(spec, i) for i, w in enumerate(self.workers)])
+            self._info = ray.get([w.setup.remote(spec, i) for i, w in enumerate(self.workers)],
+                                 timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise SimfedError(f"{n} workers with {engine.cpus_per_worker} CPUs and {engine.gpus_per_worker} GPUs each "
+                              f"could not be placed within {PLACEMENT_TIMEOUT_S} s; the cluster has "
+                              f"{ray.available_resources()} free: lower engine.workers or the per-worker resources")
         except Exception as exc:
             raise _unwrap(exc) from None
 
@@ -165,6 +176,8 @@ class RayBackend:
         lost = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
         server = self.server.call
         bcast_ref = server.remote("begin", phase, info)
+        # Methods without per-client payloads (FedAvg) skip one server round trip per chunk.
+        per_client = type(registry.get(self.spec.algorithm)).payloads is not Algorithm.payloads
         size = chunk_size(len(client_ids), self.n_workers, self.engine.chunk_clients)
         queues = [chunked(ids, size) for ids in assign(list(client_ids), sizes, self.n_workers)]
         inflight: dict = {}  # meta ref -> (worker, chunk, data ref, payload ref, attempt, generation)
@@ -172,7 +185,7 @@ class RayBackend:
         acks = []
 
         def submit(w: int, chunk: list[int], attempt: int, payload_ref=None) -> None:
-            if payload_ref is None:
+            if payload_ref is None and per_client:
                 payload_ref = server.remote("payloads", phase, info, chunk)
             meta_ref, data_ref = self.workers[w].run.options(num_returns=2).remote(
                 phase, info, bcast_ref, payload_ref, chunk, checkpointed_round)

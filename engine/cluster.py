@@ -36,7 +36,8 @@ def connect(address: str = "", num_cpus: int | None = None) -> bool:
             ray.init(address=address, **kwargs)
         else:
             # Embedded: everything on the loopback interface, no dashboard.
-            ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+            # address="local" always starts a new instance, even if another Ray runs on this machine.
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = address or "this machine"

@@ -59,9 +59,9 @@ def check_experiment(exp: Experiment, on_event: Event | None = None):
     Returns (store, task, seen ids, unseen ids)."""
     run = exp.run
     store = open_store(exp.data, on_event)
-    task = Task(tuple(int(v) for v in store.sample_shape), int(store.num_classes))
-    registry.get(exp.algorithm).validate(exp.algorithm_config, task)
     seen, unseen = [int(c) for c in store.client_ids("seen")], [int(c) for c in store.client_ids("unseen")]
+    task = Task(tuple(int(v) for v in store.sample_shape), int(store.num_classes), num_clients=len(seen))
+    registry.get(exp.algorithm).validate(exp.algorithm_config, task)
     if run.clients_per_round < 1 or run.clients_per_round > len(seen):
         raise SimfedError(f"[run] clients_per_round = {run.clients_per_round} but the store {store.path} has "
                           f"{len(seen)} seen clients; use a value between 1 and {len(seen)}")
