@@ -16,6 +16,7 @@ from simfed.algorithms import training
 from simfed.algorithms.base import Algorithm, ClientContext, ClientData, Reply, RoundInfo, ServerState, Task
 from simfed.algorithms.models import flat_params, init_model, lenet_for, load_flat
 from simfed.algorithms.registry import register
+from simfed.engine.errors import SimfedError
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class FedAvg(Algorithm):
         model = init_model(lenet_for(task.input_shape, task.num_classes), seed)
         return GlobalModelState(flat_params(model))
 
+    def validate(self, cfg, task: Task) -> None:
+        try:
+            lenet_for(task.input_shape, task.num_classes)
+        except ValueError as exc:
+            raise SimfedError(f"[algorithm] {self.name}: {exc}") from None
+
     def train_phases(self, cfg, state, round):
         return ("update",)
 
@@ -93,7 +100,7 @@ class FedAvg(Algorithm):
         return Reply(sums={"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)}, n_train=seen)
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
-        if n_clients == 0 or "n" not in sums:
+        if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:
             return {"clients": 0.0}
         step = sums["delta"] / float(sums["n"])
         state.theta = state.theta - cfg.server_lr * step.to(state.theta.dtype)

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Algorithm, ClientContext, Reply, RoundInfo, Task
-from simfed.algorithms.fedavg import GlobalModelState, client_model, finetune_and_evaluate
+from simfed.algorithms.base import ClientContext, Reply
+from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate
 from simfed.algorithms.functional import BatchStream, loss_fn, meta_gradient
-from simfed.algorithms.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.models import load_flat
 from simfed.algorithms.registry import register
 from simfed.engine.errors import SimfedError
 
@@ -134,28 +134,12 @@ def meta_client_step(cfg, w: torch.Tensor, f, x: torch.Tensor, y: torch.Tensor,
     return w, seen
 
 
-class MetaFL(Algorithm):
+class MetaFL(FedAvg):
+    """FedAvg's server side (global model, weighted mean change); the client runs meta-steps."""
+
     name = "metafl"
     Config = MetaFLConfig
     summary = "Generalized meta-FL: FedAvg on the loss after nu fine-tuning steps (Jamali et al. 2025)"
-
-    def init(self, cfg, task: Task, seed: int) -> GlobalModelState:
-        return GlobalModelState(flat_params(init_model(lenet_for(task.input_shape, task.num_classes), seed)))
-
-    def validate(self, cfg, task: Task) -> None:
-        try:
-            lenet_for(task.input_shape, task.num_classes)
-        except ValueError as exc:
-            raise SimfedError(f"[algorithm] {self.name}: {exc}") from None
-
-    def train_phases(self, cfg, state, round):
-        return ("update",)
-
-    def eval_phases(self, cfg, state, cohort):
-        return ("evaluate",)
-
-    def broadcast(self, phase, cfg, state, info: RoundInfo):
-        return state.theta
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx: ClientContext) -> Reply:
         model = client_model(ctx)
@@ -179,13 +163,6 @@ class MetaFL(Algorithm):
         delta = (w0 - w).to(bcast.device, bcast.dtype)
         return Reply(sums={"delta": delta * float(n), "n": torch.tensor(float(n), dtype=torch.float64)},
                      n_train=seen)
-
-    def finish(self, phase, cfg, state, sums, n_clients, info):
-        if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:
-            return {"clients": 0.0}
-        step = sums["delta"] / float(sums["n"])
-        state.theta = state.theta - cfg.server_lr * step.to(state.theta.dtype)
-        return {"update_norm": float(step.norm())}
 
 
 register(MetaFL)

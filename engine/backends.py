@@ -11,7 +11,7 @@ retrying its chunks (bounded, counted).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from simfed.algorithms import registry
 from simfed.algorithms.base import Algorithm, RoundInfo

@@ -1,0 +1,128 @@
+"""PeFLL at FEMNIST scale: 3,597 synthetic writers (3,237 seen / 360 unseen) through the Ray backend.
+
+Engine: embedded local Ray (`simfed.engine.cluster.connect("")`), `--workers` workers with 1 CPU
+each, `--rounds` PeFLL rounds of `--clients-per-round` seen clients (three exchanges each:
+describe, model, embed), then one evaluation after the last round. `run.eval_clients` caps every
+cohort at the same number of clients; with the default 360 that is every unseen client (360) and
+a seeded sample of 360 of the 3,237 seen ones, all zero-shot (theta = h(v(S_train))).
+
+Recorded per round: the engine's round wall time and the server actor's RSS (psutil on the
+actor's pid, read in the "round" event, i.e. after the round's Adam step, while the server is
+idle); also the server RSS right after the actors start and after the evaluation. "Bounded"
+means the RSS after the last round is within `--rss-slack-mb` of the RSS after the first one
+(the first round allocates Adam's moments and autograd buffers; later rounds must reuse them).
+
+Usage: python bench/pefll_scale.py [--store /tmp/full/femnist] [--rounds 4] [--clients-per-round 64]
+       [--local-steps 10] [--embed-dim 64] [--eval-clients 360] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default="/tmp/full/femnist")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--clients-per-round", type=int, default=64)
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--embed-dim", type=int, default=64)
+    ap.add_argument("--eval-clients", type=int, default=360, help="per cohort; 0 = every client")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rss-slack-mb", type=float, default=64.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from simfed.cli.config import parse
+    from simfed.engine import backends, cluster
+    from simfed.engine.loop import run_experiment
+    from simfed.partitions.store import PartitionStore
+
+    if not (Path(args.store) / "manifest.json").exists():
+        sys.exit(f"no store at {args.store}; build it with `simfed partition synthetic-femnist {args.store} "
+                 "--clients 3597`")
+    store = PartitionStore.open(args.store)
+    n_seen, n_unseen = len(store.client_ids("seen")), len(store.client_ids("unseen"))
+
+    exp = parse({"data": {"path": args.store},
+                 "run": {"rounds": args.rounds, "clients_per_round": args.clients_per_round, "eval_every": 0,
+                         "checkpoint_every": 0, "seed": args.seed, "eval_clients": args.eval_clients},
+                 "algorithm": {"name": "pefll", "embed_dim": args.embed_dim, "local_steps": args.local_steps},
+                 "engine": {"backend": "ray", "workers": args.workers, "cpus_per_worker": 1}})
+    t0 = time.perf_counter()
+    cluster.connect("", num_cpus=args.workers)
+    t_ray = time.perf_counter() - t0
+
+    rec: dict = {"rounds": [], "rss_start": None, "t_eval0": None}
+    proc: dict = {}
+
+    def server_rss() -> int:
+        return proc["p"].memory_info().rss
+
+    def on_event(e: dict) -> None:
+        now = time.perf_counter()
+        if e["type"] == "start":
+            pid = ray.get(backends._SERVERS[0][1].call.remote("pid"))
+            proc["p"] = psutil.Process(pid)
+            rec["rss_start"] = server_rss()
+            rec["t_start"] = now
+        elif e["type"] == "round":
+            rec["rounds"].append({"round": e["round"], "seconds": round(e["seconds"], 2),
+                                  "server_rss_mb": round(server_rss() / 2**20, 1)})
+            rec["t_eval0"] = now
+        elif e["type"] == "eval":
+            rec["eval_s"] = round(now - rec["t_eval0"], 1)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="simfed-pefll-scale-")) / "run"
+    try:
+        res = run_experiment(exp, run_dir, on_event=on_event, backend="ray")
+        rss_end = server_rss()
+        status = json.loads((run_dir / "status.json").read_text())
+    finally:
+        if not args.keep:
+            shutil.rmtree(run_dir.parent, ignore_errors=True)
+    summ = {row["cohort"]: row for row in res["summary"]}
+    rss = [r["server_rss_mb"] for r in rec["rounds"]]
+    growth = rss[-1] - rss[0] if rss else 0.0
+    out = {
+        "bench": "pefll_scale", "store": args.store, "seen_clients": n_seen, "unseen_clients": n_unseen,
+        "workers": res["workers"], "rounds": args.rounds, "clients_per_round": args.clients_per_round,
+        "local_steps": args.local_steps, "embed_dim": args.embed_dim, "eval_clients_cap": args.eval_clients,
+        "rounds_completed": status["completed_rounds"], "state": status["state"],
+        "ray_startup_s": round(t_ray, 1), "per_round": rec["rounds"],
+        "round_s_mean_after_first": (round(sum(r["seconds"] for r in rec["rounds"][1:]) / (len(rec["rounds"]) - 1), 2)
+                                     if len(rec["rounds"]) > 1 else None),
+        "eval_s": rec.get("eval_s"),
+        "server_rss_mb": {"after_start": round(rec["rss_start"] / 2**20, 1), "per_round": rss,
+                          "after_eval": round(rss_end / 2**20, 1),
+                          "status_json_last": round(status.get("server_rss_bytes", 0) / 2**20, 1),
+                          "growth_first_to_last_round": round(growth, 1)},
+        "dropped": res["dropped"], "retries": res["retries"],
+        "eval": {c: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
+                     if k in ("clients", "samples", "acc_mean", "acc_weighted", "acc_p10", "acc_worst10", "acc_best")}
+                 for c, s in summ.items()},
+        "checks": {
+            "all_rounds_completed": status["completed_rounds"] == args.rounds,
+            "server_rss_bounded": abs(growth) <= args.rss_slack_mb,
+            "all_unseen_evaluated": summ.get("unseen", {}).get("clients") == n_unseen,
+        },
+    }
+    print(json.dumps(out))
+    cluster.disconnect()
+    return out
+
+
+if __name__ == "__main__":
+    main()
