@@ -24,7 +24,8 @@ A reply whose tensors are not all finite is dropped by the engine and counted, n
 Evaluation is phases too (`eval_phases`): PeFLL needs a descriptor exchange before it can hand a
 client its zero-shot model, pFedHN fits an embedding for an unseen client, FedAvg needs one. The
 replies of the last eval phase carry `evals` (split -> Eval); the engine turns them into metric
-rows. Evaluation never changes client state (the engine ignores `state` in eval replies), so how
+rows. `finish` runs after eval phases too (`info.mode == "eval"`), so a method that fitted
+something for evaluation (pFedHN's unseen embeddings) can clear it. Evaluation never changes client state (the engine ignores `state` in eval replies), so how
 often a run evaluates cannot change its training.
 
 Server state is any object with `state_dict()`/`load_state_dict()`; `ServerState` below gives

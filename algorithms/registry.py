@@ -14,7 +14,7 @@ from simfed.algorithms.base import Algorithm
 from simfed.engine.errors import SimfedError
 
 _REGISTRY: dict[str, Algorithm] = {}
-_NOT_METHODS = {"base", "registry", "models", "training", "hypernet", "functional"}
+_NOT_METHODS = {"base", "registry", "models", "training", "hypernet", "functional", "analytic"}
 _loaded = False
 
 
