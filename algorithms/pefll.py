@@ -156,7 +156,9 @@ class PeFLL(Algorithm):
                 return {}
             with torch.no_grad():
                 th = state.hnet(torch.stack([store[c] for c in ids]))
-            return {c: th[j] for j, c in enumerate(ids)}
+            # clone: a row view would pickle th's whole storage, i.e. every client of the chunk's
+            # theta in each client's payload (chunk-size times the bytes through the object store)
+            return {c: th[j].clone() for j, c in enumerate(ids)}
         if phase == "embed":
             return {int(c): state._dv[int(c)] for c in client_ids if int(c) in state._dv}
         return None

@@ -119,7 +119,9 @@ class PFedHN(Algorithm):
                 state._unseen.pop(int(cid), None)
         ids = [int(c) for c in client_ids]
         th = thetas(state, [self._row(state, c, info) for c in ids])
-        return {c: th[j] for j, c in enumerate(ids)}
+        # clone: a row view would pickle th's whole storage, i.e. every client of the chunk's
+        # theta in each client's payload (chunk-size times the bytes through the object store)
+        return {c: th[j].clone() for j, c in enumerate(ids)}
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
         if payload is None:

@@ -128,6 +128,7 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool 
             counters["retries"] = counters.get("retries", 0) + be.retries
             be.retries = 0
             status.update(completed_rounds=done, server_rss_bytes=be.call("memory_bytes"),
+                          server_private_bytes=be.call("private_memory_bytes"),
                           retries=counters["retries"], dropped=counters["dropped"])
             if (run.checkpoint_every > 0 and done % run.checkpoint_every == 0) or done == run.rounds:
                 checkpoint.save(run_dir, done, be.call("state_dict"), counters)

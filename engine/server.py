@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+import torch
 
 from simfed.algorithms import registry
 from simfed.algorithms.base import RoundInfo, Task
@@ -24,6 +25,20 @@ class ChunkResult:
     sums: dict[str, Any] | None = None
     n_clients: int = 0  # clients whose replies are in `sums`/`items` (dropped ones excluded)
     items: list[tuple[int, Any]] = field(default_factory=list)
+
+
+def compact(obj: Any) -> Any:
+    """Copy tensor views that share a larger storage: pickling a view ships its whole base tensor
+    (one row of a batched hypernetwork output would carry the whole chunk's models)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+            return obj.clone()
+        return obj
+    if isinstance(obj, dict):
+        return {k: compact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(compact(v) for v in obj)
+    return obj
 
 
 def add_into(acc: dict[str, Any] | None, sums: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -65,7 +80,7 @@ class Server:
         return self.algo.broadcast(phase, self.cfg, self.state, info)
 
     def payloads(self, phase: str, info: RoundInfo, client_ids: list[int]) -> Any:
-        return self.algo.payloads(phase, self.cfg, self.state, client_ids, info)
+        return compact(self.algo.payloads(phase, self.cfg, self.state, client_ids, info))
 
     def receive(self, result: ChunkResult, phase: str, info: RoundInfo) -> int:
         self._acc = add_into(self._acc, result.sums)
@@ -84,6 +99,13 @@ class Server:
 
     def memory_bytes(self) -> int:
         return psutil.Process(os.getpid()).memory_info().rss
+
+    def private_memory_bytes(self) -> int:
+        """RSS less the shared object-store pages Ray maps into the process: what the state costs."""
+        proc = psutil.Process(os.getpid())
+        shared = sum(m.rss for m in proc.memory_maps(grouped=True)
+                     if "plasma" in m.path or m.path.startswith("/dev/shm") or "memfd" in m.path)
+        return proc.memory_info().rss - shared
 
     def pid(self) -> int:
         return os.getpid()

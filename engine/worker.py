@@ -20,7 +20,7 @@ import torch
 from simfed.algorithms import registry
 from simfed.algorithms.base import KEEP, ClientContext, ClientData, RoundInfo, Task
 from simfed.engine.clientstate import ClientStateStore
-from simfed.engine.server import ChunkResult, add_into
+from simfed.engine.server import ChunkResult, add_into, compact
 from simfed.partitions.store import PartitionStore
 
 
@@ -130,7 +130,7 @@ class Worker:
             if ok:
                 result.sums = add_into(result.sums, reply.sums)
                 if reply.item is not None:
-                    result.items.append((cid, reply.item))
+                    result.items.append((cid, compact(reply.item)))
                 result.n_clients += 1
                 if info.mode == "train" and algo.uses_client_state and not (
                         isinstance(reply.state, str) and reply.state == KEEP):

@@ -167,6 +167,17 @@ def test_zero_shot_evaluation_for_seen_and_unseen_with_label_mask():
     assert state._v_eval == {}
 
 
+def test_model_payloads_own_their_storage():
+    # a row view of the batched h output would pickle every client's theta into each payload
+    algo, cfg = PeFLL(), small_cfg()
+    state = algo.init(cfg, TASK, SEED)
+    state._v = {c: torch.randn(3) for c in (0, 1, 2)}
+    per = algo.payloads("model", cfg, state, [0, 1, 2], RoundInfo(round=0, seed=SEED, client_ids=(0, 1, 2)))
+    assert sorted(per) == [0, 1, 2]
+    for t in per.values():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_eval_descriptor_averages_the_whole_train_split():
     algo, cfg = PeFLL(), small_cfg()
     clients = make_clients([300])

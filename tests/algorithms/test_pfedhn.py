@@ -140,6 +140,9 @@ def test_batched_payloads_equal_single_forward():
         one = state.hnet(state.emb[9][None])[0]
     torch.testing.assert_close(per[9], one, atol=1e-6, rtol=1e-6)
     assert per[4].shape == (sum(p.numel() for p in lenet_for((1, 16, 16), 4).parameters()),)
+    # each payload owns its storage: a row view would pickle the whole chunk's thetas per client
+    for t in per.values():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def test_bad_input():

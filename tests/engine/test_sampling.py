@@ -25,3 +25,4 @@ def test_chunk_size_bounds():
     assert chunk_size(1000, 2, 0) <= 64
     assert chunk_size(3, 2, 0) == 1
     assert chunk_size(100, 2, 7) == 7
+
