@@ -144,7 +144,7 @@ def test_server_memory_and_replies_do_not_grow_with_clients():
     # a client's reply is d x d and d x k whatever its sample count: never rows of data
     algo = registry.get("fedacnnl")
     for phase, bcast, _ in seen10:
-        i, (d, k) = int(phase[5:]), tuple(s10.weights[int(phase[5:])].shape)
+        d, k = tuple(s10.weights[int(phase[5:])].shape)
         for n in (1, 7, 300):
             r = algo.client(phase, cfg, bcast, None, clients_of(x[:n], y[:n], 1)[0], None, ctx(0, phase))
             assert {key: tuple(v.shape) for key, v in r.sums.items()} == {"A": (d, d), "b": (d, k), "n": ()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -15,18 +14,10 @@ from simfed.algorithms.fmlh import FMLH, FMLHConfig, support_query
 from simfed.algorithms.models import lenet_for, load_flat
 from simfed.engine.errors import SimfedError
 
+from clients import make_clients
+
 TASK = Task(input_shape=(1, 16, 16), num_classes=4)
 SEED = 11
-
-
-def make_clients(sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for cid, n in enumerate(sizes):
-        x = rng.integers(0, 256, size=(n, 1, 16, 16), dtype=np.uint8)
-        y = rng.integers(0, 4, size=n)
-        out[cid] = {"train": (x, y), "val": (x[:4], y[:4]), "test": (x[:6], y[:6])}
-    return out
 
 
 def maker(clients, mode="train", cohort="seen"):

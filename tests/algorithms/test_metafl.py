@@ -10,7 +10,6 @@ from torch import nn
 from simfed.algorithms import functional as fn
 from simfed.algorithms import registry, training
 from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task, config_from_dict
-from simfed.algorithms.metafl import MetaFLConfig, PerFedAvgConfig
 from simfed.algorithms.models import LeNet, flat_params, init_model, load_flat
 from simfed.engine.errors import SimfedError
 

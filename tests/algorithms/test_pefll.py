@@ -13,18 +13,14 @@ from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task, c
 from simfed.algorithms.pefll import PeFLL, PeFLLConfig, descriptor, descriptor_batch
 from simfed.engine.errors import SimfedError
 
+from clients import make_clients as _make_clients
+
 TASK = Task(input_shape=(1, 16, 16), num_classes=4)
 SEED = 7
 
 
 def make_clients(sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for cid, n in enumerate(sizes):
-        x = rng.integers(0, 256, size=(n, 1, 16, 16), dtype=np.uint8)
-        y = rng.integers(0, 2, size=n) + 2 * (cid % 2)  # two classes per client
-        out[cid] = {"train": (x, y), "val": (x[:5], y[:5]), "test": (x[:8], y[:8])}
-    return out
+    return _make_clients(sizes, seed, two_classes=True, val=5, test=8)
 
 
 def maker(clients, round_, mode="train", cohort="seen"):

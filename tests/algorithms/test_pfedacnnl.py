@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from simfed.algorithms import registry
-from simfed.algorithms.base import ClientData, RoundInfo, Task, config_from_dict
+from simfed.algorithms.base import ClientData, RoundInfo, config_from_dict
 from simfed.algorithms import analytic
 from simfed.algorithms.fedacnnl import geometry
 from simfed.algorithms.pfedacnnl import features, personal_head

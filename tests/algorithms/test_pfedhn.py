@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,18 +13,10 @@ from simfed.algorithms.models import lenet_for
 from simfed.algorithms.pfedhn import PFedHN, PFedHNConfig
 from simfed.engine.errors import SimfedError
 
+from clients import make_clients
+
 TASK = Task(input_shape=(1, 16, 16), num_classes=4)
 SEED = 3
-
-
-def make_clients(sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for cid, n in enumerate(sizes):
-        x = rng.integers(0, 256, size=(n, 1, 16, 16), dtype=np.uint8)
-        y = rng.integers(0, 4, size=n)
-        out[cid] = {"train": (x, y), "val": (x[:4], y[:4]), "test": (x[:6], y[:6])}
-    return out
 
 
 def maker(clients, round_=0, mode="train", cohort="seen"):

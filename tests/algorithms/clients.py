@@ -1,0 +1,14 @@
+"""Random 16x16 clients for the hypernetwork tests: {client_id: {split: (x uint8, y)}}."""
+
+import numpy as np
+
+
+def make_clients(sizes, seed=0, two_classes=False, val=4, test=6):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for cid, n in enumerate(sizes):
+        x = rng.integers(0, 256, size=(n, 1, 16, 16), dtype=np.uint8)
+        # two_classes: client cid sees labels {0, 1} or {2, 3} only (label skew, as in PeFLL's protocol)
+        y = rng.integers(0, 2, size=n) + 2 * (cid % 2) if two_classes else rng.integers(0, 4, size=n)
+        out[cid] = {"train": (x, y), "val": (x[:val], y[:val]), "test": (x[:test], y[:test])}
+    return out
