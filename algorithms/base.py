@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -213,6 +214,18 @@ class Algorithm:
         raise NotImplementedError
 
     # --- helpers -------------------------------------------------------------------------
+    def cost(self, cfg: Any, n_train: int) -> float:
+        """Relative work of one client, used to balance workers. A method with a fixed number of
+        local steps costs the same for every client however much data it has; by default the
+        `local_steps`/`local_epochs`/`batch_size` keys are read when present, else n_train counts."""
+        steps = getattr(cfg, "local_steps", None)
+        if steps is None:
+            return float(n_train)
+        epochs, batch = getattr(cfg, "local_epochs", 0.0), getattr(cfg, "batch_size", 32)
+        if epochs > 0:
+            return float(max(1, math.ceil(epochs * n_train / batch)))
+        return float(steps)
+
     def validate(self, cfg: Any, task: Task) -> None:
         """Raise SimfedError for a config that cannot run on this task (called before any work)."""
         return None

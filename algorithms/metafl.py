@@ -141,6 +141,9 @@ class MetaFL(FedAvg):
     Config = MetaFLConfig
     summary = "Generalized meta-FL: FedAvg on the loss after nu fine-tuning steps (Jamali et al. 2025)"
 
+    def cost(self, cfg, n_train: int) -> float:
+        return float(cfg.tau)  # tau meta-steps of fixed-size batches, whatever the client's size
+
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx: ClientContext) -> Reply:
         model = client_model(ctx)
         if ctx.mode == "eval":

@@ -77,7 +77,10 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool 
     run, eng = exp.run, exp.engine
     store, task, seen, unseen = check_experiment(exp, on_event)
     table = store.clients
-    sizes = dict(zip(table.column("client_id").to_pylist(), table.column("n_train").to_pylist()))
+    # Work per client, for the size-aware assignment to workers (the method knows what it costs).
+    algo = registry.get(exp.algorithm)
+    sizes = {cid: algo.cost(exp.algorithm_config, n)
+             for cid, n in zip(table.column("client_id").to_pylist(), table.column("n_train").to_pylist())}
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint.load(run_dir) if resume else None

@@ -26,15 +26,16 @@ def sample_eval(seed: int, round: int, cohort: str, client_ids: Sequence[int], k
     return sorted(int(c) for c in rng.choice(np.asarray(client_ids), size=k, replace=False))
 
 
-def assign(client_ids: Sequence[int], sizes: Mapping[int, int], n_workers: int) -> list[list[int]]:
-    """Largest client first to the least-loaded worker (ties: lower worker index, lower client id)."""
-    order = sorted(client_ids, key=lambda c: (-int(sizes.get(c, 0)), c))
+def assign(client_ids: Sequence[int], sizes: Mapping[int, float], n_workers: int) -> list[list[int]]:
+    """Most expensive client first to the least-loaded worker (ties: lower worker index, lower client id).
+    `sizes` is each client's relative cost (Algorithm.cost)."""
+    order = sorted(client_ids, key=lambda c: (-float(sizes.get(c, 0)), c))
     heap = [(0, w) for w in range(n_workers)]
     out: list[list[int]] = [[] for _ in range(n_workers)]
     for c in order:
         load, w = heapq.heappop(heap)
         out[w].append(c)
-        heapq.heappush(heap, (load + max(int(sizes.get(c, 0)), 1), w))
+        heapq.heappush(heap, (load + max(float(sizes.get(c, 0)), 1e-9), w))
     return out
 
 

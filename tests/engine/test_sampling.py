@@ -26,3 +26,17 @@ def test_chunk_size_bounds():
     assert chunk_size(3, 2, 0) == 1
     assert chunk_size(100, 2, 7) == 7
 
+
+
+def test_equal_cost_clients_split_evenly_whatever_their_size():
+    from simfed.algorithms import registry
+    from simfed.algorithms.base import config_from_dict
+
+    algo = registry.get("fedavg")
+    cfg = config_from_dict(algo.Config, {"local_steps": 20})
+    n_train = {c: (600 if c < 10 else 30) for c in range(40)}  # 10 big writers, 30 small ones
+    costs = {c: algo.cost(cfg, n) for c, n in n_train.items()}
+    parts = assign(list(costs), costs, 2)
+    assert [len(p) for p in parts] == [20, 20]  # 20 local steps each: equal work per client
+    epochs = config_from_dict(algo.Config, {"local_epochs": 1.0})
+    assert algo.cost(epochs, 600) > algo.cost(epochs, 30)  # one epoch: work follows data
