@@ -143,6 +143,9 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool 
     except KeyboardInterrupt:
         status["state"] = "interrupted"
         raise
+    except Exception:
+        status["state"] = "failed"  # the last checkpoint still stands: --resume after fixing the cause
+        raise
     finally:
         _write_status(run_dir, status)
         be.shutdown()
@@ -161,6 +164,6 @@ def _evaluate(be, writer, run, r: int, seen, unseen, sizes, last_ckpt: int, emit
                              client_ids=tuple(chosen))
             be.run_phase(phase, info, chosen, sizes, lambda meta: rows.extend(meta["rows"]), last_ckpt)
     path = writer.write(rows, r + 1, "eval")
-    summary = metrics.summarize(metrics.pl.read_parquet(path)).to_dicts() if path else []
+    summary = metrics.summarize(metrics.read(path)).to_dicts() if path else []
     emit({"type": "eval", "round": r + 1, "summary": summary})
     return summary

@@ -51,11 +51,15 @@ class MetricsWriter:
                 path.unlink()
 
 
+def read(path: str | os.PathLike) -> pl.DataFrame:
+    return pl.read_parquet(path)
+
+
 def load(run_dir: str | os.PathLike) -> pl.DataFrame:
     files = sorted((Path(run_dir) / "metrics").glob("r*.parquet"))
     if not files:
         return pl.DataFrame(schema=pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema))
-    return pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+    return pl.concat([read(f) for f in files], how="vertical")
 
 
 def summarize(df: pl.DataFrame, split: str = "test", round: int | None = None) -> pl.DataFrame:

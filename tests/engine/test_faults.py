@@ -69,3 +69,22 @@ def test_killed_worker_is_replaced_and_its_clients_retried(engine_store, tmp_pat
     # Every cohort client trained exactly once per round despite the retry.
     train = metrics.load(tmp_path / "killed").filter(pl.col("split") == "train")
     assert train.group_by(["round", "client_id"]).len()["len"].max() == 1
+
+
+@pytest.mark.parametrize("backend", ["serial", "ray"])
+def test_user_error_inside_a_client_surfaces_as_one_line_and_marks_the_run_failed(engine_store, tmp_path, backend,
+                                                                                  request):
+    import json
+
+    from simfed.engine.errors import SimfedError
+
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    # strict_batches: a client too small for one meta-step is a user error raised on the worker.
+    exp = make_exp(engine_store, "metafl", backend=backend, workers=2 if backend == "ray" else 0,
+                   nu=5, batch_size=64, strict_batches=True, tau=1)
+    with pytest.raises(SimfedError) as err:
+        run_experiment(exp, tmp_path / "r")
+    assert type(err.value) is SimfedError and "strict_batches" in str(err.value)
+    assert "Traceback" not in str(err.value) and "\n" not in str(err.value).strip()
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["state"] == "failed"
