@@ -16,7 +16,7 @@ clients) and the rest. "Bounded" means the rest after the last round is within `
 of the value after the first round (the first round allocates Adam's moments and autograd
 buffers; later rounds must reuse them).
 
-Usage: python bench/pefll_scale.py [--store /tmp/full/femnist] [--rounds 4] [--clients-per-round 64]
+Usage: python bench/pefll_scale.py [--store data/synthetic-femnist-3597 (generated if absent)] [--rounds 4] [--clients-per-round 64]
        [--local-steps 10] [--embed-dim 64] [--eval-clients 360] [--workers 2]
 """
 
@@ -35,7 +35,7 @@ import psutil
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", default="/tmp/full/femnist")
+    ap.add_argument("--store", default="data/synthetic-femnist-3597")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--clients-per-round", type=int, default=64)
     ap.add_argument("--local-steps", type=int, default=10)
@@ -55,8 +55,11 @@ def main(argv=None) -> dict:
     from simfed.partitions.store import PartitionStore
 
     if not (Path(args.store) / "manifest.json").exists():
-        sys.exit(f"no store at {args.store}; build it with `simfed partition synthetic-femnist {args.store} "
-                 "--clients 3597`")
+        from simfed.partitions.synthetic import make_synthetic_femnist
+
+        print(f"generating synthetic FEMNIST (3,597 writers) at {args.store}", file=sys.stderr)
+        Path(args.store).parent.mkdir(parents=True, exist_ok=True)
+        make_synthetic_femnist(args.store, clients=3597, seed=0)
     store = PartitionStore.open(args.store)
     n_seen, n_unseen = len(store.client_ids("seen")), len(store.client_ids("unseen"))
 
