@@ -21,25 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from simfed.cli.config import parse
+from hypernet_learning import ensure_store, run_one  # same store, same timed engine run
+
 from simfed.engine import cluster
-from simfed.engine.loop import run_experiment
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
 KEYS = ("clients", "acc_mean", "acc_p10", "acc_worst10", "acc_best")
-
-
-def ensure_store(path: str) -> str:
-    if not (Path(path) / "manifest.json").exists():
-        subprocess.run(["simfed", "partition", "idx", FMNIST, path, "--scheme", "classes",
-                        "--classes-per-client", "2", "--clients", "100", "--seed", "0"], check=True)
-    return path
 
 
 def method_configs(args) -> dict[str, dict]:
@@ -52,29 +42,6 @@ def method_configs(args) -> dict[str, dict]:
         "fedavg": {"name": "fedavg", "local_steps": 50, "lr": args.fedavg_lr, "finetune_steps": nu,
                    "finetune_lr": lr},
     }
-
-
-def run_one(store: str, algo: dict, args, out: Path) -> tuple[dict, dict]:
-    exp = parse({"data": {"path": store},
-                 "run": {"rounds": args.rounds, "clients_per_round": args.clients_per_round, "eval_every": 0,
-                         "checkpoint_every": 0, "seed": args.seed},
-                 "algorithm": algo,
-                 "engine": {"backend": "ray", "workers": args.workers, "cpus_per_worker": 1}})
-    marks: dict = {}
-
-    def on_event(e: dict) -> None:
-        now = time.perf_counter()
-        marks.setdefault("first_" + e["type"], now)
-        marks["last_" + e["type"]] = now
-
-    t0 = time.perf_counter()
-    res = run_experiment(exp, out, backend="ray", on_event=on_event)
-    t1 = time.perf_counter()
-    train_s = marks.get("last_round", t1) - marks.get("first_start", t0)
-    times = {"seconds": round(t1 - t0, 1), "train_s": round(train_s, 1),
-             "s_per_round": round(train_s / args.rounds, 3),
-             "eval_s": round(marks.get("last_eval", t1) - marks.get("last_round", t1), 1)}
-    return {row["cohort"]: row for row in res["summary"]}, times
 
 
 def main(argv=None) -> dict:
@@ -90,12 +57,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--pfa-gradient", default="hessian_free", choices=("hessian_free", "first_order", "exact"))
     ap.add_argument("--methods", default="fmlh,perfedavg,fedavg")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--backend", default="ray", choices=("ray", "serial"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     store = ensure_store(args.store)
     cfgs = method_configs(args)
     work = Path(tempfile.mkdtemp(prefix="simfed-fmlh-bench-"))
-    cluster.connect("", num_cpus=args.workers)
+    if args.backend == "ray":
+        cluster.connect("", num_cpus=args.workers)
     results = {}
     for m in args.methods.split(","):
         summ, times = run_one(store, cfgs[m], args, work / m)
