@@ -19,8 +19,19 @@ from simfed.engine.errors import SimfedError
 def _run_dir(exp, out: Optional[str]) -> Path:
     if out:
         return Path(out)
-    name = exp.run.name or f"{exp.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path("runs") / name
+    if exp.run.name:
+        return Path("runs") / exp.run.name
+    # A fresh name per launch: two launches within one second get -2, -3, ... (mkdir is atomic).
+    base = Path("runs") / f"{exp.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        path = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise SimfedError(f"runs/: could not find a free name for {base.name}; pass --out")
 
 
 class _Progress:
@@ -78,7 +89,7 @@ def launch(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Run an experiment; prints the run directory."""
-    from simfed.engine import cluster
+    from simfed.engine import cluster, rundir
     from simfed.engine.loop import check_experiment, run_experiment
 
     if resume:
@@ -96,29 +107,31 @@ def launch(
     exp = cfgio.parse(doc, experiment or ("quickstart" if not resume else str(resume)))
     progress = None if quiet else _Progress()
     check_experiment(exp, progress)  # fail on bad input before starting Ray or writing anything
-    run_dir = Path(resume) if resume else _run_dir(exp, out)
-    if not resume and (run_dir / "checkpoint.pt").exists():
-        raise SimfedError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
     if exp.engine.backend == "ray":
-        cluster.connect(exp.engine.address)
-    if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = cfgio.to_dict(exp)
-        for name, text in (("config.json", json.dumps(resolved, indent=2)), ("config.toml", cfgio.to_toml(resolved))):
-            tmp = run_dir / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, run_dir / name)
-    typer.echo(str(run_dir))
-    try:
-        result = run_experiment(exp, run_dir, resume=bool(resume), on_event=progress)
-    except KeyboardInterrupt:
-        if progress:
-            progress.stop()
-        sys.stderr.write(f"simfed: interrupted; continue with: simfed launch --resume {run_dir}\n")
-        raise SystemExit(130)
-    finally:
-        if progress:
-            progress.stop()
+        cluster.connect(exp.engine.address)  # an unreachable cluster fails before anything is written
+    run_dir = Path(resume) if resume else _run_dir(exp, out)
+    with rundir.hold(run_dir):  # a second launch or resume into this directory is refused meanwhile
+        if not resume and (run_dir / "checkpoint.pt").exists():
+            raise SimfedError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another "
+                              "--out")
+        if not resume:
+            resolved = cfgio.to_dict(exp)
+            for name, text in (("config.json", json.dumps(resolved, indent=2)),
+                               ("config.toml", cfgio.to_toml(resolved))):
+                tmp = run_dir / f".{name}.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, run_dir / name)
+        typer.echo(str(run_dir))
+        try:
+            result = run_experiment(exp, run_dir, resume=bool(resume), on_event=progress)
+        except KeyboardInterrupt:
+            if progress:
+                progress.stop()
+            sys.stderr.write(f"simfed: interrupted; continue with: simfed launch --resume {run_dir}\n")
+            raise SystemExit(130)
+        finally:
+            if progress:
+                progress.stop()
     _print_summary(result["summary"])
     if result["dropped"] or result["retries"]:
         typer.echo(f"dropped client updates: {result['dropped']}; retried chunks: {result['retries']}", err=True)
@@ -140,7 +153,7 @@ def metrics_cmd(
     round_: Optional[int] = typer.Option(None, "--round", help="Evaluation round (default: the last)."),
 ) -> None:
     """Summarize a run's per-client metrics per cohort."""
-    from simfed.engine import metrics
+    from simfed.engine import metrics, rundir
 
     if not (Path(run_dir) / "metrics").is_dir():
         raise SimfedError(f"{run_dir}: no metrics/ directory; pass a directory printed by `simfed launch`")
@@ -155,12 +168,14 @@ def metrics_cmd(
                "cohorts": {r["cohort"]: {k: v for k, v in r.items() if k not in ("cohort", "split", "round")}
                            for r in rows},
                "train": metrics.train_totals(df)}
-        status = Path(run_dir) / "status.json"
-        if status.is_file():
-            out["status"] = json.loads(status.read_text())
+        status = rundir.read_status(run_dir)
+        if status is not None:
+            out["status"] = status
         typer.echo(json.dumps(out, indent=2))
     else:
-        typer.echo(f"{run_dir}: round {rows[0]['round']}, split {split}")
+        status = rundir.read_status(run_dir) or {}
+        state = f" ({status['state']})" if "state" in status else ""
+        typer.echo(f"{run_dir}{state}: round {rows[0]['round']}, split {split}")
         _print_summary(rows)
         totals = metrics.train_totals(df)
         typer.echo(f"train: {totals['client_updates']} client updates, {totals['dropped']} dropped, "

@@ -5,15 +5,15 @@ UI-free: progress goes to an `on_event(dict)` callback (the CLI draws a progress
 
 from __future__ import annotations
 
-import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from simfed.algorithms import registry
 from simfed.algorithms.base import RoundInfo, Task
-from simfed.engine import checkpoint, metrics
+from simfed.engine import checkpoint, metrics, rundir
 from simfed.engine.backends import make_backend
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.config import DataConfig, Experiment
@@ -48,12 +48,6 @@ def open_store(data: DataConfig, on_event: Event | None = None):
     return PartitionStore.open(data.path)
 
 
-def _write_status(run_dir: Path, status: dict) -> None:
-    tmp = run_dir / ".status.json.tmp"
-    tmp.write_text(json.dumps(status, indent=2))
-    os.replace(tmp, run_dir / "status.json")
-
-
 def check_experiment(exp: Experiment, on_event: Event | None = None):
     """Everything that can be checked before any work: the store, the method against it, the cohort size.
     Returns (store, task, seen ids, unseen ids)."""
@@ -72,8 +66,13 @@ def check_experiment(exp: Experiment, on_event: Event | None = None):
 
 def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool = False,
                    on_event: Event | None = None, backend: str | None = None) -> dict[str, Any]:
+    """Run (or resume) `exp` in `run_dir`, which this call owns meanwhile (engine.rundir)."""
+    with rundir.hold(run_dir):
+        return _run(exp, Path(run_dir), resume, on_event, backend)
+
+
+def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, backend: str | None) -> dict:
     emit = on_event or (lambda e: None)
-    run_dir = Path(run_dir)
     run, eng = exp.run, exp.engine
     store, task, seen, unseen = check_experiment(exp, on_event)
     table = store.clients
@@ -82,7 +81,6 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool 
     sizes = {cid: algo.cost(exp.algorithm_config, n)
              for cid, n in zip(table.column("client_id").to_pylist(), table.column("n_train").to_pylist())}
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint.load(run_dir) if resume else None
     if resume and ckpt is None:
         raise SimfedError(f"{run_dir}: no checkpoint to resume from (it is written every run.checkpoint_every rounds)")
@@ -102,7 +100,7 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool 
                        state_dict=ckpt["server"] if ckpt else None)
     be = make_backend(backend or eng.backend, spec, server_args, eng)
     status = {"state": "running", "completed_rounds": start, "checkpoint_round": start, "rounds": run.rounds,
-              "workers": be.n_workers, "backend": be.name}
+              "workers": be.n_workers, "backend": be.name, "pid": os.getpid(), "host": socket.gethostname()}
     emit({"type": "start", "start_round": start, "rounds": run.rounds, "workers": be.workers_info(),
           "clients_per_round": run.clients_per_round, "seen": len(seen), "unseen": len(unseen)})
     last_ckpt, summary = start, []
@@ -138,7 +136,7 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool 
                 last_ckpt = done
                 status["checkpoint_round"] = done
                 emit({"type": "checkpoint", "round": done})
-            _write_status(run_dir, status)
+            rundir.write_status(run_dir, status)
         status["state"] = "finished"
     except KeyboardInterrupt:
         status["state"] = "interrupted"
@@ -147,7 +145,7 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool 
         status["state"] = "failed"  # the last checkpoint still stands: --resume after fixing the cause
         raise
     finally:
-        _write_status(run_dir, status)
+        rundir.write_status(run_dir, status)
         be.shutdown()
     return {"run_dir": str(run_dir), "rounds": run.rounds, "summary": summary, "retries": counters["retries"],
             "dropped": counters["dropped"], "workers": be.n_workers}
