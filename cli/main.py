@@ -25,6 +25,7 @@ app = typer.Typer(
 _COMMAND_MODULES = (
     "simfed.cli.partition_cmd",
     "simfed.cli.run_cmd",
+    "simfed.cli.sweep_cmd",
 )
 
 for _name in _COMMAND_MODULES:

@@ -84,8 +84,11 @@ class _PooledWorker:
     """Actor body: a Worker that can be set up again for the next run without a new process."""
 
     def setup(self, spec: WorkerSpec, index: int) -> dict:
+        import ray
+
         self.worker = Worker(spec, index)
-        return self.worker.describe()
+        # Where Ray put this actor: a sweep checks that its trial's workers sit in the trial's reservation.
+        return {**self.worker.describe(), "placement_group": ray.get_runtime_context().get_placement_group_id() or ""}
 
     def run(self, *args):
         return self.worker.run(*args)
@@ -95,10 +98,39 @@ class _PooledWorker:
 
 
 # Actors outlive a run: starting a Ray actor costs seconds (a process that imports torch), so
-# runs in one driver process reuse them. Keyed by the resources each worker asks for.
+# runs in one driver process reuse them. Keyed by the job, the placement group (if any) and the
+# resources each worker asks for.
 _POOL: dict[tuple, list] = {}
 PLACEMENT_TIMEOUT_S = 300
 _SERVERS: list = []
+
+
+def release_pool() -> None:
+    """End every pooled actor of this process, freeing their CPUs/GPUs (a sweep driver calls this
+    before handing the cluster to Ray Tune; a sweep trial calls it when its run ends)."""
+    import ray
+
+    actors = [a for pool in _POOL.values() for a in pool] + [s for _, s in _SERVERS]
+    _POOL.clear()
+    _SERVERS.clear()
+    if ray.is_initialized():
+        for actor in actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone
+                pass
+
+
+def _placement(ray, bundle: int):
+    """Inside a placement group (a Ray Tune trial), actors go into its bundles, so concurrent trials
+    never use more than their reservations; elsewhere, Ray's default scheduling."""
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=bundle if bundle < 0 else bundle % pg.bundle_count)}
 
 
 class RayBackend:
@@ -116,18 +148,20 @@ class RayBackend:
                               f"{engine.gpus_per_worker} GPUs; lower engine.cpus_per_worker/gpus_per_worker")
         self.n_workers = n
         self.retries = 0
-        self._key = (ray.get_runtime_context().get_job_id(), engine.cpus_per_worker, engine.gpus_per_worker)
+        pg = ray.util.get_current_placement_group()
+        self._key = (ray.get_runtime_context().get_job_id(), pg.id.hex() if pg else "", engine.cpus_per_worker,
+                     engine.gpus_per_worker)
         for key in [k for k in _POOL if k != self._key]:
             # Workers of another shape would hold resources this pool may need.
             for actor in _POOL.pop(key):
                 ray.kill(actor)
         pool = _POOL.setdefault(self._key, [])
         while len(pool) < n:
-            pool.append(self._start_worker())
+            pool.append(self._start_worker(len(pool)))
         self.workers = pool[:n]
-        if not _SERVERS or _SERVERS[0][0] != self._key[0]:
+        if not _SERVERS or _SERVERS[0][0] != self._key[:2]:
             # The server's work is light next to the clients'; it must not take a worker's CPU slot.
-            _SERVERS[:] = [(self._key[0], ray.remote(_PooledServer).options(num_cpus=0).remote())]
+            _SERVERS[:] = [(self._key[:2], ray.remote(_PooledServer).options(num_cpus=0, **_placement(ray, -1)).remote())]
         self.server = _SERVERS[0][1]
         self.generation = [0] * n
         try:
@@ -142,18 +176,22 @@ class RayBackend:
             raise _unwrap(exc) from None
 
     def _pool_size(self, engine: EngineConfig) -> int:
+        pg = self.ray.util.get_current_placement_group()
+        if pg is not None:  # a sweep trial: one worker per reserved bundle
+            return pg.bundle_count
         res = self.ray.cluster_resources()
         n = math.floor(res.get("CPU", 0) / engine.cpus_per_worker) if engine.cpus_per_worker > 0 else 1 << 30
         if engine.gpus_per_worker > 0:
             n = min(n, math.floor(res.get("GPU", 0) / engine.gpus_per_worker + 1e-9))
         return int(n)
 
-    def _start_worker(self):
+    def _start_worker(self, index: int):
         return self.ray.remote(_PooledWorker).options(num_cpus=self.engine.cpus_per_worker,
-                                                      num_gpus=self.engine.gpus_per_worker, max_restarts=0).remote()
+                                                      num_gpus=self.engine.gpus_per_worker, max_restarts=0,
+                                                      **_placement(self.ray, index)).remote()
 
     def _replace_worker(self, w: int) -> None:
-        actor = self._start_worker()
+        actor = self._start_worker(w)
         self.ray.get(actor.setup.remote(self.spec, w))
         _POOL[self._key][w] = actor
         self.workers[w] = actor

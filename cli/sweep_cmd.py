@@ -1,0 +1,193 @@
+"""`simfed sweep` (a grid of runs on Ray Tune) and `simfed compare` (the paper table from it).
+
+A sweep directory holds `sweep.toml` (the file as given), `sweep.json` (every trial: id, the
+keys the sweep set, the resolved experiment), `state.json` (each trial's state), one ordinary
+run directory per trial under `trials/`, Ray Tune's own records under `tune/`, and, after
+`simfed compare`, `compare.parquet` (one row per trial x cohort).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from simfed.cli import config as cfgio
+from simfed.engine.errors import SimfedError
+
+MAX_TRIALS = 200  # larger sweeps need --yes: a typo in a grid should not start thousands of runs
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _load_trials(sweep_dir: Path):
+    from simfed.cli.sweep_config import Trial
+    from simfed.engine.sweep import SchedulerConfig
+
+    saved = sweep_dir / "sweep.json"
+    if not saved.is_file():
+        raise SimfedError(f"{sweep_dir}: no sweep.json there; pass the directory `simfed sweep` printed")
+    try:
+        info = json.loads(saved.read_text())
+        trials = [Trial(id=t["id"], overrides=t["overrides"], doc=t["doc"],
+                        experiment=cfgio.parse(t["doc"], f"{saved} trial {t['id']}")) for t in info["trials"]]
+        return trials, SchedulerConfig(**info["scheduler"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SimfedError(f"{saved}: not a sweep record ({exc})") from None
+
+
+class _Console:
+    def __init__(self, quiet: bool, describe):
+        self.quiet = quiet
+        self.describe = describe
+
+    def __call__(self, event: dict) -> None:
+        if event["type"] == "plan":
+            done = event["total"] - len(event["todo"])
+            typer.echo(f"{event['total']} trials: {len(event['todo'])} to run" +
+                       (f", {done} finished earlier (not rerun)" if done else ""), err=True)
+        elif event["type"] == "trial" and not (self.quiet and event["state"] == "running"):
+            c = event["counts"]
+            extra = ""
+            if event.get("val_acc") is not None:
+                extra = f", val {event['val_acc']:.4f} at round {event.get('round')}"
+            if event.get("error"):
+                extra = f": {event['error']}"
+            typer.echo(f"[{c['finished'] + c['stopped']}/{event['total']} done, {c['running']} running, "
+                       f"{c['failed']} failed] {event['trial']} ({self.describe(event['trial'])}) "
+                       f"{event['state']}{extra}", err=True)
+
+
+def sweep(
+    sweep_file: Optional[str] = typer.Argument(None, help="Sweep TOML: an experiment file plus a [sweep] table."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: 'auto' or ray://host:port."),
+    out: Optional[str] = typer.Option(None, "--out", help="Sweep directory (default sweeps/<file>-<time>)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the sweep in this directory."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="At most N trials at once."),
+    yes: bool = typer.Option(False, "--yes", help=f"Allow more than {MAX_TRIALS} trials."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only finished/failed trials on the console."),
+) -> None:
+    """Run a grid of methods, hyperparameters and seeds as Ray Tune trials; prints the sweep directory."""
+    from simfed.cli import sweep_config
+    from simfed.engine import cluster
+    from simfed.engine.loop import check_experiment
+    from simfed.engine.sweep import TrialSpec, run_sweep
+
+    if max_concurrent is not None and max_concurrent < 1:
+        raise SimfedError(f"--max-concurrent {max_concurrent}: give at least 1 (or leave it out: as many as fit)")
+    if resume:
+        if sweep_file:
+            raise SimfedError("--resume takes the sweep's saved trials; drop the sweep file")
+        sweep_dir = Path(resume)
+        trials, scheduler = _load_trials(sweep_dir)
+    else:
+        if not sweep_file:
+            raise SimfedError("give a sweep file (an experiment file plus [sweep]; see examples/table1_fmnist.toml) "
+                              "or --resume SWEEP_DIR")
+        spec = sweep_config.parse_sweep(cfgio.load_toml(sweep_file), sweep_file)
+        trials, scheduler = spec.trials, spec.scheduler
+        if len(trials) > MAX_TRIALS and not yes:
+            raise SimfedError(f"{sweep_file}: the sweep has {len(trials)} trials (more than {MAX_TRIALS}); "
+                              "pass --yes to run it anyway, or shrink the grid")
+        sweep_dir = Path(out) if out else Path("sweeps") / f"{Path(sweep_file).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (sweep_dir / "sweep.json").exists():
+            raise SimfedError(f"{sweep_dir} already holds a sweep; continue it with --resume {sweep_dir} "
+                              "or pick another --out")
+    for t in trials:  # bad stores, methods that do not fit the data, cohorts too large: before anything runs
+        check_experiment(t.experiment)
+    by_id = {t.id: t for t in trials}
+    cluster.connect(address or "")
+    if not resume:
+        for t in trials:
+            run_dir = sweep_dir / "trials" / t.id
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write(run_dir / "config.json", json.dumps(t.doc, indent=2))
+            _write(run_dir / "config.toml", cfgio.to_toml(t.doc))
+        shutil.copyfile(sweep_file, sweep_dir / ".sweep.toml.tmp")
+        os.replace(sweep_dir / ".sweep.toml.tmp", sweep_dir / "sweep.toml")
+        record = {"version": 1, "source": str(sweep_file), "scheduler": scheduler.__dict__,
+                  "trials": [{"id": t.id, "overrides": t.overrides, "doc": t.doc} for t in trials]}
+        _write(sweep_dir / "sweep.json", json.dumps(record, indent=2))
+    typer.echo(str(sweep_dir))
+    console = _Console(quiet, lambda tid: sweep_config.describe(by_id[tid]))
+    try:
+        states = run_sweep(sweep_dir, [TrialSpec(t.id, t.experiment) for t in trials], scheduler,
+                           max_concurrent=max_concurrent, on_event=console)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"simfed: interrupted; continue with: simfed sweep --resume {sweep_dir}\n")
+        raise SystemExit(130)
+    counts = {s: sum(1 for v in states.values() if v == s) for s in ("finished", "stopped", "failed", "pending")}
+    typer.echo(f"{counts['finished']} finished, {counts['stopped']} stopped early, {counts['failed']} failed, "
+               f"{counts['pending']} not run; table: simfed compare {sweep_dir}", err=True)
+    if counts["failed"] or counts["pending"]:
+        typer.echo(f"rerun the rest with: simfed sweep --resume {sweep_dir}", err=True)
+        raise SystemExit(1)
+
+
+def _pm(stat: dict, scale: float = 100.0, digits: int = 2) -> str:
+    if stat["std"] is None:
+        return f"{scale * stat['mean']:.{digits}f}"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def compare(
+    sweep_dir: str = typer.Argument(..., help="A sweep directory."),
+    by: str = typer.Option("algorithm.name", "--by", help="Group trials by this key (one table row each)."),
+    select: str = typer.Option("val", "--select", help="Choose each group's configuration on this split: val or test."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Per method: the configuration with the best mean validation accuracy over seeds, and its test
+    accuracy per cohort as mean ± std over seeds; writes SWEEP_DIR/compare.parquet."""
+    from simfed.engine import compare as cmp
+
+    if select not in ("val", "test"):
+        raise SimfedError(f"--select {select!r}: use val (choose on validation, the honest default) or test")
+    path = Path(sweep_dir)
+    info = _saved(path)
+    rows = cmp.trial_rows(path, info["trials"], by=by, select=select)
+    if rows.height == 0:
+        raise SimfedError(f"{sweep_dir}: no trial has test metrics yet; run or resume the sweep first")
+    result, rows = cmp.table(rows)
+    cmp.write_parquet(rows, path / "compare.parquet")
+    if as_json:
+        typer.echo(json.dumps({"sweep_dir": str(path), "by": by, "select": select, "std": "sample (n - 1)",
+                               "groups": result, "parquet": str(path / "compare.parquet")}, indent=2))
+        return
+    typer.echo(f"{path}: chosen on seen-client {select} accuracy; test accuracy (%), mean ± std over seeds")
+    head = f"{by:16} {'cohort':7} {'seeds':>5} {'acc_mean':>15} {'acc_p10':>15} {'acc_worst10':>15} {'rounds':>7} {'wall_s':>8}"
+    typer.echo(head)
+    for g in result:
+        for cohort, c in g["cohorts"].items():
+            typer.echo(f"{g['group']:16} {cohort:7} {c['acc_mean']['n']:>5} {_pm(c['acc_mean']):>15} "
+                       f"{_pm(c['acc_p10']):>15} {_pm(c['acc_worst10']):>15} {c['rounds']['mean']:>7.0f} "
+                       f"{c['wall_s']['mean']:>8.1f}")
+    for g in result:
+        cfg = ", ".join(f"{k}={v}" for k, v in g["config"].items()) or "(only seeds)"
+        note = "" if g["all_finished"] else " (not every seed finished)"
+        typer.echo(f"{g['group']}: {cfg}; {select} {100 * g['select_score']:.2f}%{note}")
+    typer.echo(f"rows: {path / 'compare.parquet'}")
+
+
+def _saved(path: Path) -> dict:
+    saved = path / "sweep.json"
+    if not saved.is_file():
+        raise SimfedError(f"{path}: no sweep.json there; pass the directory `simfed sweep` printed")
+    try:
+        return json.loads(saved.read_text())
+    except ValueError as exc:
+        raise SimfedError(f"{saved}: not a sweep record ({exc})") from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)
+    app.command("compare")(compare)

@@ -1,0 +1,219 @@
+"""Run many simfed runs as Ray Tune trials that share one cluster.
+
+One trial = one `run_experiment` in its own ordinary run directory (SWEEP/trials/ID), started by
+Ray Tune inside a placement group that reserves the trial's workers (`engine.workers` bundles of
+`cpus_per_worker`/`gpus_per_worker`). The trial's driver and its server actor take no CPU slot (as
+in `simfed launch`), so the placement group holds exactly the workers; `engine.backends` puts the
+server and worker actors into the current placement group, so concurrent trials never use more
+than the cluster has. A serial-backend trial reserves one bundle for its in-process work.
+
+After each evaluation a trial reports the seen clients' validation client-mean accuracy
+(`val_acc`) and the round to Tune, so ASHA (`SchedulerConfig.name = "asha"`, time in rounds) can
+stop bad configurations early. Each trial's state (pending, running, finished, stopped, failed)
+is kept in SWEEP/state.json (written atomically); a resumed sweep runs only trials that are
+neither finished nor stopped, continuing each from its last checkpoint when it has one. The grid
+itself is expanded by the CLI (`simfed.cli.sweep_config`); Tune gets one trial id per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from simfed.engine.config import Experiment
+
+DONE = ("finished", "stopped")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    name: str = "fifo"  # "fifo": every trial runs to the end; "asha": early stopping on val_acc
+    grace_period: int = 1  # rounds before ASHA may stop a trial
+    reduction_factor: int = 3
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    id: str
+    experiment: Experiment
+
+
+def trial_bundles(exp: Experiment) -> list[dict[str, float]]:
+    """The placement group of one trial: an empty head bundle (Tune drops it: the trial's driver and
+    server take no CPU slot) and one bundle per worker; a serial trial does its work in the head."""
+    eng = exp.engine
+    bundle = {"CPU": float(eng.cpus_per_worker)}
+    if eng.gpus_per_worker > 0:
+        bundle["GPU"] = float(eng.gpus_per_worker)
+    if eng.backend == "serial":
+        return [bundle]
+    return [{"CPU": 0.0}] + [dict(bundle) for _ in range(max(1, eng.workers))]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def run_status(run_dir: Path) -> str:
+    return (read_json(run_dir / "status.json") or {}).get("state", "")
+
+
+def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
+    """The Tune trainable: one simfed run, reporting seen-client validation accuracy per evaluation."""
+    import ray
+    from ray import tune
+
+    from simfed.engine import metrics
+    from simfed.engine.backends import release_pool
+    from simfed.engine.loop import run_experiment
+
+    spec: TrialSpec = specs[config["trial"]]
+    run_dir = Path(sweep_dir) / "trials" / spec.id
+    record_path = run_dir / "trial.json"
+    record = read_json(record_path) or {"id": spec.id, "attempts": []}
+    pg = ray.util.get_current_placement_group()
+    attempt = {"start": time.time(), "end": None, "wall_s": None, "pid": os.getpid(),
+               "placement_group": pg.id.hex() if pg else "", "bundles": pg.bundle_specs if pg else [],
+               "worker_placement_groups": [], "resumed_from": 0}
+    record["attempts"].append(attempt)
+    write_json(record_path, record)
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "start":
+            attempt["resumed_from"] = event["start_round"]
+            attempt["worker_placement_groups"] = [w.get("placement_group", "") for w in event["workers"]]
+            write_json(record_path, record)
+        elif event["type"] == "eval":
+            path = run_dir / "metrics" / f"r{event['round']:06d}-eval.parquet"
+            val = {s["cohort"]: s["acc_mean"] for s in metrics.summarize(metrics.read(path), split="val").to_dicts()}
+            test = {s["cohort"]: s["acc_mean"] for s in event["summary"]}
+            tune.report({"round": event["round"], "val_acc": val.get("seen", float("nan")),
+                         "test_acc": test.get("seen", float("nan")), "test_acc_unseen": test.get("unseen", float("nan"))})
+
+    resume = (run_dir / "checkpoint.pt").exists()
+    try:
+        run_experiment(spec.experiment, run_dir, resume=resume, on_event=on_event)
+    finally:
+        release_pool()  # this trial's actors end with it: nothing leaks into the next trial's reservation
+        attempt["end"] = time.time()
+        attempt["wall_s"] = attempt["end"] - attempt["start"]
+        write_json(record_path, record)
+
+
+class _Tracker:
+    """Trial states in SWEEP/state.json plus progress events; fed by a Tune callback."""
+
+    def __init__(self, sweep_dir: Path, ids: list[str], on_event: Callable[[dict], None]):
+        self.path = sweep_dir / "state.json"
+        self.sweep_dir = sweep_dir
+        saved = read_json(self.path) or {}
+        self.states = {i: saved.get(i, {"state": "pending"}) for i in ids}
+        self.emit = on_event
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.states)
+
+    def set(self, tid: str, state: str, **extra) -> None:
+        self.states[tid] = {"state": state, **extra}
+        self.save()
+        counts = {s: sum(1 for v in self.states.values() if v["state"] == s)
+                  for s in ("finished", "stopped", "running", "failed", "pending")}
+        self.emit({"type": "trial", "trial": tid, "state": state, **extra, "counts": counts,
+                   "total": len(self.states)})
+
+    def callback(self):
+        from ray.tune import Callback
+
+        tracker = self
+
+        class _Cb(Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                tracker.set(trial.config["trial"], "running")
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                tracker.emit({"type": "result", "trial": trial.config["trial"], "round": result.get("round"),
+                              "val_acc": result.get("val_acc")})
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                tid = trial.config["trial"]
+                last = trial.last_result or {}
+                done = run_status(tracker.sweep_dir / "trials" / tid) == "finished"
+                tracker.set(tid, "finished" if done else "stopped", round=last.get("round"),
+                            val_acc=last.get("val_acc"))
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                err = ""
+                if trial.error_file and Path(trial.error_file).is_file():
+                    lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+                    err = lines[-1][:300] if lines else ""
+                tracker.set(trial.config["trial"], "failed", error=err)
+
+        return _Cb()
+
+
+def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: SchedulerConfig,
+              max_concurrent: int | None = None, on_event: Callable[[dict], None] | None = None) -> dict:
+    """Run every trial of `specs` that is not finished or stopped yet; returns {trial id: state}.
+    Ray must be connected. The caller has written each trial's run directory and config."""
+    # Tune's default result loggers (CSV, JSON, TensorBoard) duplicate what the run directories hold.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of our own trials on the console
+    from ray import tune
+
+    from simfed.engine.backends import release_pool
+
+    emit = on_event or (lambda e: None)
+    sweep_dir = Path(sweep_dir).absolute()
+    tracker = _Tracker(sweep_dir, [s.id for s in specs], emit)
+    for s in specs:  # a run finished before the driver could record it (killed in between) is done
+        if tracker.states[s.id]["state"] not in DONE and run_status(sweep_dir / "trials" / s.id) == "finished":
+            tracker.states[s.id] = {"state": "finished"}
+    todo = [s for s in specs if tracker.states[s.id]["state"] not in DONE]
+    for s in todo:
+        tracker.states[s.id] = {"state": "pending"}
+    tracker.save()
+    emit({"type": "plan", "total": len(specs), "todo": [s.id for s in todo]})
+    if not todo:
+        return {k: v["state"] for k, v in tracker.states.items()}
+
+    release_pool()  # actors this process kept from earlier runs would hold CPUs the trials need
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    logging.getLogger("ray.train").setLevel(logging.ERROR)
+    by_id = {s.id: s for s in todo}
+    trainable = tune.with_resources(tune.with_parameters(_trial_main, specs=by_id, sweep_dir=str(sweep_dir)),
+                                    lambda cfg: tune.PlacementGroupFactory(trial_bundles(by_id[cfg["trial"]].experiment)))
+    sched = None
+    if scheduler.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        max_t = max(s.experiment.run.rounds for s in todo)
+        sched = ASHAScheduler(time_attr="round", max_t=max_t, grace_period=min(scheduler.grace_period, max_t),
+                              reduction_factor=scheduler.reduction_factor)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([s.id for s in todo])},
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=sched, reuse_actors=False,
+                                    max_concurrent_trials=max_concurrent or None,
+                                    trial_name_creator=lambda t: t.config["trial"],
+                                    trial_dirname_creator=lambda t: t.config["trial"]),
+        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(sweep_dir / "tune"),
+                                  verbose=0, callbacks=[tracker.callback()],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    tuner.fit()
+    return {k: v["state"] for k, v in tracker.states.items()}

@@ -1,0 +1,190 @@
+"""`simfed sweep` and `simfed compare` end to end on the session's local Ray (2 CPUs).
+
+One sweep (2 methods x 2 seeds, 2 rounds) runs as a real driver process joined to the session's
+cluster; the driver is killed after a trial finishes and `--resume` runs only the rest. Then:
+every trial ran in its own placement group with its worker inside it, concurrent trials never
+reserved more than the 2 CPUs, each trial's metrics equal a plain `simfed launch` of its config,
+and `simfed compare` equals a hand computation on the per-client rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from simfed.cli.main import main
+
+SWEEP = """
+[data]
+path = "{store}"
+[run]
+rounds = 2
+clients_per_round = 4
+eval_every = 1
+checkpoint_every = 1
+[algorithm]
+batch_size = 16
+local_steps = 2
+[engine]
+backend = "ray"
+workers = 1
+[sweep.grid]
+"algorithm.name" = ["fedavg", "local"]
+"run.seed" = [0, 1]
+[sweep.method.local]
+"algorithm.unseen_steps" = 4
+"""
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the `simfed` entry point in this process (it shares the session's Ray)."""
+    argv = sys.argv
+    sys.argv = ["simfed", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def driver(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "simfed.cli.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _rows(run_dir: Path) -> pl.DataFrame:
+    df = pl.scan_parquet(str(run_dir / "metrics" / "*.parquet")).collect()
+    return df.sort(["round", "split", "phase", "client_id"]).select(
+        ["round", "client_id", "cohort", "split", "n", "loss", "accuracy"])
+
+
+def test_sweep_kill_resume_placement_parity_and_compare(ray_session, engine_store, tmp_path, capsys):
+    from simfed.engine.backends import release_pool
+
+    release_pool()  # earlier tests' pooled actors would hold the CPUs the trials need
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(SWEEP.format(store=engine_store))
+    out = tmp_path / "sw"
+    address = ray_session.get_runtime_context().gcs_address
+
+    proc = driver("sweep", str(spec), "--out", str(out), "--address", address)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        states = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {}
+        if any(v["state"] == "finished" for v in states.values()):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = time.time()  # attempts the kill cut short have no end time; they ended by now
+    ids = [t["id"] for t in json.loads((out / "sweep.json").read_text())["trials"]]
+    assert len(ids) == 4
+    status = {i: json.loads((out / "trials" / i / "status.json").read_text())["state"]
+              if (out / "trials" / i / "status.json").exists() else "" for i in ids}
+    done_before = {i for i, s in status.items() if s == "finished"}
+    assert 1 <= len(done_before) < 4
+
+    proc = driver("sweep", "--resume", str(out), "--address", address)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"{4 - len(done_before)} to run, {len(done_before)} finished earlier" in stderr
+    records = {i: json.loads((out / "trials" / i / "trial.json").read_text()) for i in ids}
+    for i in ids:  # every trial ran to the end; the finished ones were not rerun
+        assert json.loads((out / "trials" / i / "status.json").read_text())["state"] == "finished"
+        assert (len(records[i]["attempts"]) == 1) if i in done_before else (len(records[i]["attempts"]) >= 1)
+    assert all(v["state"] == "finished" for v in json.loads((out / "state.json").read_text()).values())
+
+    # Placement: each attempt's worker sat in that attempt's own placement group of 1 CPU, and the
+    # attempts running at any instant never reserved more than the cluster's 2 CPUs.
+    attempts = [a for r in records.values() for a in r["attempts"]]
+    for a in attempts:
+        assert a["placement_group"] and a["worker_placement_groups"] == [a["placement_group"]]
+        assert a["bundles"] == [{"CPU": 1.0}]
+    assert len({a["placement_group"] for a in attempts}) == len(attempts)
+    for a in attempts:
+        t = a["start"] + 1e-6
+        busy = sum(b["CPU"] for x in attempts if x["start"] <= t < (x["end"] or killed_at) for b in x["bundles"])
+        assert busy <= 2.0
+
+    # Each trial equals a plain `simfed launch` of its saved config (same seed, same worker count).
+    for i in ids:
+        code, _, err = cli(capsys, "launch", str(out / "trials" / i / "config.toml"), "--out",
+                           str(tmp_path / "plain" / i), "-q")
+        assert code == 0, err
+        assert _rows(out / "trials" / i).equals(_rows(tmp_path / "plain" / i)), i
+
+    # compare == a hand computation on the per-client test rows of the last round.
+    code, stdout, err = cli(capsys, "compare", str(out), "--json")
+    assert code == 0, err
+    table = {g["group"]: g for g in json.loads(stdout)["groups"]}
+    assert set(table) == {"fedavg", "local"}
+    trials = json.loads((out / "sweep.json").read_text())["trials"]
+    for method in ("fedavg", "local"):
+        mine = [t for t in trials if t["overrides"]["algorithm.name"] == method]
+        assert table[method]["trials"] == sorted(t["id"] for t in mine)
+        for cohort in ("seen", "unseen"):
+            means, p10s, worst = [], [], []
+            for t in sorted(mine, key=lambda t: t["doc"]["run"]["seed"]):
+                df = pl.read_parquet(out / "trials" / t["id"] / "metrics" / "r000002-eval.parquet")
+                acc = sorted(df.filter((pl.col("split") == "test") & (pl.col("cohort") == cohort))["accuracy"].to_list())
+                means.append(sum(acc) / len(acc))
+                p10s.append(float(np.percentile(acc, 10)))
+                k = math.ceil(0.1 * len(acc))
+                worst.append(sum(acc[:k]) / k)
+            got = table[method]["cohorts"][cohort]
+            for key, vals in (("acc_mean", means), ("acc_p10", p10s), ("acc_worst10", worst)):
+                assert got[key]["mean"] == pytest.approx(statistics.mean(vals), rel=1e-12, abs=1e-15)
+                assert got[key]["std"] == pytest.approx(statistics.stdev(vals), rel=1e-12, abs=1e-15)
+            assert got["rounds"]["mean"] == 2
+    rows = pl.read_parquet(out / "compare.parquet")
+    assert rows.height == 8 and rows["selected"].all()  # one row per trial x cohort
+    code, stdout, _ = cli(capsys, "compare", str(out))
+    assert code == 0 and "fedavg" in stdout and "±" in stdout
+
+
+@pytest.mark.parametrize("case", ["unknown-key", "method-key", "wrong-type", "empty-grid", "no-grid", "too-large"])
+def test_bad_sweep_is_one_line_exit_2(engine_store, tmp_path, capsys, case):
+    base = SWEEP.format(store=engine_store)
+    text, needles, extra = base, [], []
+    if case == "unknown-key":
+        text = base.replace('"run.seed" = [0, 1]', '"run.seed" = [0, 1]\n"algorithm.lrr" = [0.1]')
+        needles = ["unknown key 'algorithm.lrr' for method fedavg", "[sweep.method.NAME]"]
+    elif case == "method-key":
+        text, needles = base.replace('"algorithm.unseen_steps" = 4', '"algorithm.server_lr" = [1.0]'), \
+            ["unknown key 'algorithm.server_lr' for method local"]
+    elif case == "wrong-type":
+        text, needles = base.replace('"run.seed" = [0, 1]', '"run.seed" = [0, "one"]'), ["run.seed", "wrong type"]
+    elif case == "empty-grid":
+        text, needles = base.replace('"run.seed" = [0, 1]', '"run.seed" = []'), ["run.seed is an empty list"]
+    elif case == "no-grid":
+        text = base.split("[sweep.grid]")[0].replace("[engine]", '[sweep]\nscheduler = "fifo"\n[engine]')
+        text = text.replace("[algorithm]", '[algorithm]\nname = "fedavg"')
+        needles = ["the sweep is empty"]
+    elif case == "too-large":
+        text, needles = base.replace('"run.seed" = [0, 1]', '"run.seed" = ' + str(list(range(101)))), \
+            ["202 trials", "--yes"]
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "sweep", str(path), "--out", str(out), *extra)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists()  # nothing started, nothing written
