@@ -27,7 +27,8 @@ LENET = ("conv5x16", "conv5x32", "fc120", "fc84", "fc")
 ACTIVATIONS = ("relu", "tanh", "identity")
 _CONV = re.compile(r"^conv(\d+)x(\d+)$")
 _FC = re.compile(r"^fc(\d+)$")
-CHUNK = 256  # samples per forward/Gram chunk: bounds the im2col buffer (256*576*26 doubles at layer 0)
+CHUNK = 512  # at most this many samples per forward/Gram block (bounds the forward's activations)
+BLOCK_ELEMS = 1 << 22  # at most this many design-matrix elements per block (32 MiB in float64)
 
 
 @dataclass(frozen=True)
@@ -119,18 +120,42 @@ def with_bias(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
 
 
-def design(layer: Layer, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """The layer's input rows with the bias column: (N * patches, d) for conv, (N, d) for fc.
+def patch_view(layer: Layer, h: torch.Tensor) -> torch.Tensor:
+    """im2col without a copy: (N, o, o, C, k, k), element [n, i, j, c, a, b] = h[n, c, i + a, j + b].
 
-    Rows of one sample are contiguous (sample-major), so per-sample targets repeat with
-    repeat_interleave. `positions` keeps only those patch positions (the same ones for every image).
+    Works on any memory layout of h (channels-last pooling output included); copying it into a
+    row buffer is one gather, where unfold + transpose is two full copies."""
+    n, c, side, _ = h.shape
+    o, k = side - layer.kernel + 1, layer.kernel
+    sn, sc, sh, sw = h.stride()
+    return h.as_strided((n, o, o, c, k, k), (sn, sh, sw, sc, sh, sw), h.storage_offset())
+
+
+def design(layer: Layer, h: torch.Tensor, positions: torch.Tensor | None = None,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The layer's input rows with the bias column, contiguous: (N * patches, d) for conv, (N, d) for fc.
+
+    Rows of one sample are contiguous (sample-major); columns are channel-major like Conv2d
+    weights. `positions` keeps only those patch positions (the same ones for every image).
+    `dtype` (default h's) is the rows' dtype: the cast happens inside the one copy.
     """
+    dtype = dtype or h.dtype
+    n = h.shape[0]
     if layer.kind == "conv":
-        p = F.unfold(h, layer.kernel).transpose(1, 2)  # (N, L, C*k*k), channel-major like Conv2d weights
+        v = patch_view(layer, h)
         if positions is not None:
-            p = p[:, positions]
-        return with_bias(p).reshape(-1, layer.d)
-    return with_bias(h.reshape(h.shape[0], -1))
+            o = v.shape[1]
+            pos = positions.to(h.device)
+            v = v[:, pos // o, pos % o].unsqueeze(2)  # (N, P, 1, C, k, k): one gather of the kept patches
+        rows = v.shape[1] * v.shape[2]
+        out = torch.empty(n, v.shape[1], v.shape[2], layer.d, dtype=dtype, device=h.device)
+        out[..., :-1].view(v.shape).copy_(v)
+        out[..., -1] = 1
+        return out.view(n * rows, layer.d)
+    out = torch.empty(n, layer.d, dtype=dtype, device=h.device)
+    out[:, :-1].copy_(h.reshape(n, -1))
+    out[:, -1] = 1
+    return out
 
 
 def conv_weight(layer: Layer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +169,13 @@ def apply(layer: Layer, w: torch.Tensor, h: torch.Tensor, activation: str, pool:
     if layer.kind == "conv":
         # conv2d computes exactly the patch-times-W products of the least-squares problem, without
         # materializing the im2col matrix.
-        z = activate(F.conv2d(h, *conv_weight(layer, w)), activation)
-        return F.max_pool2d(z, pool) if pool > 1 else z
+        z = F.conv2d(h, *conv_weight(layer, w))
+        if pool == 1:
+            return activate(z, activation)
+        # Every activation is non-decreasing, so it commutes with the max: pooling first activates
+        # pool^2 times fewer values. Max-pooling is ~4x faster on a channels-last copy; every
+        # consumer reads the result by shape, whatever its memory layout.
+        return activate(F.max_pool2d(z.contiguous(memory_format=torch.channels_last), pool), activation)
     z = torch.addmm(w[-1], h.reshape(h.shape[0], -1), w[:-1])
     return z if layer.head else activate(z, activation)
 
@@ -168,52 +198,76 @@ def targets(layer: Layer, y: torch.Tensor, num_classes: int, projection: torch.T
     return activate(onehot @ projection, activation)
 
 
+def block_samples(layer: Layer, positions: torch.Tensor | None, chunk: int = CHUNK) -> int:
+    """Samples per block: at most `chunk`, and at most BLOCK_ELEMS elements of design rows."""
+    rows = 1 if layer.kind == "fc" else (layer.positions if positions is None else int(positions.numel()))
+    return max(1, min(chunk, BLOCK_ELEMS // (rows * layer.d)))
+
+
+def gram_into(a: torch.Tensor, p: torch.Tensor) -> None:
+    """a += upper block triangle of p^T p (a float64; p float64 or float32, products in p's dtype).
+
+    Two column halves: rows [:h] get p[:, :h]^T p and rows [h:] get p[:, h:]^T p[:, h:], 3/4 of
+    the full product; `symmetrize` fills the lower triangle once at the end."""
+    h = a.shape[0] // 2
+    if p.dtype == a.dtype:
+        a[:h].addmm_(p[:, :h].T, p)
+        a[h:, h:].addmm_(p[:, h:].T, p[:, h:])
+    else:  # float32 GEMMs, each block's result added into the float64 accumulator
+        a[:h] += p[:, :h].T @ p
+        a[h:, h:] += p[:, h:].T @ p[:, h:]
+
+
+def symmetrize(a: torch.Tensor) -> torch.Tensor:
+    """The full symmetric matrix from the upper triangle (bitwise symmetric)."""
+    upper = torch.triu(a)
+    return upper + torch.triu(a, 1).T
+
+
 def statistics(layers: Sequence[Layer], index: int, weights: Sequence[torch.Tensor], x: torch.Tensor,
                t_of: Callable, activation: str, pool: int, positions: torch.Tensor | None = None,
-               chunk: int = CHUNK, forward_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = X^T X (d x d) and b = X^T T (d x k) in float64 for one client's samples, chunk by chunk.
+               chunk: int = CHUNK, forward_dtype: torch.dtype = torch.float64,
+               gram_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = X^T X (d x d) and b = X^T T (d x k) in float64 over the samples x, block by block.
 
-    `weights` are the solved layers below `index`; `t_of(start, stop)` gives the per-sample
-    targets (n, k) of samples start:stop (a hidden conv layer's patches share their sample's
-    target). With the default float64 forward through the layers below, a sample's contribution
-    does not depend on its chunk or client beyond float64 summation order; a float32 forward is
-    ~3x faster but its per-sample results may depend on the batch it ran in (~1e-7 relative).
-    Two savings over forming X = [patches, 1] and T row by row, with identical sums: the bias
-    column enters through column sums and the row count, and because all patches of a sample
-    share one target row, X^T T = (per-sample patch sums)^T T.
+    `x` may hold one client's samples or the stacked samples of many clients (a worker's chunk):
+    the blocks are then a few large GEMMs instead of many small ones. `weights` are the solved
+    layers below `index`; `t_of(start, stop)` gives the per-sample targets (n, k) of samples
+    start:stop (a hidden conv layer's patches share their sample's target). Blocks hold at most
+    `chunk` samples and BLOCK_ELEMS design elements, so memory is bounded whatever x holds.
+    Everything runs on x's device.
+
+    With the float64 forward and `gram_dtype` float64 a sample's contribution does not depend on
+    its block or client beyond float64 summation order. `gram_dtype` float32 forms each block's
+    rows and products in float32 (~3x the GEMM throughput on CPU) and adds them into the float64
+    sums; a float32 forward is ~3x faster but per-sample results may depend on the batch it ran
+    in (~1e-7 relative). The bias column is a column of ones inside the rows (so the GEMM also
+    gives the column sums and the row count), and because all patches of a sample share one target
+    row, X^T T = (per-sample row sums)^T T, never T repeated per patch.
     """
     layer = layers[index]
-    dd = layer.d - 1
-    a = torch.zeros(layer.d, layer.d, dtype=torch.float64)
+    dev = x.device
+    ws = [w.to(device=dev, dtype=forward_dtype) for w in weights]
+    a = torch.zeros(layer.d, layer.d, dtype=torch.float64, device=dev)
     b = None
-    for s in range(0, x.shape[0], chunk):
-        h = forward(layers, weights, x[s:s + chunk].to(forward_dtype), activation, pool, upto=index)
-        h = h.to(torch.float64)
-        if layer.kind == "conv":
-            u = F.unfold(h, layer.kernel)  # (n, C*k*k, L)
-            if positions is not None:
-                u = u[:, :, positions]
-        else:
-            u = h.reshape(h.shape[0], dd, 1)
-        n, _, rows = u.shape
-        p = u.transpose(1, 2).reshape(n * rows, dd)
-        colsum = p.sum(0)
-        a[:dd, :dd].addmm_(p.T, p)
-        a[:dd, dd] += colsum
-        a[dd, :dd] += colsum
-        a[dd, dd] += n * rows
-        t = t_of(s, s + n)
-        bt = torch.cat([u.sum(2).T @ t, rows * t.sum(0, keepdim=True)])
+    step = block_samples(layer, positions, chunk)
+    for s in range(0, x.shape[0], step):
+        h = forward(layers, ws, x[s:s + step].to(forward_dtype), activation, pool, upto=index)
+        p = design(layer, h, positions, dtype=gram_dtype)
+        gram_into(a, p)
+        n = h.shape[0]
+        t = t_of(s, s + n).to(device=dev, dtype=torch.float64)
+        bt = p.view(n, -1, layer.d).sum(1, dtype=torch.float64).T @ t
         b = bt if b is None else b.add_(bt)
     if b is None:
         raise ValueError("statistics of an empty sample set")
-    return a, b
+    return symmetrize(a), b
 
 
 def solve(a: torch.Tensor, b: torch.Tensor, gamma: float, where: str) -> torch.Tensor:
     """W = (A + gamma I)^{-1} b by Cholesky; SimfedError (naming `where`) if A + gamma I is singular."""
     d = a.shape[0]
-    m = a + gamma * torch.eye(d, dtype=a.dtype)
+    m = a + gamma * torch.eye(d, dtype=a.dtype, device=a.device)
     chol, info = torch.linalg.cholesky_ex(m)
     diag = chol.diagonal() if int(info) == 0 else None
     # A PSD Gram matrix with gamma = 0 may pass Cholesky with round-off pivots; a pivot this small

@@ -98,6 +98,18 @@ class Reply:
     n_train: int = 0  # samples processed in training (for throughput and weighting)
 
 
+@dataclass
+class BatchReply:
+    """The replies of a whole chunk of clients computed together (`Algorithm.client_batch`):
+    `sums`, the chunk's statistics summed over its clients; per client j, `n_train[j]` samples
+    processed and `dropped[j]` True if its contribution was non-finite and left out of `sums`
+    (the engine counts it as a dropped reply, as for `client`)."""
+
+    sums: dict[str, Any] | None
+    n_train: list[int]
+    dropped: list[bool]
+
+
 class ClientData:
     """One client's data, loaded lazily per split as float tensors in [0, 1] on the device."""
 
@@ -212,6 +224,15 @@ class Algorithm:
     def client(self, phase: str, cfg: Any, bcast: Any, payload: Any, data: ClientData, cstate: Any,
                ctx: ClientContext) -> Reply:
         raise NotImplementedError
+
+    def client_batch(self, phase: str, cfg: Any, bcast: Any, clients: Sequence[tuple["ClientData", "ClientContext"]],
+                     ) -> BatchReply | None:
+        """Optional: one training phase for a whole chunk of clients at once, for methods whose
+        training replies are only summable `sums` (no payloads, items or client state). The result
+        must equal, up to round-off, the sum of the `client` replies of the same clients; it may
+        depend on the chunk's clients and their order (a chunk is fixed by the engine). Return
+        None to have the engine call `client` per client (the default)."""
+        return None
 
     # --- helpers -------------------------------------------------------------------------
     def cost(self, cfg: Any, n_train: int) -> float:

@@ -20,7 +20,7 @@ No row of data ever leaves a client.
   accuracy, cross-entropy reported as the loss).
 - `layers` (default the shared LeNet: conv5x16, conv5x32, fc120, fc84, fc), `activation =
   "relu"` after every hidden layer and `pool = 2` max-pooling after every convolution.
-- `patches_per_image = 0` (all). A positive value keeps that many patch positions per image
+- `patches_per_image = 0` (all). Ours. A positive value keeps that many patch positions per image
   for the convolutional statistics, drawn by the server per layer and round and broadcast, so
   every image on every client uses the same positions: the solution is still exactly the
   centralized ridge solution on the subsampled patches, for any split of the data.
@@ -29,7 +29,25 @@ No row of data ever leaves a client.
   tests hold at 1e-8). "float32" is ~3x faster on CPU; a sample's features may then differ by
   ~1e-7 relative with the batch it ran in, so split invariance holds only to that level.
   The Gram sums are float64 either way.
+- `gram_dtype = "float64"`: the dtype of the design rows and of the products in each block's
+  Gram GEMM. "float32" forms them in float32 (~3x the GEMM throughput on CPU, 2x less memory
+  traffic) and adds each block's result into the float64 sums: the solution moves by round-off
+  amplified by the layer's conditioning (~1e-6 to 1e-3 relative, tested), no longer 1e-8.
+- `client_fraction = 1` (all). A value f < 1 solves from a seeded Bernoulli(f) subset of the
+  round's clients, drawn from (run seed, round, client id) so that every layer phase of a round
+  uses the same clients; the others send nothing. The solution is then exactly the ridge
+  solution on the selected clients' data. Ours: the statistics are sums, so a fraction of the
+  clients is an unbiased (scaled) estimate of them, and accuracy as a function of f is a curve
+  that bench/analytic_claims.py prints.
 - `gamma = 1` (AFL's default). gamma = 0 is allowed; a singular Gram matrix is then an error.
+- speed (ours; the paper gives no implementation): a worker stacks the training samples of all
+  the clients of its chunk and accumulates them as one sample set (`client_batch`): blocks of
+  at most 2^22 design elements, each a few large GEMMs (upper block triangle only, the bias as a
+  column of ones, X^T T from per-sample row sums); the result equals the client-by-client sums
+  to round-off and depends only on the chunk's clients and order, which the engine fixes.
+  Options that trade exactness for time are `forward_dtype`, `gram_dtype`, `patches_per_image`
+  and `client_fraction` (all exact by default). All of it runs on the worker's device (CUDA
+  workers included); replies come back on the CPU.
 - rounds: each round re-solves every layer from that round's cohort (the method is one-shot:
   run.rounds = 1 with clients_per_round = all seen clients trains the whole network).
 """
@@ -44,7 +62,7 @@ import torch
 from torch.nn import functional as F
 
 from simfed.algorithms import analytic
-from simfed.algorithms.base import Algorithm, ClientContext, ClientData, Eval, Reply, RoundInfo, ServerState, Task, derive_seed
+from simfed.algorithms.base import Algorithm, BatchReply, ClientContext, ClientData, Eval, Reply, RoundInfo, ServerState, Task, derive_seed
 from simfed.algorithms.registry import register
 from simfed.engine.errors import SimfedError
 
@@ -60,6 +78,8 @@ class FedACnnLConfig:
     pool: int = 2
     patches_per_image: int = 0
     forward_dtype: str = "float64"
+    gram_dtype: str = "float64"
+    client_fraction: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.layers, str):
@@ -75,6 +95,10 @@ class FedACnnLConfig:
             raise ValueError(f"activation must be one of {', '.join(analytic.ACTIVATIONS)}, got {self.activation!r}")
         if self.forward_dtype not in ("float64", "float32"):
             raise ValueError(f"forward_dtype must be 'float64' or 'float32', got {self.forward_dtype!r}")
+        if self.gram_dtype not in ("float64", "float32"):
+            raise ValueError(f"gram_dtype must be 'float64' or 'float32', got {self.gram_dtype!r}")
+        if not 0.0 < self.client_fraction <= 1.0:
+            raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
         if self.pool < 1 or self.patches_per_image < 0:
             raise ValueError("pool must be >= 1 and patches_per_image >= 0")
 
@@ -106,8 +130,14 @@ def outputs_eval(out: torch.Tensor, y: torch.Tensor) -> Eval:
                 correct=int((out.argmax(1) == y).sum()))
 
 
+def selected(cfg, seed: int, round: int, client_id: int) -> bool:
+    """Whether a client contributes statistics this round (`client_fraction`): a Bernoulli draw
+    from (run seed, round, client id) alone, the same for every layer phase of the round."""
+    return cfg.client_fraction >= 1.0 or derive_seed(seed, round, client_id, "client-fraction") < cfg.client_fraction * 2.0 ** 63
+
+
 def predict(layers, weights, x: torch.Tensor, cfg, chunk: int = 1024) -> torch.Tensor:
-    ws = [w.to(torch.float32) for w in weights]
+    ws = [w.to(device=x.device, dtype=torch.float32) for w in weights]
     return torch.cat([analytic.forward(layers, ws, x[s:s + chunk], cfg.activation, cfg.pool)
                       for s in range(0, x.shape[0], chunk)]) if x.shape[0] else x.new_zeros(0, layers[-1].width)
 
@@ -174,6 +204,8 @@ class FedACnnL(Algorithm):
         layers = geometry(cfg, ctx.task)
         if ctx.mode == "eval":
             return Reply(evals=self.evaluate(cfg, layers, bcast, data, ctx))
+        if not selected(cfg, ctx.seed, ctx.round, ctx.client_id):
+            return Reply()  # not in this round's fraction: sends nothing, like a client without data
         i = layer_index(phase)
         x, y = data.split("train")
         n = int(y.shape[0])
@@ -182,15 +214,44 @@ class FedACnnL(Algorithm):
         a, b = self.layer_statistics(cfg, layers, i, bcast, x, y, ctx)
         return Reply(sums={"A": a, "b": b, "n": torch.tensor(float(n), dtype=torch.float64)}, n_train=n)
 
+    def client_batch(self, phase, cfg, bcast, clients) -> BatchReply | None:
+        """A layer phase for a whole chunk: the selected clients' training samples stacked (in
+        the chunk's order) and accumulated as one sample set, i.e. a few large GEMMs. A client
+        whose samples are not all finite is left out and reported dropped, as `client` would be."""
+        if not clients or clients[0][1].mode != "train" or not phase.startswith("layer"):
+            return None
+        ctx0 = clients[0][1]
+        layers = geometry(cfg, ctx0.task)
+        xs, ys, n_train, dropped = [], [], [], []
+        for data, ctx in clients:
+            n = data.n("train") if selected(cfg, ctx.seed, ctx.round, ctx.client_id) else 0
+            x, y = data.split("train") if n else (None, None)
+            bad = n > 0 and not bool(torch.isfinite(x).all())
+            if n and not bad:
+                xs.append(x)
+                ys.append(y)
+            n_train.append(n)
+            dropped.append(bad)
+        if not xs:
+            return BatchReply(sums=None, n_train=n_train, dropped=dropped)
+        x, y = (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+        a, b = self.layer_statistics(cfg, layers, layer_index(phase), bcast, x, y, ctx0)
+        return BatchReply(sums={"A": a, "b": b, "n": torch.tensor(float(y.shape[0]), dtype=torch.float64)},
+                          n_train=n_train, dropped=dropped)
+
     @staticmethod
     def layer_statistics(cfg, layers, i, bcast, x, y, ctx):
         layer, k = layers[i], ctx.task.num_classes
+        proj = bcast["projection"]
+        proj = None if proj is None else proj.to(x.device)
 
         def t_of(start, stop):
-            return analytic.targets(layer, y[start:stop], k, bcast["projection"], cfg.activation)
+            return analytic.targets(layer, y[start:stop], k, proj, cfg.activation)
 
-        return analytic.statistics(layers, i, bcast["weights"], x, t_of, cfg.activation, cfg.pool,
-                                   bcast["positions"], forward_dtype=getattr(torch, cfg.forward_dtype))
+        a, b = analytic.statistics(layers, i, bcast["weights"], x, t_of, cfg.activation, cfg.pool, bcast["positions"],
+                                   forward_dtype=getattr(torch, cfg.forward_dtype),
+                                   gram_dtype=getattr(torch, cfg.gram_dtype))
+        return a.cpu(), b.cpu()  # replies travel through the engine on the CPU
 
     def evaluate(self, cfg, layers, bcast, data: ClientData, ctx) -> dict[str, Eval]:
         out = {}

@@ -33,7 +33,7 @@ import torch
 
 from simfed.algorithms import analytic
 from simfed.algorithms.base import ClientData, Eval, Reply, Task
-from simfed.algorithms.fedacnnl import FedACnnL, FedACnnLConfig, geometry, outputs_eval
+from simfed.algorithms.fedacnnl import FedACnnL, FedACnnLConfig, geometry, outputs_eval, selected
 from simfed.algorithms.registry import register
 from simfed.engine.errors import SimfedError
 
@@ -99,6 +99,8 @@ class PFedACnnL(FedACnnL):
     def client(self, phase, cfg, bcast, payload, data: ClientData, cstate, ctx) -> Reply:
         k = ctx.task.num_classes
         if ctx.mode == "train" and (phase.startswith("cluster") or self._head_phase(cfg, phase)):
+            if not selected(cfg, ctx.seed, ctx.round, ctx.client_id):
+                return Reply()  # outside this round's client_fraction
             x, y = data.split("train")
             n = int(y.shape[0])
             if n == 0:
@@ -118,6 +120,11 @@ class PFedACnnL(FedACnnL):
             return Reply(sums={"Ag": onehot[:, None, None] * a, "bg": onehot[:, None, None] * b,
                                "n": torch.tensor(float(n), dtype=torch.float64)}, n_train=n)
         return super().client(phase, cfg, bcast, payload, data, cstate, ctx)
+
+    def client_batch(self, phase, cfg, bcast, clients):
+        if self._head_phase(cfg, phase):
+            return None  # per-group sums need each client's group: one client at a time
+        return super().client_batch(phase, cfg, bcast, clients)
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         if info.mode == "eval":

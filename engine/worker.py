@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from simfed.algorithms import registry
-from simfed.algorithms.base import KEEP, ClientContext, ClientData, RoundInfo, Task
+from simfed.algorithms.base import KEEP, BatchReply, ClientContext, ClientData, RoundInfo, Task
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.server import ChunkResult, add_into, compact
 from simfed.partitions.store import PartitionStore
@@ -108,6 +108,10 @@ class Worker:
     def run(self, phase: str, info: RoundInfo, bcast: Any, payloads: Any, client_ids: list[int],
             checkpointed_round: int = -1, meta_extra: dict | None = None) -> tuple[dict, ChunkResult]:
         spec, algo = self.spec, self.algo
+        if info.mode == "train" and not payloads and not algo.uses_client_state:
+            batched = self.run_batch(phase, info, bcast, client_ids)
+            if batched is not None:
+                return batched
         result = ChunkResult()
         rows: list[dict] = []
         down_common = nbytes(bcast)
@@ -152,4 +156,34 @@ class Worker:
                 rows.append({**base, "split": "eval", "n": 0, "seconds": seconds, "dropped": True})
         meta = {"rows": rows, "n_clients": len(client_ids), "n_train": n_train,
                 "dropped": sum(1 for r in rows if r.get("dropped"))}
+        return meta, result
+
+    def run_batch(self, phase: str, info: RoundInfo, bcast: Any, client_ids: list[int]) -> tuple[dict, ChunkResult] | None:
+        """The whole chunk in one `Algorithm.client_batch` call, or None (the method has none, or
+        its sums are not finite: then the per-client path finds and drops the culprits)."""
+        spec = self.spec
+        t0 = time.perf_counter()
+        clients = []
+        for cid in client_ids:
+            cohort = self.cohort[cid]
+            counts = {s: self.counts[s][cid] for s in ("train", "val", "test")}
+            clients.append((ClientData(cid, cohort, self.store.read, self.device, counts),
+                            ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
+                                          mode=info.mode, task=spec.task, device=self.device, cache=self.cache)))
+        reply: BatchReply | None = self.algo.client_batch(phase, spec.cfg, bcast, clients)
+        if reply is None or not all_finite(reply.sums):
+            return None
+        seconds = time.perf_counter() - t0
+        total = max(sum(reply.n_train), 1)
+        up, down = nbytes(reply.sums), nbytes(bcast)
+        rows = []
+        for cid, n, dropped in zip(client_ids, reply.n_train, reply.dropped):
+            # One GEMM served every client: a client's seconds are the chunk's, shared by sample count.
+            rows.append({"round": info.round + 1, "client_id": cid, "cohort": self.cohort[cid], "phase": phase,
+                         "node_id": self.node_id, "worker": self.index, "split": "train", "n": n,
+                         "seconds": seconds * n / total, "bytes_up": 0 if dropped or not n else up,
+                         "bytes_down": down, "dropped": dropped})
+        result = ChunkResult(sums=reply.sums, n_clients=sum(1 for d in reply.dropped if not d))
+        meta = {"rows": rows, "n_clients": len(client_ids), "n_train": sum(reply.n_train),
+                "dropped": sum(reply.dropped)}
         return meta, result
