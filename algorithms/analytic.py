@@ -14,6 +14,7 @@ statistics X^T X and X^T T add up over clients. Weights are kept as float64 matr
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ _CONV = re.compile(r"^conv(\d+)x(\d+)$")
 _FC = re.compile(r"^fc(\d+)$")
 CHUNK = 512  # at most this many samples per forward/Gram block (bounds the forward's activations)
 BLOCK_ELEMS = 1 << 22  # at most this many design-matrix elements per block (32 MiB in float64)
+CACHE_BYTES = 1 << 30  # per worker: layer inputs kept from one layer phase for the next (ForwardCache)
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,8 @@ def symmetrize(a: torch.Tensor) -> torch.Tensor:
 def statistics(layers: Sequence[Layer], index: int, weights: Sequence[torch.Tensor], x: torch.Tensor,
                t_of: Callable, activation: str, pool: int, positions: torch.Tensor | None = None,
                chunk: int = CHUNK, forward_dtype: torch.dtype = torch.float64,
-               gram_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+               gram_dtype: torch.dtype = torch.float64,
+               cache: "ForwardCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A = X^T X (d x d) and b = X^T T (d x k) in float64 over the samples x, block by block.
 
     `x` may hold one client's samples or the stacked samples of many clients (a worker's chunk):
@@ -244,24 +247,78 @@ def statistics(layers: Sequence[Layer], index: int, weights: Sequence[torch.Tens
     in (~1e-7 relative). The bias column is a column of ones inside the rows (so the GEMM also
     gives the column sums and the row count), and because all patches of a sample share one target
     row, X^T T = (per-sample row sums)^T T, never T repeated per patch.
+
+    `cache` (optional) keeps this phase's layer inputs for the next layer's phase of the same
+    samples, which then applies one layer instead of the whole forward (see ForwardCache).
     """
     layer = layers[index]
     dev = x.device
     ws = [w.to(device=dev, dtype=forward_dtype) for w in weights]
     a = torch.zeros(layer.d, layer.d, dtype=torch.float64, device=dev)
     b = None
-    step = block_samples(layer, positions, chunk)
-    for s in range(0, x.shape[0], step):
-        h = forward(layers, ws, x[s:s + step].to(forward_dtype), activation, pool, upto=index)
-        p = design(layer, h, positions, dtype=gram_dtype)
-        gram_into(a, p)
-        n = h.shape[0]
-        t = t_of(s, s + n).to(device=dev, dtype=torch.float64)
-        bt = p.view(n, -1, layer.d).sum(1, dtype=torch.float64).T @ t
-        b = bt if b is None else b.add_(bt)
+    step = chunk  # forward blocks: the same for every layer, so the ForwardCache lines up
+    sub = block_samples(layer, positions, chunk)  # Gram blocks within a forward block
+    below = cache.take(index - 1, step) if cache is not None and index > 0 else None
+    keep = [] if cache is not None and index + 1 < len(layers) else None
+    for j, s in enumerate(range(0, x.shape[0], step)):
+        if below is not None:  # the same op on the same block as the full forward: bitwise the same h
+            h = apply(layers[index - 1], ws[index - 1], below[j], activation, pool)
+        else:
+            h = forward(layers, ws, x[s:s + step].to(forward_dtype), activation, pool, upto=index)
+        if keep is not None:
+            keep.append(h)
+        for r in range(0, h.shape[0], sub):
+            n = min(sub, h.shape[0] - r)
+            p = design(layer, h[r:r + n], positions, dtype=gram_dtype)
+            gram_into(a, p)
+            t = t_of(s + r, s + r + n).to(device=dev, dtype=torch.float64)
+            bt = p.view(n, -1, layer.d).sum(1, dtype=torch.float64).T @ t
+            b = bt if b is None else b.add_(bt)
     if b is None:
         raise ValueError("statistics of an empty sample set")
+    if keep is not None:
+        cache.put(index, step, keep)
     return symmetrize(a), b
+
+
+class ForwardCache:
+    """The inputs of the layer just solved, per block, kept for the next layer's phase.
+
+    Phase l+1 needs apply(layer l, h_l) for the same samples that phase l just pushed through the
+    layers below l. Kept blocks are the very tensors phase l used, and phase l+1 cuts its blocks
+    the same way (it checks the block size), so apply() on them gives bitwise what the full forward
+    would: a hit and a miss give the same statistics, and the cache cannot change a result.
+    One entry per sample set (`key`: the clients, the round, a digest of the weights below), kept
+    while it fits a worker's `budget` bytes (activations of the later layers are small; the
+    largest, the first convolution's outputs, usually do not fit and are recomputed).
+    """
+
+    def __init__(self, store: dict, key: tuple, weights: Sequence[torch.Tensor], budget: int = CACHE_BYTES):
+        """`store`: a worker-lived dict; `key`: (run seed, round, sample-set id); entries of other
+        rounds are dropped (a chunk never seen again must not hold memory)."""
+        self.store, self.budget = store.setdefault("analytic-forward", {}), budget
+        self.key, self.weights = key, weights
+        for k in [k for k in self.store if k[:2] != key[:2]]:
+            del self.store[k]
+
+    def _digest(self, upto: int) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for w in self.weights[:upto]:
+            h.update(w.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
+
+    def take(self, index: int, step: int) -> list[torch.Tensor] | None:
+        """The kept inputs of layer `index` for this sample set (removed), or None."""
+        entry = self.store.pop(self.key, None)
+        if entry is None or entry[0] != (index, step, self._digest(index)):
+            return None
+        return entry[1]
+
+    def put(self, index: int, step: int, blocks: list[torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in blocks)
+        used = sum(sum(t.numel() * t.element_size() for t in e[1]) for e in self.store.values())
+        if used + size <= self.budget:
+            self.store[self.key] = ((index, step, self._digest(index)), blocks)
 
 
 def solve(a: torch.Tensor, b: torch.Tensor, gamma: float, where: str) -> torch.Tensor:

@@ -211,7 +211,7 @@ class FedACnnL(Algorithm):
         n = int(y.shape[0])
         if n == 0:
             return Reply()  # nothing to add; the server counts only clients that sent statistics
-        a, b = self.layer_statistics(cfg, layers, i, bcast, x, y, ctx)
+        a, b = self.layer_statistics(cfg, layers, i, bcast, x, y, ctx, ids=(ctx.client_id,))
         return Reply(sums={"A": a, "b": b, "n": torch.tensor(float(n), dtype=torch.float64)}, n_train=n)
 
     def client_batch(self, phase, cfg, bcast, clients) -> BatchReply | None:
@@ -222,7 +222,7 @@ class FedACnnL(Algorithm):
             return None
         ctx0 = clients[0][1]
         layers = geometry(cfg, ctx0.task)
-        xs, ys, n_train, dropped = [], [], [], []
+        xs, ys, ids, n_train, dropped = [], [], [], [], []
         for data, ctx in clients:
             n = data.n("train") if selected(cfg, ctx.seed, ctx.round, ctx.client_id) else 0
             x, y = data.split("train") if n else (None, None)
@@ -230,17 +230,20 @@ class FedACnnL(Algorithm):
             if n and not bad:
                 xs.append(x)
                 ys.append(y)
+                ids.append(ctx.client_id)
             n_train.append(n)
             dropped.append(bad)
         if not xs:
             return BatchReply(sums=None, n_train=n_train, dropped=dropped)
         x, y = (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
-        a, b = self.layer_statistics(cfg, layers, layer_index(phase), bcast, x, y, ctx0)
+        a, b = self.layer_statistics(cfg, layers, layer_index(phase), bcast, x, y, ctx0, ids=tuple(ids))
         return BatchReply(sums={"A": a, "b": b, "n": torch.tensor(float(y.shape[0]), dtype=torch.float64)},
                           n_train=n_train, dropped=dropped)
 
     @staticmethod
-    def layer_statistics(cfg, layers, i, bcast, x, y, ctx):
+    def layer_statistics(cfg, layers, i, bcast, x, y, ctx, ids: tuple | None = None):
+        """A and b of layer i over the samples x; with `ids` (the clients whose samples x stacks),
+        the worker's ForwardCache carries layer inputs from this phase to the next."""
         layer, k = layers[i], ctx.task.num_classes
         proj = bcast["projection"]
         proj = None if proj is None else proj.to(x.device)
@@ -250,7 +253,9 @@ class FedACnnL(Algorithm):
 
         a, b = analytic.statistics(layers, i, bcast["weights"], x, t_of, cfg.activation, cfg.pool, bcast["positions"],
                                    forward_dtype=getattr(torch, cfg.forward_dtype),
-                                   gram_dtype=getattr(torch, cfg.gram_dtype))
+                                   gram_dtype=getattr(torch, cfg.gram_dtype),
+                                   cache=None if ids is None else analytic.ForwardCache(
+                                       ctx.cache, (ctx.seed, ctx.round, ids), bcast["weights"]))
         return a.cpu(), b.cpu()  # replies travel through the engine on the CPU
 
     def evaluate(self, cfg, layers, bcast, data: ClientData, ctx) -> dict[str, Eval]:

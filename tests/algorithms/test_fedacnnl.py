@@ -260,8 +260,9 @@ def test_example_files_parse_and_validate():
         registry.get(exp.algorithm).validate(exp.algorithm_config, Task((1, 28, 28), 10))
 
 
-def batch_drive(cfg, clients, chunk=4):
-    """`drive` through `client_batch`: the chunks' stacked statistics summed in chunk order."""
+def batch_drive(cfg, clients, chunk=4, cache=None):
+    """`drive` through `client_batch`: the chunks' stacked statistics summed in chunk order; with
+    `cache`, one worker-lived dict as the engine's worker passes (else a fresh one per call)."""
     algo = registry.get("fedacnnl")
     state = algo.init(cfg, TASK, 0)
     replies = []
@@ -270,7 +271,11 @@ def batch_drive(cfg, clients, chunk=4):
         bcast = algo.broadcast(phase, cfg, state, info)
         acc = {}
         for s in range(0, len(clients), chunk):
-            r = algo.client_batch(phase, cfg, bcast, [(d, ctx(d.client_id, phase)) for d in clients[s:s + chunk]])
+            cs = [(d, ctx(d.client_id, phase)) for d in clients[s:s + chunk]]
+            if cache is not None:
+                for _, c in cs:
+                    c.cache = cache
+            r = algo.client_batch(phase, cfg, bcast, cs)
             replies.append(r)
             for k, v in (r.sums or {}).items():
                 acc[k] = acc[k] + v if k in acc else v.clone()
@@ -325,3 +330,28 @@ def test_client_fraction_solves_from_a_seeded_subset_of_clients():
     assert all(rel(w, r) < 1e-10 for w, r in zip(stacked.weights, state.weights))
     with pytest.raises(SimfedError, match="client_fraction"):
         cfg_of(client_fraction=0.0)
+
+
+def test_forward_cache_hits_give_bitwise_the_same_solution(monkeypatch):
+    from simfed.algorithms import analytic
+
+    x, y = make_data(500, seed=10)
+    cfg = cfg_of(patches_per_image=5)
+    clients = clients_of(x, y, 6)
+    calls = []
+    real = analytic.forward
+    monkeypatch.setattr(analytic, "forward", lambda *a, **k: calls.append(k.get("upto")) or real(*a, **k))
+    cold, _ = batch_drive(cfg, clients)
+    n_cold, calls[:] = list(calls), []
+    shared = {}
+    warm, _ = batch_drive(cfg, clients, cache=shared)
+    # every phase after the first applied one layer to the kept inputs instead of the forward
+    assert n_cold == [0, 0, 1, 1, 2, 2] and calls == [0, 0]
+    assert all(torch.equal(a, b) for a, b in zip(warm.weights, cold.weights))
+    assert shared["analytic-forward"] == {}  # the head's phase keeps nothing; nothing left over
+    # a tiny budget keeps nothing, and the result is still the same
+    monkeypatch.setattr(analytic, "CACHE_BYTES", 1)
+    monkeypatch.setattr(analytic.ForwardCache.__init__, "__defaults__", (1,))
+    calls[:] = []
+    small, _ = batch_drive(cfg, clients, cache={})
+    assert calls == n_cold and all(torch.equal(a, b) for a, b in zip(small.weights, cold.weights))
