@@ -56,8 +56,8 @@ class PFedACnnLConfig(FedACnnLConfig):
 
 
 def histogram(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    counts = torch.bincount(y, minlength=num_classes).to(torch.float64)
-    return counts / counts.sum().clamp_min(1.0)
+    counts = torch.bincount(y, minlength=num_classes).to(device="cpu", dtype=torch.float64)
+    return counts / counts.sum().clamp_min(1.0)  # on the CPU, like the centroids it is compared with
 
 
 def nearest(hist: torch.Tensor, centroids: torch.Tensor) -> int:
@@ -152,11 +152,12 @@ class PFedACnnL(FedACnnL):
         return out
 
     def evaluate(self, cfg, layers, bcast, data: ClientData, ctx) -> dict[str, Eval]:
-        weights = bcast["weights"]
+        weights = [w.to(ctx.device) for w in bcast["weights"]]  # the client's samples live on its device
         w_ref = weights[-1]
         xtr, ytr = data.split("train")
         if cfg.groups > 0 and ytr.shape[0] > 0:
-            w_ref = bcast["group_heads"][nearest(histogram(ytr, ctx.task.num_classes), bcast["centroids"])]
+            g = nearest(histogram(ytr, ctx.task.num_classes), bcast["centroids"])
+            w_ref = bcast["group_heads"][g].to(ctx.device)
         head = personal_head(cfg, layers, weights, w_ref, data, ctx.task.num_classes)
         out = {}
         for split in ("val", "test"):
