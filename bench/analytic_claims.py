@@ -210,6 +210,10 @@ def main(argv=None) -> None:
     out = Path(tempfile.mkdtemp(prefix="analytic_runs_"))
     report = {"settings": {k: v for k, v in vars(args).items()}, "analytic_config": analytic_cfg,
               "cores": len(os.sched_getaffinity(0)), "loadavg_start": os.getloadavg()}
+    if args.backend == "ray":  # embedded local Ray as `simfed launch` starts it; actors reused across runs
+        from _common import connect_ray
+
+        report["ray_start_seconds"] = round(connect_ray(len(os.sched_getaffinity(0))), 2)
     if args.only in (None, "time"):
         report["a_time"] = claim_time(args, data_dir, out, analytic_cfg)
         print(json.dumps({"a_time": report["a_time"]}), file=sys.stderr, flush=True)
