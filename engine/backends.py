@@ -6,6 +6,14 @@ the object store once per phase, streams per-client payloads chunk by chunk (at 
 `inflight_per_worker` chunks queued per worker), forwards each finished chunk straight from the
 worker to the server actor (the driver only sees metric rows), and replaces a worker that died,
 retrying its chunks (bounded, counted).
+
+Bit-identical results whatever the pool: both backends cut the cohort into the same chunks
+(`sampling.plan_chunks`, a function of the cohort alone), a worker sums a chunk's replies in
+client order, and the server folds chunk results in chunk index order (`Server.receive`), so the
+order of every float addition is fixed before any worker starts. Which worker runs a chunk, when
+it finishes, and whether it ran twice (retry) cannot change a bit. Chunks are handed out in that
+same order to whichever worker has a free slot, never more than `_window` chunks past the oldest
+one not yet folded, so the server holds at most that many early results.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from simfed.algorithms import registry
 from simfed.algorithms.base import Algorithm, RoundInfo
 from simfed.engine.config import EngineConfig
 from simfed.engine.errors import SimfedError
-from simfed.engine.sampling import assign, chunk_size, chunked
+from simfed.engine.sampling import plan_chunks
 from simfed.engine.server import Server
 from simfed.engine.worker import Worker, WorkerSpec
 
@@ -45,10 +53,10 @@ class SerialBackend:
     def run_phase(self, phase: str, info: RoundInfo, client_ids: Sequence[int], sizes: dict, on_chunk: OnChunk,
                   checkpointed_round: int) -> dict:
         bcast = self.server.begin(phase, info)
-        for chunk in chunked(list(client_ids), chunk_size(len(client_ids), 1, self.chunk)):
+        for index, chunk in enumerate(plan_chunks(client_ids, sizes, self.chunk)):
             payloads = self.server.payloads(phase, info, chunk)
             meta, result = self.worker.run(phase, info, bcast, payloads, chunk, checkpointed_round)
-            self.server.receive(result, phase, info)
+            self.server.receive(result, phase, info, index)
             on_chunk(meta)
         return self.server.end(phase, info)
 
@@ -216,41 +224,55 @@ class RayBackend:
         bcast_ref = server.remote("begin", phase, info)
         # Methods without per-client payloads (FedAvg) skip one server round trip per chunk.
         per_client = type(registry.get(self.spec.algorithm)).payloads is not Algorithm.payloads
-        size = chunk_size(len(client_ids), self.n_workers, self.engine.chunk_clients)
-        queues = [chunked(ids, size) for ids in assign(list(client_ids), sizes, self.n_workers)]
-        inflight: dict = {}  # meta ref -> (worker, chunk, data ref, payload ref, attempt, generation)
+        chunks = plan_chunks(client_ids, sizes, self.engine.chunk_clients)
+        window = 2 * self.n_workers * max(1, self.engine.inflight_per_worker)
+        inflight: dict = {}  # meta ref -> (worker, chunk index, data ref, payload ref, attempt, generation)
         per_worker = [0] * self.n_workers
+        retry: list[tuple[int, int, object]] = []  # (chunk index, attempt, payload ref) to run again
+        done = [False] * len(chunks)
+        handed, folded = 0, 0  # chunks handed out; chunks done in an unbroken run from index 0
         acks = []
 
-        def submit(w: int, chunk: list[int], attempt: int, payload_ref=None) -> None:
+        def submit(w: int, index: int, attempt: int, payload_ref=None) -> None:
+            chunk = chunks[index]
             if payload_ref is None and per_client:
                 payload_ref = server.remote("payloads", phase, info, chunk)
             meta_ref, data_ref = self.workers[w].run.options(num_returns=2).remote(
                 phase, info, bcast_ref, payload_ref, chunk, checkpointed_round)
-            inflight[meta_ref] = (w, chunk, data_ref, payload_ref, attempt, self.generation[w])
+            inflight[meta_ref] = (w, index, data_ref, payload_ref, attempt, self.generation[w])
             per_worker[w] += 1
 
         try:
-            while inflight or any(queues):
-                for w in range(self.n_workers):
-                    while queues[w] and per_worker[w] < self.engine.inflight_per_worker:
-                        submit(w, queues[w].pop(0), 0)
+            while inflight or retry or handed < len(chunks):
+                while retry or (handed < len(chunks) and handed < folded + window):
+                    w = min(range(self.n_workers), key=lambda i: (per_worker[i], i))
+                    if per_worker[w] >= self.engine.inflight_per_worker:
+                        break
+                    if retry:
+                        submit(w, *retry.pop(0))
+                    else:
+                        submit(w, handed, 0)
+                        handed += 1
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 for ref in ready:
-                    w, chunk, data_ref, payload_ref, attempt, gen = inflight.pop(ref)
+                    w, index, data_ref, payload_ref, attempt, gen = inflight.pop(ref)
                     per_worker[w] -= 1
                     try:
                         meta = ray.get(ref)
                     except lost:
                         if attempt >= self.engine.max_retries:
-                            raise SimfedError(f"worker {w} died {attempt + 1} times running clients {chunk[:5]}...; "
-                                              f"giving up (engine.max_retries = {self.engine.max_retries})")
+                            raise SimfedError(f"worker {w} died {attempt + 1} times running clients "
+                                              f"{chunks[index][:5]}...; giving up "
+                                              f"(engine.max_retries = {self.engine.max_retries})")
                         if gen == self.generation[w]:
                             self._replace_worker(w)
                         self.retries += 1
-                        submit(w, chunk, attempt + 1, payload_ref)
+                        retry.append((index, attempt + 1, payload_ref))
                         continue
-                    acks.append(server.remote("receive", data_ref, phase, info))
+                    acks.append(server.remote("receive", data_ref, phase, info, index))
+                    done[index] = True
+                    while folded < len(chunks) and done[folded]:
+                        folded += 1
                     on_chunk(meta)
             ray.get(acks)
             return ray.get(server.remote("end", phase, info))

@@ -96,8 +96,10 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
     spec = WorkerSpec(store_path=store.path, algorithm=exp.algorithm, cfg=exp.algorithm_config, task=task,
                       seed=run.seed, state_dir=str(run_dir / "client_state"),
                       threads=max(1, int(eng.cpus_per_worker)), use_gpu=eng.gpus_per_worker > 0)
+    # The server computes with as many threads as a worker on both backends: a reduction split
+    # over a different thread count can round differently.
     server_args = dict(algorithm=exp.algorithm, cfg=exp.algorithm_config, task=task, seed=run.seed,
-                       state_dict=ckpt["server"] if ckpt else None)
+                       state_dict=ckpt["server"] if ckpt else None, threads=spec.threads)
     be = make_backend(backend or eng.backend, spec, server_args, eng)
     status = {"state": "running", "completed_rounds": start, "checkpoint_round": start, "rounds": run.rounds,
               "workers": be.n_workers, "backend": be.name, "pid": os.getpid(), "host": socket.gethostname()}

@@ -1,8 +1,7 @@
-"""Cohort sampling and the deterministic, size-aware assignment of clients to workers."""
+"""Cohort sampling, and cutting a cohort into the chunks whose order fixes every reduction."""
 
 from __future__ import annotations
 
-import heapq
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -26,26 +25,22 @@ def sample_eval(seed: int, round: int, cohort: str, client_ids: Sequence[int], k
     return sorted(int(c) for c in rng.choice(np.asarray(client_ids), size=k, replace=False))
 
 
-def assign(client_ids: Sequence[int], sizes: Mapping[int, float], n_workers: int) -> list[list[int]]:
-    """Most expensive client first to the least-loaded worker (ties: lower worker index, lower client id).
-    `sizes` is each client's relative cost (Algorithm.cost)."""
-    order = sorted(client_ids, key=lambda c: (-float(sizes.get(c, 0)), c))
-    heap = [(0, w) for w in range(n_workers)]
-    out: list[list[int]] = [[] for _ in range(n_workers)]
-    for c in order:
-        load, w = heapq.heappop(heap)
-        out[w].append(c)
-        heapq.heappush(heap, (load + max(float(sizes.get(c, 0)), 1e-9), w))
-    return out
-
-
-def chunked(items: Sequence[int], size: int) -> list[list[int]]:
-    return [list(items[i:i + size]) for i in range(0, len(items), size)]
-
-
-def chunk_size(cohort: int, n_workers: int, requested: int) -> int:
-    """Enough chunks per worker to stream results and balance retries, few enough to keep overhead low."""
+def chunk_size(cohort: int, requested: int = 0) -> int:
+    """Clients per chunk, from the cohort size alone: the pool size must not change how a cohort is
+    cut, since the cut fixes the order of every float sum. 0 asks for about 64 chunks (enough to
+    stream results and balance up to a few dozen workers), at most 64 clients each."""
     if requested > 0:
-        return requested
-    per_worker = -(-cohort // max(n_workers, 1))
-    return int(min(64, max(1, -(-per_worker // 4))))
+        return int(requested)
+    return int(min(64, max(1, -(-cohort // 64))))
+
+
+def plan_chunks(client_ids: Sequence[int], sizes: Mapping[int, float], requested: int = 0) -> list[list[int]]:
+    """The cohort cut into consecutive chunks of `chunk_size`, most expensive chunk first (ties: cohort
+    order). `sizes` is each client's relative cost (Algorithm.cost). This list order is both the
+    order chunks are handed out and the order the server folds their results, on every backend, so a
+    phase's result depends only on the cohort; costly chunks first keep the last ones short."""
+    ids = list(client_ids)
+    size = chunk_size(len(ids), requested)
+    chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
+    cost = [sum(max(float(sizes.get(c, 0)), 1e-9) for c in ch) for ch in chunks]
+    return [chunks[i] for i in sorted(range(len(chunks)), key=lambda i: (-cost[i], i))]

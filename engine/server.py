@@ -2,7 +2,12 @@
 
 Plain Python; the Ray backend wraps it as an actor (`ray.remote(Server)`), the serial backend
 calls it directly. Summable messages are added into one accumulator per phase (O(model) memory
-whatever the cohort size); per-client items go straight to `Algorithm.absorb`.
+whatever the cohort size); per-client items go to `Algorithm.absorb`.
+
+Float addition is not associative, so the fold order is fixed: chunk results are folded strictly
+in chunk index order (the order `sampling.plan_chunks` gives), and one that arrives early waits
+in `_held` until its predecessors are in. The backend never runs more than a fixed window of
+chunks ahead of the fold, so `_held` stays at a few chunk results (O(window x model) memory).
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class Server:
             self.state.load_state_dict(state_dict)
         self._acc: dict[str, Any] | None = None
         self._n_clients = 0
+        self._next = 0  # index of the next chunk to fold
+        self._held: dict[int, ChunkResult] = {}
 
     def phases(self, mode: str, key: Any) -> list[str]:
         if mode == "train":
@@ -76,20 +83,32 @@ class Server:
         return list(self.algo.eval_phases(self.cfg, self.state, key))
 
     def begin(self, phase: str, info: RoundInfo) -> Any:
-        self._acc, self._n_clients = None, 0
+        self._acc, self._n_clients, self._next, self._held = None, 0, 0, {}
         return self.algo.broadcast(phase, self.cfg, self.state, info)
 
     def payloads(self, phase: str, info: RoundInfo, client_ids: list[int]) -> Any:
         return compact(self.algo.payloads(phase, self.cfg, self.state, client_ids, info))
 
-    def receive(self, result: ChunkResult, phase: str, info: RoundInfo) -> int:
+    def receive(self, result: ChunkResult, phase: str, info: RoundInfo, index: int | None = None) -> int:
+        """Take chunk `index`'s result (None: the next one); fold every chunk now in order."""
+        index = self._next if index is None else int(index)
+        if index < self._next or index in self._held:
+            return 0  # a retried chunk already folded: its result is the same, count it once
+        self._held[index] = result
+        while self._next in self._held:
+            self._fold(self._held.pop(self._next), phase, info)
+            self._next += 1
+        return result.n_clients
+
+    def _fold(self, result: ChunkResult, phase: str, info: RoundInfo) -> None:
         self._acc = add_into(self._acc, result.sums)
         self._n_clients += result.n_clients
         for cid, item in result.items:
             self.algo.absorb(phase, self.cfg, self.state, cid, item, info)
-        return result.n_clients
 
     def end(self, phase: str, info: RoundInfo) -> dict[str, float]:
+        if self._held:
+            raise RuntimeError(f"phase {phase}: chunk {self._next} never arrived, {sorted(self._held)} are waiting")
         stats = self.algo.finish(phase, self.cfg, self.state, self._acc or {}, self._n_clients, info)
         self._acc = None
         return dict(stats or {})
