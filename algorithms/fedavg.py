@@ -26,7 +26,9 @@ class FedAvgConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     local_steps: int = 20
-    local_epochs: float = 0.0  # > 0 overrides local_steps: that many passes over the client's train split
+    # > 0 overrides local_steps: that many passes over the client's train split, each sample once
+    # per epoch (seeded shuffle, last batch partial, like a DataLoader without drop_last)
+    local_epochs: float = 0.0
     server_lr: float = 1.0
     finetune_steps: int = 0
     finetune_lr: float = 0.01
@@ -49,9 +51,9 @@ def client_model(ctx: ClientContext) -> torch.nn.Module:
 
 def local_sgd(model, data: ClientData, cfg, gen) -> int:
     x, y = data.split("train")
-    steps = training.num_steps(int(y.shape[0]), cfg.batch_size, cfg.local_steps, cfg.local_epochs)
-    seen, _ = training.sgd_train(model, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, gen=gen)
+    seen, _ = training.sgd_train(model, x, y, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, gen=gen,
+                                 epochs=cfg.local_epochs)
     return seen
 
 

@@ -23,7 +23,7 @@ class LocalConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     local_steps: int = 20
-    local_epochs: float = 0.0
+    local_epochs: float = 0.0  # > 0 overrides local_steps: passes over the train split, as in FedAvg
     unseen_steps: int = 200
 
     def __post_init__(self):

@@ -12,15 +12,22 @@ from torch.nn import functional as F
 from simfed.algorithms.base import Eval
 
 
-def num_steps(n: int, batch_size: int, steps: int, epochs: float) -> int:
-    """Local steps for a client: `epochs` passes over n samples when epochs > 0, else `steps`."""
+def batches(n: int, batch_size: int, steps: int, gen: torch.Generator, epochs: float = 0.0) -> Iterator[torch.Tensor]:
+    """Index batches for local training.
+
+    epochs > 0: that many passes over the n samples, each a fresh seeded shuffle cut into batches of
+    `batch_size` with a partial last batch (a PyTorch DataLoader with shuffle=True, drop_last=False),
+    so every sample is trained exactly once per epoch; a fractional part trains the first
+    ceil(fraction * n) samples of one more shuffle. Otherwise `steps` full batches drawn without
+    replacement, reshuffling after every pass over the data."""
     if epochs > 0:
-        return max(1, math.ceil(epochs * n / batch_size))
-    return steps
-
-
-def batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """`steps` index batches drawn without replacement, reshuffling after every pass over the data."""
+        whole, part = divmod(float(epochs), 1.0)
+        passes = [n] * int(whole) + ([math.ceil(part * n)] if part > 0 else [])
+        for m in passes:
+            perm = torch.randperm(n, generator=gen)[:m]
+            for start in range(0, m, batch_size):
+                yield perm[start:start + batch_size]
+        return
     bs = min(batch_size, n)
     perm, pos = torch.randperm(n, generator=gen), 0
     for _ in range(steps):
@@ -32,12 +39,13 @@ def batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterat
 
 def sgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int, lr: float,
               gen: torch.Generator, momentum: float = 0.0, weight_decay: float = 0.0,
-              clip: float = 0.0) -> tuple[int, float]:
-    """Run `steps` SGD steps in place; returns (samples processed, mean training loss)."""
+              clip: float = 0.0, epochs: float = 0.0) -> tuple[int, float]:
+    """Run SGD in place over `batches(...)` (epochs > 0: whole passes, else `steps` steps);
+    returns (samples processed, mean training loss)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
     seen, loss_sum = 0, torch.zeros(())
-    for idx in batches(int(y.shape[0]), batch_size, steps, gen):
+    for idx in batches(int(y.shape[0]), batch_size, steps, gen, epochs):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()

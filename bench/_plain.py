@@ -37,14 +37,13 @@ def _plain_worker(rank: int, store_path: str, jobs_by_round: list[list[tuple[int
     os.environ["OMP_NUM_THREADS"] = "1"
     if nice:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
-    import math
-
     import numpy as np
     import torch
     from torch.nn import functional as F
 
     from simfed.algorithms.base import Task, derive_seed
     from simfed.algorithms.models import flat_params, init_model, lenet_for
+    from simfed.algorithms.training import batches
     from simfed.partitions.store import PartitionStore
 
     torch.set_num_threads(1)
@@ -73,25 +72,19 @@ def _plain_worker(rank: int, store_path: str, jobs_by_round: list[list[tuple[int
         x = torch.from_numpy(xu).float().div_(255.0)
         y = torch.from_numpy(yu)
         n = int(y.shape[0])
-        # Same rule as simfed.algorithms.training.num_steps.
-        steps = max(1, math.ceil(cfg["local_epochs"] * n / bs_cfg)) if cfg["local_epochs"] > 0 else cfg["local_steps"]
-        steps = steps_override or steps
-        # The engine's per-client generator: ClientContext.generator("sgd") in FedAvg.client.
+        epochs = 0.0 if steps_override else cfg["local_epochs"]
+        # The engine's per-client generator (ClientContext.generator("sgd") in FedAvg.client) and its
+        # batch rule, so both sides train the very same samples (one epoch: each sample once).
         gen = torch.Generator().manual_seed(derive_seed(seed, rnd, "train", cid, "update", "sgd"))
         load_theta()
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
         model.train()
-        bs = min(bs_cfg, n)
-        perm, pos, seen = torch.randperm(n, generator=gen), 0, 0
-        for _ in range(steps):
-            if pos + bs > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos:pos + bs]
-            pos += bs
+        seen = 0
+        for idx in batches(n, bs_cfg, steps_override or cfg["local_steps"], gen, epochs):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
-            seen += bs
+            seen += int(idx.numel())
         with torch.no_grad():
             acc.add_((theta - torch.cat([p.reshape(-1) for p in params])) * float(n))
         return seen
