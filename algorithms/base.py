@@ -247,6 +247,27 @@ class Algorithm:
             return float(max(1, math.ceil(epochs * n_train / batch)))
         return float(steps)
 
+    def warmup(self, cfg: Any, task: Task, device: torch.device) -> None:
+        """Run once when a worker starts, outside any round: one tiny forward/backward/SGD step of
+        the client model on zeros, so that round 1 does not pay torch's first-use costs (lazy
+        kernel and allocator set-up, autograd's engine) and costs what round 2 costs. Default: the
+        LeNet most methods train, at the method's batch size; a method with another client model
+        overrides this. Touches no client, state or random stream."""
+        from simfed.algorithms.models import lenet_for
+
+        try:
+            model = lenet_for(task.input_shape, task.num_classes).to(device)
+        except ValueError:  # a task LeNet cannot take: validate() reports it, nothing to warm
+            return
+        batch = max(1, int(getattr(cfg, "batch_size", 32)))
+        x = torch.zeros((batch, *task.input_shape), device=device)
+        y = torch.zeros(batch, dtype=torch.long, device=device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            model(x[:1])
+
     def validate(self, cfg: Any, task: Task) -> None:
         """Raise SimfedError for a config that cannot run on this task (called before any work)."""
         return None

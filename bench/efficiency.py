@@ -4,21 +4,25 @@ Engine side: embedded local Ray with num_cpus = cores (what `simfed launch` star
 `cores` workers with 1 CPU each, `run_experiment` with eval/checkpoint only after the last round.
 Per-round times come from the engine's own events ("round" -> seconds, "chunk" -> samples):
 - ray_startup_s: `ray.init` (cluster.connect), not in any throughput figure;
-- pool_startup_s: run_experiment call -> "start" event (store open, server + worker actors up);
-- warmup round (round 1: first touch of the store, torch's lazy init in every worker), reported
-  apart and excluded;
+- pool_startup_s: run_experiment call -> "start" event (store open, server + worker actors up,
+  each worker's warm-up: one tiny forward/backward of the method's model, `workers[].warmup_s`);
+- round 1 ("warmup_round" in the JSON for continuity: since the workers warm up at pool start it
+  is an ordinary round) is reported apart;
 - timed rounds 2..R: samples / wall time from the end of round 1 to the end of round R (this wall
   also holds the engine's between-round work, e.g. the server memory query and status file);
   `sum_round_seconds` is the engine's own per-round figure for comparison;
+- all rounds 1..R: the same from the start of round 1 (for `ratio_round1`);
 - eval_s: end of the last round -> "eval" event (run.eval_clients per cohort), excluded.
 
-Plain side (bench/_common.PlainPool): the cohorts of the timed rounds (same client ids, same local
+Plain side (bench/_common.PlainPool): the cohorts of every round (same client ids, same local
 steps, batch size and batch indices), one 1-thread process per core, clients split LPT, started and
-warmed up before Ray. Paired design: right after each timed engine round, inside the engine's
-"round" event (Ray workers idle), the plain processes train that round's cohort; those pauses are
-taken out of the engine's wall time. Pairs see the same background load, which matters on a shared
-machine. Figures:
-- ratio = engine samples/s / plain samples/s (target >= 0.85);
+warmed up before Ray. Paired design: right after each engine round, inside the engine's "round"
+event (Ray workers idle), the plain processes train that round's cohort; those pauses are taken
+out of the engine's wall time. Pairs see the same background load, which matters on a shared
+machine. Both sides are warm before their round 1 (plain: a few steps at process start; engine:
+the workers' warm-up at pool start), and neither side's start-up is in any ratio. Figures:
+- ratio = engine samples/s / plain samples/s over rounds 2..R, steady state (target >= 0.95);
+- ratio_round1 = the same over rounds 1..R, the first round included (target >= 0.90);
 - ratio_median_of_pairs: median over rounds of plain_s / engine_s (robust to one disturbed round);
 - niceness: Ray runs every worker process (actors included) at nice 15 (RAY_worker_niceness); the
   plain processes get the same niceness by default (--plain-nice), else on a loaded machine the
@@ -83,7 +87,7 @@ def profile_serial(store: str, cfg, n_clients: int, top: int = 25) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=400, help="store size (synthetic FEMNIST writers)")
-    ap.add_argument("--rounds", type=int, default=6, help="rounds in all; round 1 is warm-up (>= 2)")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds in all; round 1 is reported apart (>= 2)")
     ap.add_argument("--clients-per-round", type=int, default=40)
     ap.add_argument("--local-steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -103,7 +107,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.rounds < 2:
-        ap.error("--rounds must be >= 2 (round 1 is the warm-up)")
+        ap.error("--rounds must be >= 2 (round 1 is reported apart from the steady state)")
 
     from simfed.algorithms.fedavg import FedAvgConfig
 
@@ -131,7 +135,7 @@ def main() -> None:
     plain_pids = {p.pid for p in pool.procs} if pool else set()
 
     def after_round(r: int):
-        return pool.run_round(r - 1) if pool and r >= 2 else None
+        return pool.run_round(r - 1) if pool else None
 
     ray_s = C.connect_ray(ncores)
     try:
@@ -149,6 +153,9 @@ def main() -> None:
     # wall from the end of round 1 to the end of round R, without the paired plain rounds
     wall = timed[-1]["t_end"] - warm["t_end"] - sum(r["paused_s"] for r in rounds[:-1])
     samples = sum(r["samples"] for r in timed)
+    # from the start of round 1 (its end less its own duration) to the end of round R
+    wall_all = timed[-1]["t_end"] - (warm["t_end"] - warm["seconds"]) - sum(r["paused_s"] for r in rounds[:-1])
+    samples_all = samples + warm["samples"]
     sum_round = sum(r["seconds"] for r in timed)
     cpu = C.cpu_sum([r["cpu"] for r in timed])
     cpu_total = sum(cpu.values())
@@ -166,6 +173,10 @@ def main() -> None:
         "sum_round_seconds": round(sum_round, 3),
         "between_rounds_s": round(wall - sum_round, 3),
         "samples_per_s": round(samples / wall, 1),
+        "all_rounds_wall_s": round(wall_all, 3), "all_rounds_samples": samples_all,
+        "all_rounds_samples_per_s": round(samples_all / wall_all, 1),
+        "round1_over_round2": round(warm["seconds"] / timed[0]["seconds"], 4),
+        "worker_warmup_s": [w.get("warmup_s") for w in rec.workers],
         "samples_per_s_from_round_seconds": round(samples / sum_round, 1),
         # CPU seconds over the timed rounds, every process of the run (driver, Ray daemons, actors):
         # less sensitive than wall time to other load on a shared machine.
@@ -196,8 +207,14 @@ def main() -> None:
     }
     if pool:
         plain = pool.summary()
+        steady = pool.rounds[1:]
+        plain_steady = {"samples": sum(r["samples"] for r in steady), "seconds": sum(r["seconds"] for r in steady),
+                        "cpu_seconds": sum(sum(r["cpu_seconds"]) for r in steady)}
+        plain_steady["samples_per_s"] = plain_steady["samples"] / plain_steady["seconds"]
+        plain_steady["samples_per_cpu_s"] = plain_steady["samples"] / plain_steady["cpu_seconds"]
+        plain["steady_rounds"] = {k: round(v, 3) for k, v in plain_steady.items()}
         pairs = []
-        for r in timed:
+        for r in rounds:
             p = r["after"]
             e_cpu = sum(r["cpu"].values())
             pairs.append({"round": r["round"], "engine_s": round(r["seconds"], 3), "plain_s": round(p["seconds"], 3),
@@ -206,24 +223,30 @@ def main() -> None:
         ratios = sorted(x["ratio"] for x in pairs)
         out["plain"] = plain
         out["pairs"] = pairs
-        out["same_samples"] = plain["samples"] == samples
+        out["same_samples"] = plain["samples"] == samples_all and plain_steady["samples"] == samples
         # ratio: engine samples/s (wall from round-1 end to round-R end, plain rounds taken out)
-        # over plain samples/s (sum of its barrier-synchronized round walls)
-        out["ratio"] = round(engine["samples_per_s"] / plain["samples_per_s"], 4)
-        out["ratio_from_round_seconds"] = round(engine["samples_per_s_from_round_seconds"] / plain["samples_per_s"], 4)
+        # over plain samples/s (sum of its barrier-synchronized round walls), rounds 2..R;
+        # ratio_round1: the same over rounds 1..R (engine wall from the start of round 1)
+        out["ratio"] = round(engine["samples_per_s"] / plain_steady["samples_per_s"], 4)
+        out["ratio_round1"] = round(engine["all_rounds_samples_per_s"] / plain["samples_per_s"], 4)
+        out["ratio_from_round_seconds"] = round(engine["samples_per_s_from_round_seconds"]
+                                                / plain_steady["samples_per_s"], 4)
+        out["round1_pair"] = pairs[0]
+        pairs = pairs[1:]
         out["ratio_median_of_pairs"] = ratios[len(ratios) // 2] if len(ratios) % 2 else \
             round((ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2, 4)
-        out["cpu_ratio"] = round(engine["samples_per_cpu_s"] / plain["samples_per_cpu_s"], 4)
-        out["worker_cpu_ratio"] = round(engine["samples_per_worker_cpu_s"] / plain["samples_per_cpu_s"], 4)
-        out["target"] = 0.85
-        out["meets_target"] = out["ratio"] >= 0.85
+        out["cpu_ratio"] = round(engine["samples_per_cpu_s"] / plain_steady["samples_per_cpu_s"], 4)
+        out["worker_cpu_ratio"] = round(engine["samples_per_worker_cpu_s"] / plain_steady["samples_per_cpu_s"], 4)
+        out["target"] = {"ratio": 0.95, "ratio_round1": 0.90}
+        out["meets_target"] = out["ratio"] >= 0.95 and out["ratio_round1"] >= 0.90
     if a.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"engine {engine['samples_per_s']:.0f} samples/s over {len(timed)} rounds "
-              f"(ray start {ray_s:.1f}s, pool {engine['pool_startup_s']}s, warm-up {warm['seconds']:.1f}s)")
+              f"(ray start {ray_s:.1f}s, pool {engine['pool_startup_s']}s, round 1 {warm['seconds']:.1f}s)")
         if pool:
-            print(f"plain  {out['plain']['samples_per_s']:.0f} samples/s  ratio {out['ratio']:.3f} "
+            print(f"plain  {plain_steady['samples_per_s']:.0f} samples/s  ratio {out['ratio']:.3f} "
+                  f"(round 1 included {out['ratio_round1']:.3f}) "
                   f"(median of pairs {out['ratio_median_of_pairs']:.3f}, CPU {out['cpu_ratio']:.3f}, "
                   f"same samples: {out['same_samples']})")
 

@@ -92,6 +92,16 @@ class Worker:
                 self.node_id = ray.get_runtime_context().get_node_id()
         except Exception:  # serial backend without Ray: the node is this machine
             pass
+        self.warmup_s = self._warmup(ids)
+
+    def _warmup(self, ids) -> float:
+        """First use of torch and of the store, paid here (pool start, before any round is timed)
+        rather than by the first round's clients."""
+        t0 = time.perf_counter()
+        if len(ids):
+            self.store.read(int(ids[0]), "train")
+        self.algo.warmup(self.spec.cfg, self.spec.task, self.device)
+        return time.perf_counter() - t0
 
     def describe(self) -> dict:
         gpu_ids: list = []
@@ -103,7 +113,7 @@ class Worker:
         except Exception:
             pass
         return {"index": self.index, "pid": os.getpid(), "node_id": self.node_id, "device": str(self.device),
-                "gpu_ids": gpu_ids, "threads": torch.get_num_threads()}
+                "gpu_ids": gpu_ids, "threads": torch.get_num_threads(), "warmup_s": round(self.warmup_s, 4)}
 
     def run(self, phase: str, info: RoundInfo, bcast: Any, payloads: Any, client_ids: list[int],
             checkpointed_round: int = -1, meta_extra: dict | None = None) -> tuple[dict, ChunkResult]:

@@ -50,7 +50,7 @@ def test_non_finite_updates_are_dropped_and_counted(engine_store, tmp_path):
 
 @pytest.mark.usefixtures("ray_session")
 def test_killed_worker_is_replaced_and_its_clients_retried(engine_store, tmp_path):
-    kw = dict(rounds=2, clients_per_round=16, local_steps=20, eval_every=2)
+    kw = dict(rounds=2, clients_per_round=16, local_steps=8, eval_every=2)
     run_experiment(make_exp(engine_store, **kw), tmp_path / "ref")
     state = {"pids": [], "killed": False}
 
