@@ -219,11 +219,12 @@ class MemorySampler:
     so `peak_pss_sum` is the better "how much RAM does this take" figure; both are reported.
     """
 
-    def __init__(self, interval: float = 0.5, pss: bool = True):
+    def __init__(self, interval: float = 0.5, pss: bool = True, exclude: set | frozenset = frozenset()):
         import psutil
 
         self.psutil = psutil
         self.interval, self.want_pss = interval, pss
+        self.exclude = set(exclude)  # pids not to count (e.g. the plain baseline's processes)
         self.me = psutil.Process()
         self.peak_rss = 0
         self.peak_pss = 0
@@ -279,6 +280,8 @@ class MemorySampler:
         rss = pss = 0
         by_kind: dict[str, int] = {}
         for p in procs:
+            if p.pid in self.exclude:
+                continue
             try:
                 if self.want_pss:
                     mi = p.memory_full_info()
