@@ -17,7 +17,9 @@ A round is an ordered list of **phases** (one communication exchange each). For 
 
 `Reply.sums` are summable messages (the engine pre-sums them inside each worker and again on
 the server, so memory is O(model), never O(cohort x model)); float64 stays float64, which is what
-the least-squares Gram accumulators need. `Reply.item` is a per-client message for methods whose
+the least-squares Gram accumulators need. Sums are added, and `absorb` is called, in one fixed
+order (chunk order, then client order within a chunk) that depends on the cohort alone, never
+on workers or timing, so a method's results are bit-identical on any backend and pool. `Reply.item` is a per-client message for methods whose
 server step is per client (a hypernetwork's vector-Jacobian product at that client's input).
 A reply whose tensors are not all finite is dropped by the engine and counted, never absorbed.
 

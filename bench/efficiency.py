@@ -187,7 +187,7 @@ def main() -> None:
         "rounds": [{"round": r["round"], "seconds": round(r["seconds"], 3), "samples": r["samples"],
                     "clients": r["clients"], "cpu_seconds": round(sum(r["cpu"].values()), 3)} for r in rounds],
         # per round: the workers' summed client seconds (engine metric rows); max/mean - 1 is the
-        # share of the round the busiest worker made the others wait (static assignment, no stealing)
+        # share of the round the busiest worker made the others wait (chunks go to free workers)
         "worker_busy_s": {r: {w: round(v, 2) for w, v in sorted(ws.items())}
                           for r, ws in sorted(rec.worker_busy.items()) if r >= 2},
         "worker_busy_imbalance": round(max((max(ws.values()) / (sum(ws.values()) / len(ws)) - 1)
