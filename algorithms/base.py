@@ -65,6 +65,7 @@ class Task:
     input_shape: tuple[int, int, int]
     num_classes: int
     num_clients: int = 0  # seen (training) clients; sizes per-client tables such as embeddings
+    total_clients: int = 0  # seen + unseen clients of the store (PeFLL/pFedHN size embeddings by it)
 
 
 @dataclass(frozen=True)

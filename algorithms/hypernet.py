@@ -156,11 +156,44 @@ def embedding_row(table: dict, cid: int, dim: int, seed: int, tag: str, scale: f
 
 
 def default_embed_dim(task, configured: int) -> int:
-    """1 + n/4 (pFedHN/PeFLL code) with n the seen clients if the task says, else 1 + 100/4."""
+    """int(1 + n/4) as the pFedHN and PeFLL code compute it, with n ALL the clients (seen and unseen:
+    their `num_nodes`, 100 for 90 training nodes), else the seen clients, else 100."""
     if configured > 0:
         return configured
-    n = getattr(task, "num_clients", None) or getattr(task, "num_seen_clients", None) or 100
-    return 1 + int(n) // 4
+    n = getattr(task, "total_clients", 0) or getattr(task, "num_clients", 0) or 100
+    return int(1 + int(n) / 4)
+
+
+def spread(rows: Sequence[torch.Tensor]) -> float:
+    """Collapse gauge: sqrt(mean_i ||x_i - mean x||^2) / sqrt(mean_i ||x_i||^2), in [0, 1].
+
+    0 means every row is the same vector (all clients get one model); it is scale-free, so one
+    threshold serves descriptors, embeddings and models. Accumulated in float64 in the order given
+    (callers pass rows sorted by client id, so serial and Ray runs log the same figure).
+    """
+    if len(rows) < 2:
+        return float("nan")
+    x = torch.stack([r.detach().reshape(-1).double() for r in rows])
+    centred = float((x - x.mean(0)).pow(2).sum(1).mean())
+    total = float(x.pow(2).sum(1).mean())
+    return math.sqrt(centred / total) if total > 0 else 0.0
+
+
+def model_spread(module: nn.Module, inputs: Sequence[torch.Tensor], chunk: int = 64) -> float:
+    """`spread` of module(x) over the given inputs, computed chunk by chunk (O(chunk x model) memory)."""
+    if len(inputs) < 2:
+        return float("nan")
+    n, s1, s2 = 0, None, 0.0
+    with torch.no_grad():
+        for start in range(0, len(inputs), chunk):
+            out = module(torch.stack(list(inputs[start:start + chunk]))).double()
+            s1 = out.sum(0) if s1 is None else s1 + out.sum(0)
+            s2 += float(out.pow(2).sum())
+            n += out.shape[0]
+    mean = s1 / n
+    # mean ||x - m||^2 = mean ||x||^2 - ||m||^2; float64 keeps a collapse-sized spread (1e-4) exact enough
+    centred = max(s2 / n - float(mean.pow(2).sum()), 0.0)
+    return math.sqrt(centred / (s2 / n)) if s2 > 0 else 0.0
 
 
 def summary(accs: Sequence[float]) -> dict[str, float]:

@@ -1,37 +1,73 @@
 """PeFLL: personalized federated learning by learning to learn (Scott, Zakerinia, Lampert;
-ICLR 2024, arXiv 2306.05515), Algorithms 1 and 2 of the paper, as in shared/ALGORITHMS.md.
+ICLR 2024, arXiv 2306.05515), Algorithms 1 and 2 of the paper, checked against the authors' code
+(github.com/jonnyascott/PeFLL, train.py and models.py) and shared/ALGORITHMS.md.
 
 Server: hypernetwork h (eta_h; Table 5) and embedding network phi (eta_v; Table 4: the client
 LeNet with C + num_classes input channels, the one-hot label as constant planes, output l).
 A training round is the three exchanges of Algorithm 2, one phase each:
   describe: broadcast eta_v; the client draws a seeded batch B of `descriptor_batch` samples and
-            returns v_i = mean_{(x,y) in B} phi(x, y) (item).
-  model:    the server sends theta_i = h(v_i) (one batched forward pass per chunk); the client
-            runs k SGD steps and returns delta_i = theta_i - theta_i' (item); on arrival the
-            server accumulates J_h(v_i)^T g_i into eta_h's gradient (g_i = delta_i +
-            2 lambda_theta theta_i, the per-client objective's gradient proxy) and keeps dv_i =
-            J_v^T g_i.
-  embed:    the server sends dv_i; the client recomputes v on the SAME batch B (the batch seed
+            returns the raw descriptor u_i = mean_{(x,y) in B} phi(x, y) (item). finish(describe)
+            fixes the normalization once (below).
+  model:    the server sends theta_i = h(v_i) with v_i = (u_i - m) / s (one batched forward pass per
+            chunk); the client runs k SGD steps and returns delta_i = theta_i - theta_i' (item); on
+            arrival the server accumulates J_h(v_i)^T g_i into eta_h's gradient (g_i = delta_i +
+            2 lambda_theta theta_i) and keeps du_i = J_h(v_i)^T g_i / s (chain rule through the
+            normalization; m and s are constants, as in the authors' code).
+  embed:    the server sends du_i; the client recomputes u on the SAME batch B (the batch seed
             depends on run seed, round and client, not on the phase) and returns the eta_v
-            gradient d<v(B), dv_i>/d eta_v as a summable message.
-finish(embed): average over the clients that replied, add the L2 terms of objective (1)
-(2 lambda_h eta_h, 2 lambda_v eta_v), clip each gradient at server_clip, one Adam step.
-Because delta_i is a descent step (old - new), the server descends along it; this equals
-Algorithm 2's eta += mean(Delta eta) with Delta theta = new - old.
+            gradient d<u(B), du_i>/d eta_v as a summable message.
+finish(embed): average eta_h's and eta_v's gradients over the clients that replied, clip them
+jointly (one vector, as the authors' clip_grad_norm_ over joint.parameters()) at server_clip,
+one Adam step (no weight decay inside Adam), then the decoupled decay of `decay`. Because delta_i
+is a descent step (old - new), the server descends along it: Algorithm 2's eta += mean(Delta eta)
+with Delta theta = new - old.
+
+Descriptor normalization (`descriptor_norm` ["first"]; [code]): the authors standardize every
+descriptor by the mean m and the (unbiased, torch.std) standard deviation s over the components
+of the FIRST descriptor computed in training, fixed afterwards and reused at evaluation. Without it
+the raw descriptors of different clients differ by ~1% of their norm, h's input barely varies and
+h hands every client the same model (issue 10: PeFLL degenerated to FedAvg). Here m and s come
+from the descriptor of the lowest client id that replied in the first training round (the authors
+take their first sampled client; ours is the same rule on serial and Ray), are server state
+(checkpointed) and are applied before h in training and evaluation. "none" feeds u to h as is.
+An evaluation before any training round (m unset) feeds u as is.
+
+Weight decay (`decay` ["decoupled"]): the L2 terms lambda_h ||eta_h||^2 + lambda_v ||eta_v||^2 of
+objective (1) act as eta <- (1 - 2 server_lr lambda) eta after the Adam step, as the paper's
+Algorithm 2 writes the step; "none" is the authors' default run (their Adam has no weight decay;
+their `--wd` only reaches the SGD optimizer). Never added to the gradient before Adam: Adam
+rescales per coordinate, so a coupled 2 lambda eta pulls every weight whose data gradient is
+smaller to zero at one learning-rate step per round (issue 10).
 
 Evaluation (seen and unseen alike, zero-shot, Algorithm 1): describe then evaluate with
-theta = h(v(S_train)). Options: `label_free` (phi sees x only; paper Table 2), `label_mask`
-(classes absent from the client's train split cannot be predicted).
+theta = h((u(S_train) - m) / s). Options: `label_free` (phi sees x only; paper Table 2),
+`label_mask` (classes absent from the client's train split cannot be predicted).
 
-Reconstructed choices (config options, defaults in brackets):
-- embed_dim [0 = 1 + n/4 with n the clients if the task says, else 26].
-- eval_descriptor ["train"]: the evaluation descriptor averages phi over the whole train split
-  (ALGORITHMS.md); "batch" uses one seeded batch as in Algorithm 1.
+Differences from the authors' code, and why:
+- Cohort: they sample `clients_per_step` (default 5) clients with Python's global RNG and divide
+  the summed gradient by clients_per_step; we use the engine's seeded cohort and divide by the
+  clients that replied (a dropped client does not shrink the step).
+- Descriptor scale: they divide the summed phi by 2 x number of batches (len() of an (x, y)
+  tuple), not by the sample count; the normalization cancels any constant factor, so we take the
+  plain mean.
+- Which client fixes m and s: their first sampled client; ours the lowest id of round 0's replies.
+- Local training: they draw each of the k batches from a fresh shuffled DataLoader iterator; we
+  draw seeded batches (`training.sgd_train`). Same SGD (lr 2e-3, momentum 0.9, wd 5e-5, clip 50).
+- Label masking: their default evaluation masks absent classes (`--mask-absent true`, multiplying
+  the logits by the 0/1 class indicator, i.e. absent logits become 0); ours is off by default
+  (the paper's Table 1 is unmasked) and, when on, sets absent logits to -1e4.
+- lambda_theta [0] (a penalty on the generated weights) and the `decay` option are ours/the
+  paper's; their code has neither.
+- eval_descriptor ["train"]: the whole train split, as their evaluate(); "batch" uses one
+  seeded batch as in Algorithm 1.
+- embed_dim [0 = int(1 + n/4)], with n ALL clients (seen and unseen), as their code (num_nodes).
 - short_clients ["all"]: a client with fewer train samples than descriptor_batch uses all of
-  them (v is a mean, so any batch size is valid; no resampling with replacement, which would
-  weight some samples twice); "error" raises a SimfedError instead. A client with no train
-  samples is always an error.
-- server_clip [50] applies to eta_h's and eta_v's averaged gradients separately.
+  them (v is a mean; their DataLoader also yields a short batch); "error" raises a SimfedError.
+  A client with no train samples is always an error.
+
+Collapse gauge (every round, in the round's stats, persisted in RUN_DIR/metrics/rounds/):
+`model.descriptor_spread` (spread of the normalized descriptors of the cohort) and
+`model.model_spread` (spread of the generated models h(v_i)), see `hypernet.spread`; 0 = collapse.
 """
 
 from __future__ import annotations
@@ -70,6 +106,8 @@ class PeFLLConfig:
     label_mask: bool = False
     eval_descriptor: str = "train"
     short_clients: str = "all"
+    descriptor_norm: str = "first"
+    decay: str = "decoupled"
     target_shapes: tuple = ()
 
     def __post_init__(self):
@@ -84,15 +122,39 @@ class PeFLLConfig:
             raise ValueError(f"eval_descriptor must be 'train' or 'batch', got {self.eval_descriptor!r}")
         if self.short_clients not in ("all", "error"):
             raise ValueError(f"short_clients must be 'all' or 'error', got {self.short_clients!r}")
+        if self.descriptor_norm not in ("first", "none"):
+            raise ValueError(f"descriptor_norm must be 'first' or 'none', got {self.descriptor_norm!r}")
+        if self.decay not in ("decoupled", "none"):
+            raise ValueError(f"decay must be 'decoupled' or 'none', got {self.decay!r}")
 
 
 class PeFLLState(ServerState):
     def __init__(self, hnet, embed, opt):
         self.hnet, self.embed, self.opt = hnet, embed, opt
-        self._v: dict = {}    # round scratch: client id -> descriptor v_i
-        self._dv: dict = {}   # client id -> d<h(v_i), g_i>/dv_i
+        self.norm = None      # (m, s) of the descriptor normalization once fixed (checkpointed)
+        self._v: dict = {}    # round scratch: client id -> raw descriptor u_i
+        self._dv: dict = {}   # client id -> d<h((u_i - m)/s), g_i>/du_i
         self._n_h = 0         # replies absorbed into eta_h's gradient this round
         self._v_eval: dict = {}
+
+
+def normalized(state, u: torch.Tensor) -> torch.Tensor:
+    """h's input: (u - m) / s once the normalization is fixed, else u."""
+    if state.norm is None:
+        return u
+    m, s = state.norm
+    return (u - m) / s
+
+
+def fix_norm_(cfg, state) -> None:
+    """Set (m, s) from the lowest client id's descriptor of the first training round that had one."""
+    if cfg.descriptor_norm != "first" or state.norm is not None or not state._v:
+        return
+    u = state._v[min(state._v)]
+    m, s = u.mean(), (u.std() if u.numel() > 1 else torch.ones(()))
+    if not torch.isfinite(s) or float(s) <= 0:  # a constant descriptor: centre only
+        s = torch.ones(())
+    state.norm = (m.detach().clone(), s.detach().clone())
 
 
 def embed_module(ctx, cfg, dim: int):
@@ -155,7 +217,7 @@ class PeFLL(Algorithm):
             if not ids:
                 return {}
             with torch.no_grad():
-                th = state.hnet(torch.stack([store[c] for c in ids]))
+                th = state.hnet(torch.stack([normalized(state, store[c]) for c in ids]))
             # clone: a row view would pickle th's whole storage, i.e. every client of the chunk's
             # theta in each client's payload (chunk-size times the bytes through the object store)
             return {c: th[j].clone() for j, c in enumerate(ids)}
@@ -172,7 +234,9 @@ class PeFLL(Algorithm):
         elif phase == "model":
             lam = cfg.lambda_theta
             grad = (lambda out: item[None] + 2 * lam * out) if lam > 0 else item[None]
-            state._dv[cid] = hn.vjp_(state.hnet, state._v[cid][None], grad)[0]
+            dv = hn.vjp_(state.hnet, normalized(state, state._v[cid])[None], grad)[0]
+            # chain rule through v = (u - m) / s, m and s constants: du = dv / s
+            state._dv[cid] = dv / state.norm[1] if state.norm is not None else dv
             state._n_h += 1
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
@@ -180,15 +244,20 @@ class PeFLL(Algorithm):
             if phase == "evaluate":
                 state._v_eval = {}
             return None
-        if phase != "embed":
+        if phase == "describe":
+            fix_norm_(cfg, state)
             return None
+        if phase == "model":
+            ids = sorted(state._v)  # sorted: the same float64 sums on serial and Ray
+            inputs = [normalized(state, state._v[c]) for c in ids]
+            return {"descriptor_spread": hn.spread(inputs), "model_spread": hn.model_spread(state.hnet, inputs)}
         n_h, n_v = state._n_h, int(float(sums.get("n", 0.0))) if sums else 0
         hparams, vparams = list(state.hnet.parameters()), list(state.embed.parameters())
         out = {"clients_h": float(n_h), "clients_v": float(n_v)}
         if n_h > 0:
             for p in hparams:
-                p.grad = p.grad / n_h + 2 * cfg.lambda_h * p.detach()
-            out["eta_h_grad_norm"] = hn.grad_norm_clip_(hparams, cfg.server_clip)
+                p.grad = p.grad / n_h
+            out["eta_h_grad_norm"] = hn.grad_norm_clip_(hparams, 0.0)
         else:
             for p in hparams:
                 p.grad = None
@@ -197,14 +266,23 @@ class PeFLL(Algorithm):
             offset = 0
             for p in vparams:
                 k = p.numel()
-                p.grad = g[offset:offset + k].view_as(p) + 2 * cfg.lambda_v * p.detach()
+                p.grad = g[offset:offset + k].view_as(p).clone()
                 offset += k
-            out["eta_v_grad_norm"] = hn.grad_norm_clip_(vparams, cfg.server_clip)
+            out["eta_v_grad_norm"] = hn.grad_norm_clip_(vparams, 0.0)
         else:
             for p in vparams:
                 p.grad = None
         if n_h or n_v:
+            # one clip over eta_h and eta_v together, as the authors' clip_grad_norm_(joint.parameters(), 50)
+            out["grad_norm"] = hn.grad_norm_clip_(hparams + vparams, cfg.server_clip)
+            stepped = [(p, cfg.lambda_h if j < len(hparams) else cfg.lambda_v)
+                       for j, p in enumerate(hparams + vparams) if p.grad is not None]
             state.opt.step()  # Adam skips parameters whose grad is None
+            if cfg.decay == "decoupled":
+                with torch.no_grad():
+                    for p, lam in stepped:
+                        if lam > 0:
+                            p.mul_(1.0 - 2.0 * cfg.server_lr * lam)
         state.opt.zero_grad(set_to_none=True)
         state._v, state._dv, state._n_h = {}, {}, 0
         return out

@@ -1,5 +1,6 @@
 """pFedHN: personalized federated hypernetworks (Shamsian, Navon, Fetaya, Chechik; ICML 2021,
-arXiv 2103.04628), as specified in shared/ALGORITHMS.md.
+arXiv 2103.04628), checked against the authors' code (github.com/AvivSham/pFedHN,
+experiments/pfedhn/trainer.py and models.py) and shared/ALGORITHMS.md.
 
 The server holds a per-client embedding e_i and a hypernetwork h (Linear(d, 100), 3 x [ReLU,
 Linear(100, 100)], one linear head per LeNet tensor). One phase per round: the server produces
@@ -7,19 +8,38 @@ theta_i = h(e_i) for a chunk of clients in one batched forward pass; the client 
 and returns delta_i = theta_i - theta_i'; the server accumulates the vector-Jacobian product
 J_h(e_i)^T delta_i into h's gradient as each reply arrives (O(model) memory) and keeps the
 (small) embedding gradient per client; `finish` averages h's gradient over the clients that
-replied, clips it and takes an SGD step.
+replied, clips h's gradient and the cohort's embedding gradients jointly at server_clip and
+takes one SGD step with momentum on both.
 
-Reconstructed choices (config options, defaults in brackets):
-- embed_dim [0 = 1 + n/4, n the number of clients if the task says, else 26 (n = 100)]: the
-  server API does not hand the client list to init, so set it for other client counts.
-- Embedding rows are created lazily, N(0, 1) seeded by (run seed, client id) as nn.Embedding's
-  default; each row is updated only when its client replies, by plain SGD with embed_lr
-  [1e-2], embed_weight_decay [1e-3] and its own gradient clipped at server_clip, not averaged
-  over the cohort (only that client contributes to it; pFedHN's code takes one client per step).
-- Unseen clients: h frozen, a fresh N(0, 1) embedding (seeded by client id) is fitted by
-  `unseen_exchanges` [10] eval phases of the same exchange, each an SGD step of `unseen_lr`
-  [5e-2] on that client's embedding only; a final phase evaluates h(e_new). The fitted
-  embeddings are evaluation scratch (`_unseen`), never training state.
+As the authors' code (defaults): inner SGD lr 5e-3, momentum 0.9, weight decay 5e-5, clip 50,
+k = 50 steps, client batch 64; server SGD lr 1e-2, momentum 0.9, weight decay 1e-3, over the
+hypernetwork AND the embeddings (their nn.Embedding sits inside the hypernetwork; its parameter
+group takes embed_lr, default = lr); one clip at 50 over all of them; embeddings N(0, 1)
+(nn.Embedding's init); embed_dim = int(1 + n/4) with n all the clients (their num_nodes).
+
+Differences from the authors' code, and why:
+- Cohort averaging (ours): they take ONE client per server step; we average h's gradient over
+  the engine's cohort (clients_per_round), the federated round every other simfed method uses, so
+  that methods are compared at equal rounds and communication. With a cohort of 1 the step is
+  theirs. Each embedding row gets its own client's gradient, not divided by the cohort size: in
+  their step a row's gradient is also its own client's alone.
+- Embedding rows are updated lazily (ours): a row's momentum buffer and weight decay act only
+  when its client takes part. Their dense nn.Embedding gradient is zero for absent rows, but
+  SGD's momentum and weight decay still move every row at every step; the server here does not
+  know the client list at init (rows are created, seeded by client id, on first use), and a
+  row that drifts while its client is absent is not something the method relies on.
+- Seeded batches and cohort (`training.sgd_train`, the engine's sampler) instead of a fresh
+  shuffled DataLoader iterator per step and Python's global RNG.
+- Unseen clients (the paper's generalization experiment; not in this trainer): h frozen, a fresh
+  N(0, 1) embedding (seeded by client id) is fitted by `unseen_exchanges` [10] eval phases of
+  the same exchange, each an SGD step of `unseen_lr` [5e-2] on that client's embedding only; a
+  final phase evaluates h(e_new). The fitted embeddings are evaluation scratch (`_unseen`).
+- embed_dim [0 = int(1 + n/4)]: n is the store's seen + unseen clients when the task says, else
+  the seen ones, else 100.
+
+Collapse gauge (every round, in the round's stats, persisted in RUN_DIR/metrics/rounds/):
+`train.embedding_spread` and `train.model_spread` over the cohort (`hypernet.spread`; 0 = every
+client gets the same model).
 """
 
 from __future__ import annotations
@@ -43,7 +63,7 @@ class PFedHNConfig:
     hidden: int = 100
     n_hidden: int = 3
     local_steps: int = 50
-    batch_size: int = 32
+    batch_size: int = 64
     lr: float = 5e-3
     momentum: float = 0.9
     weight_decay: float = 5e-5
@@ -53,6 +73,7 @@ class PFedHNConfig:
     server_weight_decay: float = 1e-3
     server_clip: float = 50.0
     embed_lr: float = 1e-2
+    embed_momentum: float = 0.9
     embed_weight_decay: float = 1e-3
     unseen_exchanges: int = 10
     unseen_lr: float = 5e-2
@@ -71,6 +92,7 @@ class PFedHNConfig:
 class PFedHNState(ServerState):
     def __init__(self, hnet, opt, emb: dict, dim: int, seed: int):
         self.hnet, self.opt, self.emb, self.dim, self.seed = hnet, opt, emb, dim, seed
+        self.emb_mom: dict = {}  # client id -> momentum buffer of its embedding row (checkpointed)
         self._egrad: dict = {}  # round scratch: client id -> d<h(e_i), delta_i>/de_i
         self._n = 0
         self._unseen: dict = {}  # eval scratch: fitted embeddings of unseen clients
@@ -161,12 +183,38 @@ class PFedHN(Algorithm):
         if n == 0:
             state.opt.zero_grad(set_to_none=True)
             return {"clients": 0.0}
+        ids = sorted(state._egrad)  # sorted: the same float sums on serial and Ray
+        rows = [state.emb[c] for c in ids]
+        out = {"clients": float(n), "embedding_spread": hn.spread(rows),
+               "model_spread": hn.model_spread(state.hnet, rows)}
         for p in params:
             if p.grad is not None:
                 p.grad.div_(n)
-        norm = hn.grad_norm_clip_(params, cfg.server_clip)
+        out["hnet_grad_norm"] = hn.grad_norm_clip_(params, 0.0)
+        # one clip over h's gradient and the cohort's embedding gradients, as the authors' clip
+        # over hnet.parameters() (their embedding table is one of them)
+        egrads = {c: state._egrad[c].clone() for c in ids}
+        tensors = [p.grad for p in params if p.grad is not None] + [egrads[c] for c in ids]
+        total = float(torch.linalg.vector_norm(torch.stack([t.norm() for t in tensors])))
+        if cfg.server_clip > 0 and total > cfg.server_clip:
+            scale = cfg.server_clip / (total + 1e-6)  # clip_grad_norm_'s factor
+            for t in tensors:
+                t.mul_(scale)
+        out["grad_norm"] = total
         state.opt.step()
         state.opt.zero_grad(set_to_none=True)
-        hn.sgd_rows_(state.emb, state._egrad, cfg.embed_lr, cfg.embed_weight_decay, cfg.server_clip)
+        momentum_rows_(state.emb, state.emb_mom, egrads, cfg.embed_lr, cfg.embed_momentum, cfg.embed_weight_decay)
         state._egrad = {}
-        return {"clients": float(n), "hnet_grad_norm": norm}
+        return out
+
+
+def momentum_rows_(table: dict, mom: dict, grads: dict, lr: float, momentum: float, weight_decay: float) -> None:
+    """torch.optim.SGD's update (momentum, dampening 0, weight decay) on the rows that took part only."""
+    for cid, g in grads.items():
+        e = table[cid]
+        d = g + weight_decay * e
+        buf = d.clone() if cid not in mom else momentum * mom[cid] + d
+        if momentum > 0:
+            mom[cid] = buf
+            d = buf
+        table[cid] = e - lr * d

@@ -54,7 +54,8 @@ def check_experiment(exp: Experiment, on_event: Event | None = None):
     run = exp.run
     store = open_store(exp.data, on_event)
     seen, unseen = [int(c) for c in store.client_ids("seen")], [int(c) for c in store.client_ids("unseen")]
-    task = Task(tuple(int(v) for v in store.sample_shape), int(store.num_classes), num_clients=len(seen))
+    task = Task(tuple(int(v) for v in store.sample_shape), int(store.num_classes), num_clients=len(seen),
+                total_clients=len(seen) + len(unseen))
     registry.get(exp.algorithm).validate(exp.algorithm_config, task)
     if run.clients_per_round < 1 or run.clients_per_round > len(seen):
         raise SimfedError(f"[run] clients_per_round = {run.clients_per_round} but the store {store.path} has "

@@ -1,4 +1,5 @@
-"""PeFLL: the three exchanges give exactly the gradients of the composed networks."""
+"""PeFLL: the three exchanges give exactly the gradients of the composed networks
+h((mean phi - m) / s); normalization, decoupled decay, joint clip; clients get different models."""
 
 from __future__ import annotations
 
@@ -79,23 +80,34 @@ def run_exchanges(algo, cfg, state, clients, ids, round_=0, drop=()):
     return info, v, deltas, sums
 
 
-def reference(cfg, state0, clients, deltas, round_=0):
-    """Autograd through h(mean phi(B_i)) with delta_i held fixed, in one process."""
+def reference(cfg, state0, clients, deltas, round_=0, first=None):
+    """Autograd through h((mean phi(B_i) - m) / s) with delta_i held fixed, in one process;
+    m and s: mean and std of the descriptor of client `first` (constants, as in the authors' code)."""
     hnet, embed = copy.deepcopy(state0.hnet), copy.deepcopy(state0.embed)
     make = maker(clients, round_)
-    loss = 0.0
-    for cid, d in deltas.items():
+
+    def raw(cid):
         data, ctx = make(cid, "describe")
         x, y = data.split("train")
         idx = descriptor_batch(cfg, data, ctx)
-        theta = hnet(descriptor(embed, cfg, x[idx], y[idx], TASK.num_classes)[None])[0]
+        return descriptor(embed, cfg, x[idx], y[idx], TASK.num_classes)
+
+    m, s = torch.tensor(0.0), torch.tensor(1.0)
+    if cfg.descriptor_norm == "first":
+        with torch.no_grad():
+            u = raw(min(deltas) if first is None else first)
+            m, s = u.mean(), u.std()
+    loss = 0.0
+    for cid, d in deltas.items():
+        theta = hnet(((raw(cid) - m) / s)[None])[0]
         loss = loss + (theta * d).sum() + cfg.lambda_theta * (theta ** 2).sum()
     loss.backward()
     return hnet, embed
 
 
-def test_three_exchanges_match_autograd_through_composed_networks():
-    algo, cfg = PeFLL(), small_cfg()
+@pytest.mark.parametrize("norm", ["first", "none"])
+def test_three_exchanges_match_autograd_through_composed_networks(norm):
+    algo, cfg = PeFLL(), small_cfg(descriptor_norm=norm, lambda_h=0.1, lambda_v=0.2)
     clients = make_clients([40, 25, 10, 33])  # client 2 has fewer samples than the descriptor batch
     state = algo.init(cfg, TASK, SEED)
     state0 = copy.deepcopy(state)
@@ -110,13 +122,17 @@ def test_three_exchanges_match_autograd_through_composed_networks():
     torch.testing.assert_close(sums["grad_v"], ref_v, atol=1e-5, rtol=1e-5)
     assert float(sums["n"]) == 4.0
 
-    # finish: one Adam step on mean gradient + 2 lambda * eta (objective (1)), no clipping here
+    # finish: one Adam step on the mean gradient (no L2 inside Adam), then the decoupled decay
+    # eta <- (1 - 2 lr lambda) eta of objective (1); no clipping here
     ref_params = [p.detach().clone().requires_grad_(True) for p in list(hnet.parameters()) + list(embed.parameters())]
     nh = len(list(hnet.parameters()))
-    for j, (p, q) in enumerate(zip(ref_params, list(hnet.parameters()) + list(embed.parameters()))):
-        p.grad = q.grad / 4 + 2 * (cfg.lambda_h if j < nh else cfg.lambda_v) * p.detach()
+    for p, q in zip(ref_params, list(hnet.parameters()) + list(embed.parameters())):
+        p.grad = q.grad / 4
     ref_opt = torch.optim.Adam(ref_params, lr=cfg.server_lr)
     ref_opt.step()
+    with torch.no_grad():
+        for j, p in enumerate(ref_params):
+            p.mul_(1 - 2 * cfg.server_lr * (cfg.lambda_h if j < nh else cfg.lambda_v))
     out = algo.finish("embed", cfg, state, sums, 4, info)
     assert out["clients_h"] == 4 and out["clients_v"] == 4
     new = list(state.hnet.parameters()) + list(state.embed.parameters())
