@@ -66,8 +66,8 @@ def method_configs(args) -> dict[str, dict]:
 
 def experiment(store: str, algo: dict, args):
     return parse({"data": {"path": store},
-                  "run": {"rounds": args.rounds, "clients_per_round": args.clients_per_round, "eval_every": 0,
-                          "checkpoint_every": 0, "seed": args.seed},
+                  "run": {"rounds": args.rounds, "clients_per_round": args.clients_per_round,
+                          "eval_every": getattr(args, "eval_every", 0), "checkpoint_every": 0, "seed": args.seed},
                   "algorithm": algo,
                   "engine": {"backend": args.backend, "workers": args.workers, "cpus_per_worker": 1}})
 
@@ -158,9 +158,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seeds", default="0", help="comma-separated run seeds (same store); mean +- std over them")
     ap.add_argument("--out", default="", help="also write the JSON here (temp file, then rename)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="also evaluate every N rounds (learning curve in each run's metrics; costs eval time)")
+    ap.add_argument("--work", default="", help="keep the runs here (default: a new temp folder)")
     args = ap.parse_args(argv)
     store = ensure_store(args.store)
-    work = Path(tempfile.mkdtemp(prefix="simfed-hn-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="simfed-hn-bench-"))
     keys = ("clients", "acc_mean", "acc_p10", "acc_worst10")
     if args.backend == "ray":
         cluster.connect("", num_cpus=args.workers)
