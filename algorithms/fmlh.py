@@ -34,9 +34,10 @@ client that never trained): with h and w frozen, the client gets a new embedding
 the mean of the trained embeddings (the "average client"; N(0, 1) seeded by client id when there
 are none), fitted over `unseen_exchanges` [5] eval phases of the training exchange: the server
 sends w + P(h(e_new)), the client runs the same first-order MAML meta-steps and returns its
-fine-tuned difference d = phi - w, and the server takes `unseen_steps` [20] Adam steps (lr
-`unseen_lr` [0.05], a fresh Adam per exchange) on 0.5 ||P(h(e_new)) - d||^2, the seen clients'
-least-squares objective, for e_new alone. The final phase fine-tunes nu steps from
+fine-tuned difference d = phi - w, and the server takes `unseen_steps` [20] descent steps on
+0.5 ||P(h(e_new)) - d||^2, the seen clients' least-squares objective, for e_new alone
+(normalized gradient steps of length `unseen_lr` [0.1] at first, adapted by backtracking, so
+that the fit cannot diverge whatever h's scale). The final phase fine-tunes nu steps from
 w + P(h(e_new)) as for seen clients. "global" starts unseen clients from w (the previous
 behaviour). The fitted embeddings are evaluation scratch (`_unseen`), never training state.
 
@@ -97,7 +98,7 @@ class FMLHConfig:
     unseen: str = "fit"
     unseen_exchanges: int = 5
     unseen_steps: int = 20
-    unseen_lr: float = 0.05
+    unseen_lr: float = 0.1
     target_shapes: tuple = ()
 
     def __post_init__(self):
@@ -267,16 +268,35 @@ class FMLH(Algorithm):
         state._n += 1
 
     def _fit_new_(self, cfg, state, cid: int, d: torch.Tensor) -> None:
-        """Adam on e_new alone for 0.5 ||P(h(e_new)) - d||^2; h frozen (no parameter gradients)."""
+        """Fit e_new alone to 0.5 ||P(h(e_new)) - d||^2, h frozen (no parameter gradients).
+
+        Normalized gradient steps whose length starts at `unseen_lr` and adapts by backtracking
+        (halved until the objective falls, grown by 1.5 after a success): the objective's scale
+        depends on h, which a fixed learning rate cannot know; an exchange never makes it worse.
+        """
         radius = cfg.rho * float(state.w.norm())
-        e = state._unseen[cid].detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([e], lr=cfg.unseen_lr)
+
+        def objective(e):
+            return 0.5 * (project(state.hnet(e[None]), radius)[0] - d).pow(2).sum()
+
+        e, t = state._unseen[cid].detach().clone(), cfg.unseen_lr
         for _ in range(cfg.unseen_steps):
-            r = project(state.hnet(e[None]), radius)[0] - d
-            (g,) = torch.autograd.grad(0.5 * r.pow(2).sum(), [e])
-            e.grad = g
-            opt.step()
-        state._unseen[cid] = e.detach()
+            x = e.clone().requires_grad_(True)
+            loss = objective(x)
+            (g,) = torch.autograd.grad(loss, [x])
+            gn = float(g.norm())
+            if not gn > 0:
+                break
+            with torch.no_grad():
+                for _ in range(20):
+                    cand = e - (t / gn) * g
+                    if float(objective(cand)) < float(loss):
+                        e, t = cand, t * 1.5
+                        break
+                    t /= 2
+                else:
+                    break
+        state._unseen[cid] = e
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         if info.mode != "train":

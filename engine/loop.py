@@ -125,6 +125,7 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
                 stats = be.run_phase(phase, info, cohort, sizes, on_chunk, last_ckpt)
                 round_stats.update({f"{phase}.{k}": v for k, v in stats.items()})
             writer.write(rows, r + 1, "train")
+            writer.write_rounds(round_stats, r + 1)
             emit({"type": "round", "round": r + 1, "seconds": time.perf_counter() - t0, "stats": round_stats})
             done = r + 1
             if (run.eval_every > 0 and done % run.eval_every == 0) or done == run.rounds:

@@ -3,6 +3,11 @@
 Rows are written under RUN_DIR/metrics/ as one file per round and kind as soon as they exist
 (each file written to a temporary name and renamed), so
 `polars.scan_parquet(run_dir / "metrics" / "*.parquet")` works during and after a run.
+
+The server's scalars of each training round (what `Algorithm.finish` returns, keyed
+"phase.name", e.g. PeFLL's collapse gauge "model.model_spread") go to
+RUN_DIR/metrics/rounds/rNNNNNN.parquet as long rows (run, round, stat, value); `load_rounds`
+gives one row per round and one column per stat.
 """
 
 from __future__ import annotations
@@ -43,9 +48,24 @@ class MetricsWriter:
         os.replace(tmp, path)
         return path
 
+    def write_rounds(self, stats: dict[str, float], round: int) -> Path | None:
+        """The server's scalars of one training round (long format: stats differ between methods)."""
+        if not stats:
+            return None
+        keys = sorted(stats)
+        table = pa.table({"run": [self.run] * len(keys), "round": pa.array([round] * len(keys), pa.int32()),
+                          "stat": keys, "value": pa.array([float(stats[k]) for k in keys], pa.float64())})
+        folder = self.dir / "rounds"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"r{round:06d}.parquet"
+        tmp = folder / f".{path.name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
+
     def truncate_after(self, round: int) -> None:
         """Remove files of rounds > `round` (they are rewritten when a resumed run gets there)."""
-        for path in self.dir.glob("r*.parquet"):
+        for path in list(self.dir.glob("r*.parquet")) + list(self.dir.glob("rounds/r*.parquet")):
             m = _FILE.match(path.name)
             if m and int(m.group(1)) > round:
                 path.unlink()
@@ -60,6 +80,15 @@ def load(run_dir: str | os.PathLike) -> pl.DataFrame:
     if not files:
         return pl.DataFrame(schema=pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema))
     return pl.concat([read(f) for f in files], how="vertical")
+
+
+def load_rounds(run_dir: str | os.PathLike) -> pl.DataFrame:
+    """The server's per-round scalars: one row per training round, one column per stat."""
+    files = sorted((Path(run_dir) / "metrics" / "rounds").glob("r*.parquet"))
+    if not files:
+        return pl.DataFrame({"round": []}, schema={"round": pl.Int32})
+    long = pl.concat([read(f) for f in files], how="vertical")
+    return long.pivot(on="stat", index="round", values="value").sort("round")
 
 
 def summarize(df: pl.DataFrame, split: str = "test", round: int | None = None) -> pl.DataFrame:

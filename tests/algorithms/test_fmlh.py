@@ -89,7 +89,7 @@ def test_client_first_order_maml_step():
 
 
 def test_offsets_respect_the_norm_ball_and_spectral_bound():
-    algo, c = FMLH(), cfg(rho=0.01, spectral_norm=True, spectral_bound=0.5)
+    algo, c = FMLH(), cfg(rho=0.01, spectral_norm=True, spectral_bound=0.5, unseen="global")
     state = algo.init(c, TASK, SEED)
     info = RoundInfo(round=0, seed=SEED)
     per = algo.payloads("meta", c, state, [0, 1, 2], info)
@@ -98,7 +98,8 @@ def test_offsets_respect_the_norm_ball_and_spectral_bound():
     for m in state.hnet.modules():
         if isinstance(m, torch.nn.Linear):
             assert float(torch.linalg.matrix_norm(m.weight.detach(), ord=2)) <= 0.5 + 1e-4
-    # unseen clients start from the meta-model itself; a missing client or empty round is harmless
+    # unseen = "global": unseen clients start from the meta-model itself; a missing client or empty
+    # round is harmless
     ev = algo.payloads("evaluate", c, state, [7], RoundInfo(round=0, seed=SEED, mode="eval", cohort="unseen"))
     assert torch.equal(ev[7], state.w)
     w0 = state.w.clone()
@@ -122,3 +123,46 @@ def test_bad_input():
         FMLH().validate(FMLHConfig(target_shapes=[[3, 3]]), TASK)
     with pytest.raises(ValueError, match="support_fraction"):
         FMLHConfig(support_fraction=1.0)
+    with pytest.raises(ValueError, match="unseen"):
+        FMLHConfig(unseen="zero")
+
+
+def test_unseen_client_fits_a_new_embedding_with_h_and_w_frozen():
+    algo, c = FMLH(), cfg(unseen_exchanges=2, unseen_steps=5, finetune_steps=1)
+    clients = make_clients([20, 24, 18])
+    state = algo.init(c, TASK, SEED)
+    for cid in (0, 1):  # two trained rows: the newcomer starts at their mean
+        hn.embedding_row(state.emb, cid, state.dim, SEED, "fmlh-embed")
+    w0, emb0 = state.w.clone(), {k: v.clone() for k, v in state.emb.items()}
+    h0 = [p.detach().clone() for p in state.hnet.parameters()]
+    phases = algo.eval_phases(c, state, "unseen")
+    assert phases == ("fit0", "fit1", "evaluate") and algo.eval_phases(c, state, "seen") == ("evaluate",)
+    info = RoundInfo(round=3, seed=SEED, mode="eval", cohort="unseen", client_ids=(2,))
+    make = maker(clients, "eval", "unseen")
+    start = (emb0[0] + emb0[1]) / 2
+    radius = c.rho * float(w0.norm())
+    hn.serial_phase(algo, "fit0", c, state, [2], info, make)
+    e1 = state._unseen[2].clone()
+    assert not torch.equal(e1, start)
+    # the fit lowers the least-squares objective for the difference the client sent
+    data, ctx = make(2, "fit0")
+    d = algo.client("fit0", c, w0, w0 + project_offset(state, start, radius), data, None, ctx).item
+
+    def ls(e):
+        with torch.no_grad():
+            from simfed.algorithms.fmlh import project
+            return float(((project(state.hnet(e[None]), radius)[0] - d) ** 2).sum())
+    assert ls(e1) < ls(start)
+    hn.serial_phase(algo, "fit1", c, state, [2], info, make)
+    _, ev = hn.serial_phase(algo, "evaluate", c, state, [2], info, make)
+    assert sorted(ev) == [2] and ev[2]["test"].n == 6
+    assert state._unseen == {} and torch.equal(state.w, w0)
+    assert state.emb.keys() == emb0.keys() and all(torch.equal(state.emb[k], emb0[k]) for k in emb0)
+    assert all(torch.equal(a, b) for a, b in zip(h0, state.hnet.parameters()))
+    assert all(p.grad is None for p in state.hnet.parameters())
+
+
+def project_offset(state, e, radius):
+    from simfed.algorithms.fmlh import project
+    with torch.no_grad():
+        return project(state.hnet(e[None]), radius)[0]

@@ -229,3 +229,38 @@ def test_bad_input():
     # default: a short client uses all of its samples, in a seeded order
     idx = descriptor_batch(small_cfg(), data, ctx)
     assert sorted(idx.tolist()) == list(range(10))
+
+
+def test_normalization_is_fixed_once_from_the_lowest_client_and_checkpointed():
+    algo, cfg = PeFLL(), small_cfg(server_clip=0.5, decay="none")
+    clients = make_clients([40, 25, 30, 33])
+    state = algo.init(cfg, TASK, SEED)
+    info, v, deltas, sums = run_exchanges(algo, cfg, state, clients, [3, 1, 2])
+    m, s = state.norm
+    assert float(m) == float(v[1].mean()) and float(s) == float(v[1].std())  # lowest id of the cohort
+    h0 = [p.detach().clone() for p in state.hnet.parameters()]
+    out = algo.finish("embed", cfg, state, sums, 3, info)
+    # one clip over eta_h and eta_v together
+    assert out["grad_norm"] > 0.5 and out["grad_norm"] ** 2 == pytest.approx(
+        out["eta_h_grad_norm"] ** 2 + out["eta_v_grad_norm"] ** 2, rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(h0, state.hnet.parameters()))
+    run_exchanges(algo, cfg, state, clients, [0, 2], round_=1)  # a later round does not move (m, s)
+    assert state.norm == (m, s)
+    fresh = algo.init(cfg, TASK, SEED + 1)
+    fresh.load_state_dict(copy.deepcopy(state.state_dict()))
+    assert torch.equal(fresh.norm[0], m) and torch.equal(fresh.norm[1], s)
+    # evaluation feeds h the normalized descriptor too
+    ev_info = RoundInfo(round=2, seed=SEED, mode="eval", client_ids=(0,))
+    hn.serial_phase(algo, "describe", cfg, state, [0], ev_info, maker(clients, 2, mode="eval"))
+    per = algo.payloads("evaluate", cfg, state, [0], ev_info)
+    with torch.no_grad():
+        torch.testing.assert_close(per[0], state.hnet(((state._v_eval[0] - m) / s)[None])[0])
+
+
+def test_config_contract():
+    assert PeFLLConfig().descriptor_norm == "first" and PeFLLConfig().decay == "decoupled"
+    with pytest.raises(SimfedError, match="descriptor_norm"):
+        config_from_dict(PeFLLConfig, {"descriptor_norm": "all"})
+    with pytest.raises(SimfedError, match="decay"):
+        config_from_dict(PeFLLConfig, {"decay": "coupled"})
+    assert hn.default_embed_dim(Task((1, 16, 16), 4, num_clients=90, total_clients=100), 0) == 26

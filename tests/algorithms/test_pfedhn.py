@@ -141,3 +141,36 @@ def test_bad_input():
         PFedHN().validate(PFedHNConfig(target_shapes=[[16, 1, 5, 5], [16], [32, 16, 5, 5]]), TASK)
     with pytest.raises(ValueError):
         PFedHNConfig(unseen_lr=0)
+
+
+def test_embedding_rows_take_sgd_momentum_like_the_hypernetwork():
+    # the authors' SGD(momentum 0.9, wd) over h AND the embeddings; rows of absent clients stay
+    from simfed.algorithms.pfedhn import momentum_rows_
+    e0, g1, g2 = torch.randn(5), torch.randn(5), torch.randn(5)
+    ref = e0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=0.01)
+    table, mom = {3: e0.clone(), 4: e0.clone()}, {}
+    for g in (g1, g2):
+        ref.grad = g.clone()
+        opt.step()
+        momentum_rows_(table, mom, {3: g}, 0.1, 0.9, 0.01)
+    torch.testing.assert_close(table[3], ref.detach(), atol=1e-7, rtol=1e-6)
+    assert torch.equal(table[4], e0) and sorted(mom) == [3]
+
+
+def test_one_clip_over_hypernetwork_and_embedding_gradients():
+    algo, cfg = PFedHN(), PFedHNConfig(**{**CFG.__dict__, "server_clip": 0.01})
+    clients = make_clients([30, 20])
+    state = algo.init(cfg, TASK, SEED)
+    info, deltas = train_round(algo, state, clients, [0, 1])
+    grads = [p.grad / 2 for p in state.hnet.parameters()] + [state._egrad[c] for c in (0, 1)]
+    total = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    e0 = {c: state.emb[c].clone() for c in (0, 1)}
+    egrad = {c: state._egrad[c].clone() for c in (0, 1)}
+    out = algo.finish("train", cfg, state, {}, 2, info)
+    assert out["grad_norm"] == pytest.approx(total, rel=1e-5) and total > 0.01
+    scale = 0.01 / (total + 1e-6)
+    for c in (0, 1):  # first step of momentum SGD: lr * (clipped g + wd * e)
+        want = e0[c] - cfg.embed_lr * (egrad[c] * scale + cfg.embed_weight_decay * e0[c])
+        torch.testing.assert_close(state.emb[c], want, atol=1e-7, rtol=1e-6)
+    assert 0 < out["model_spread"] <= 1 and 0 < out["embedding_spread"] <= 1

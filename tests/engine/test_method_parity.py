@@ -88,3 +88,11 @@ def test_serial_ray_and_resumed_runs_are_bit_identical(engine_store, tmp_path, a
     # Two workers really shared the cohort.
     train = metrics.load(tmp_path / "ray2").filter(pl.col("split") == "train")
     assert sorted(train["worker"].unique().to_list()) == [0, 1]
+    # the server's per-round scalars (collapse gauges of the hypernetwork methods) are persisted
+    # and the same on every backend and after a resume
+    ra = metrics.load_rounds(tmp_path / "serial")
+    spreads = sorted(c for c in ra.columns if c.endswith("_spread"))
+    assert bool(spreads) == (algorithm in ("pefll", "pfedhn", "fmlh"))
+    assert all(0.0 < v <= 1.0 for c in spreads for v in ra[c].to_list()), ra
+    for name in ("ray1", "ray2", "resumed"):
+        assert metrics.load_rounds(tmp_path / name).equals(ra), name
