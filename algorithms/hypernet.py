@@ -12,6 +12,8 @@
   step: the server descends along it).
 - `sgd_rows_`: per-client embedding rows updated only for the clients that took part
   (an optimizer with momentum or weight decay on the whole table would keep moving absent rows).
+- `spread` / `model_spread`: the collapse gauge every hypernetwork method logs each round
+  (0 = all clients of the cohort get the same descriptor/embedding or model).
 - `serial_phase`: a tiny in-process reference driver of the protocol (used by the tests and
   the benches; the engine's serial backend is the production path).
 """

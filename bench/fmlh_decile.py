@@ -6,7 +6,9 @@ All three methods run through the engine (Ray backend, embedded local Ray, `--wo
 for the same rounds and cohort size, and every client (seen and unseen) is evaluated on its test
 split after the last round, after the SAME fine-tuning: nu = `--nu` plain SGD steps of lr `--ft-lr`
 (batch 32) on the client's train split:
-- fmlh: from w_i = w + delta_i (seen) or w (unseen); finetune_steps = nu.
+- fmlh: from w_i = w + delta_i (seen); unseen clients (`--fmlh-unseen fit`, the default) first
+  fit a new embedding with h frozen over `--fmlh-unseen-exchanges` exchanges and start from
+  w + delta_new ("global": from w, the behaviour before issue 10); finetune_steps = nu.
 - perfedavg: from the global meta-model; eval_steps = nu, eval_lr = ft-lr (hessian-free by default).
 - fedavg: from the global model; finetune_steps = nu.
 Local compute per round is of the same order: fmlh 10 meta-steps x (5 inner + 1 outer) gradients,
@@ -14,7 +16,7 @@ perfedavg tau = 10 meta-steps (~5 gradient evaluations each, hessian-free), feda
 The paper (seed 000) claims up to +18.71 points of lowest-decile accuracy over pFL baselines.
 
     python bench/fmlh_decile.py --rounds 3            # timing trial
-    python bench/fmlh_decile.py --rounds R --clients-per-round 10 --nu 5
+    python bench/fmlh_decile.py --rounds R --clients-per-round 10 --nu 5 --seeds 0,1,2 --backend serial
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hypernet_learning import ensure_store, run_one  # same store, same timed engine run
+from hypernet_learning import aggregate, ensure_store, partial, print_table, run_one  # same store and timed run
 
 from simfed.engine import cluster
 
@@ -35,8 +37,8 @@ KEYS = ("clients", "acc_mean", "acc_p10", "acc_worst10", "acc_best")
 def method_configs(args) -> dict[str, dict]:
     nu, lr = args.nu, args.ft_lr
     return {
-        "fmlh": {"name": "fmlh", "embed_dim": 23, "inner_steps": nu, "meta_steps": 10,
-                 "finetune_steps": nu, "finetune_lr": lr},
+        "fmlh": {"name": "fmlh", "inner_steps": nu, "meta_steps": 10, "finetune_steps": nu, "finetune_lr": lr,
+                 "unseen": args.fmlh_unseen, "unseen_exchanges": args.fmlh_unseen_exchanges},
         "perfedavg": {"name": "perfedavg", "alpha": args.pfa_alpha, "beta": args.pfa_beta, "tau": 10,
                       "batch_size": 32, "gradient": args.pfa_gradient, "eval_steps": nu, "eval_lr": lr},
         "fedavg": {"name": "fedavg", "local_steps": 50, "lr": args.fedavg_lr, "finetune_steps": nu,
@@ -58,34 +60,43 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default="fmlh,perfedavg,fedavg")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--backend", default="ray", choices=("ray", "serial"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated run seeds (same store); mean +- std over them")
+    ap.add_argument("--fmlh-unseen", default="fit", choices=("fit", "global"))
+    ap.add_argument("--fmlh-unseen-exchanges", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--work", default="")
+    ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     store = ensure_store(args.store)
-    cfgs = method_configs(args)
-    work = Path(tempfile.mkdtemp(prefix="simfed-fmlh-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="simfed-fmlh-bench-"))
     if args.backend == "ray":
         cluster.connect("", num_cpus=args.workers)
-    results = {}
-    for m in args.methods.split(","):
-        summ, times = run_one(store, cfgs[m], args, work / m)
-        results[m] = {**times, "config": cfgs[m], **{c: {k: summ[c][k] for k in KEYS} for c in summ}}
-        print(f"# {m}: {times}", file=sys.stderr, flush=True)
-    print(f"{'method':<10} {'cohort':<7} {'clients':>7} {'mean':>7} {'p10':>7} {'worst10':>8} {'best':>7} {'s/round':>8}")
-    for m, r in results.items():
-        for c in ("seen", "unseen"):
-            if c in r:
-                s = r[c]
-                print(f"{m:<10} {c:<7} {s['clients']:>7} {s['acc_mean']:>7.3f} {s['acc_p10']:>7.3f} "
-                      f"{s['acc_worst10']:>8.3f} {s['acc_best']:>7.3f} {r['s_per_round']:>8.2f}")
+    per_seed, runs = {}, {}
+    for seed in [int(v) for v in args.seeds.split(",")]:
+        args.seed = seed
+        cfgs = method_configs(args)
+        for m in args.methods.split(","):
+            summ, times = run_one(store, cfgs[m], args, work / f"s{seed}" / m)
+            per_seed.setdefault(seed, {})[m] = {c: {k: summ[c][k] for k in KEYS} for c in summ}
+            runs.setdefault(m, {"config": cfgs[m]})[seed] = times
+            print(f"# seed {seed} {m}: {times} {per_seed[seed][m]}", file=sys.stderr, flush=True)
+        if args.out:
+            partial(args.out, {"bench": "fmlh_decile", "partial": True, "per_seed": per_seed, "runs": runs})
+    keys = ("acc_mean", "acc_p10", "acc_worst10", "acc_best")
+    agg = aggregate(per_seed, keys)
+    print_table(agg, keys)
     out = {"bench": "fmlh_decile", "rounds": args.rounds, "clients_per_round": args.clients_per_round,
-           "nu": args.nu, "ft_lr": args.ft_lr, "workers": args.workers, "seed": args.seed, "results": results}
-    if "fmlh" in results:
+           "nu": args.nu, "ft_lr": args.ft_lr, "backend": args.backend, "seeds": args.seeds,
+           "mean_std": agg, "per_seed": per_seed, "runs": runs}
+    if "fmlh" in agg:
         for base in ("perfedavg", "fedavg"):
-            if base in results:
+            if base in agg:
                 out[f"p10_gain_fmlh_minus_{base}"] = {
-                    c: round(results["fmlh"][c]["acc_p10"] - results[base][c]["acc_p10"], 4)
-                    for c in ("seen", "unseen") if c in results["fmlh"] and c in results[base]}
+                    c: round(agg["fmlh"][c]["acc_p10"]["mean"] - agg[base][c]["acc_p10"]["mean"], 4)
+                    for c in ("seen", "unseen") if c in agg["fmlh"] and c in agg[base]}
     print(json.dumps(out))
+    if args.out:
+        partial(args.out, out)
     return out
 
 
