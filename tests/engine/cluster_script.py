@@ -15,7 +15,24 @@ from simfed.engine.loop import run_experiment
 from tests.engine.conftest import make_exp, numbers
 
 store, out, s3_store, s3_storage = sys.argv[1:5]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
+
+
+def start_cluster(tries: int = 3) -> Cluster:
+    """Ray gives a node 30 s to register, hard-coded; on a loaded machine a start can miss it."""
+    import psutil
+
+    for attempt in range(tries):
+        try:
+            return Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1,
+                                                                 "include_dashboard": False})
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            for child in psutil.Process().children(recursive=True):  # the half-started head
+                child.kill()
+
+
+cluster = start_cluster()
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
 cluster.wait_for_nodes()
