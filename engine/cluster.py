@@ -45,6 +45,11 @@ def _ensure_token() -> None:
         return
     path = Path.home() / ".ray" / "auth_token"
     if path.is_file() and path.stat().st_size > 0:
+        if path.stat().st_mode & 0o077:
+            try:
+                path.chmod(0o600)  # Ray writes its own token readable by every local user
+            except OSError:
+                pass
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def _snapshot(roots: list[psutil.Process], seen: dict[int, float]) -> None:
     for root in roots:
         try:
             for proc in [root, *root.children(recursive=True)]:
-                seen.setdefault(proc.pid, proc.create_time())
+                seen[proc.pid] = proc.create_time()  # a reused pid: the newest holder is ours
         except psutil.Error:
             pass
 
