@@ -36,17 +36,17 @@ for _name in _COMMAND_MODULES:
             raise
 
 
-def fail(message: str) -> None:
-    """Print one line on stderr and exit 2 (the contract for every user error)."""
+def fail(message: str, code: int = 2) -> None:
+    """Print one line on stderr and exit 2 (the contract for every user error; 1 for a failed run)."""
     sys.stderr.write(f"simfed: error: {' '.join(str(message).split())}\n")
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def main() -> None:
     try:
         app()
     except SimfedError as exc:
-        fail(str(exc))
+        fail(str(exc), getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         sys.stderr.write("simfed: interrupted\n")
         raise SystemExit(130)

@@ -53,6 +53,8 @@ class _Progress:
         kind = event["type"]
         if kind == "generate":
             self.console.print(f"generating synthetic FEMNIST ({event['clients']} clients) at {event['path']}")
+        elif kind == "start" and self.task is not None:  # the server was restarted from a checkpoint
+            self.progress.update(self.task, completed=event["start_round"])
         elif kind == "start":
             w = event["workers"]
             self.console.print(f"{len(w)} worker(s) on {len({x['node_id'] for x in w})} node(s); "
@@ -89,7 +91,8 @@ def launch(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Run an experiment; prints the run directory."""
-    from simfed.engine import cluster, rundir
+    from simfed.algorithms import registry
+    from simfed.engine import cluster, rundir, storage
     from simfed.engine.loop import check_experiment, run_experiment
 
     if resume:
@@ -109,6 +112,9 @@ def launch(
     check_experiment(exp, progress)  # fail on bad input before starting Ray or writing anything
     if exp.engine.backend == "ray":
         cluster.connect(exp.engine.address)  # an unreachable cluster fails before anything is written
+        if (not exp.engine.storage and registry.get(exp.algorithm).uses_client_state
+                and cluster.alive_nodes() > 1):
+            raise SimfedError(storage.unshared_message("", ""))
     run_dir = Path(resume) if resume else _run_dir(exp, out)
     with rundir.hold(run_dir):  # a second launch or resume into this directory is refused meanwhile
         if not resume and (run_dir / "checkpoint.pt").exists():
@@ -133,8 +139,9 @@ def launch(
             if progress:
                 progress.stop()
     _print_summary(result["summary"])
-    if result["dropped"] or result["retries"]:
-        typer.echo(f"dropped client updates: {result['dropped']}; retried chunks: {result['retries']}", err=True)
+    if result["dropped"] or result["retries"] or result.get("server_restarts"):
+        typer.echo(f"dropped client updates: {result['dropped']}; retried chunks: {result['retries']}; "
+                   f"server restarts: {result.get('server_restarts', 0)}", err=True)
 
 
 def _print_summary(rows: list[dict]) -> None:

@@ -32,6 +32,10 @@ from simfed.engine.worker import Worker, WorkerSpec
 OnChunk = Callable[[dict], None]
 
 
+class ServerLost(Exception):
+    """The server actor died (its state with it); the loop restarts the run from the last checkpoint."""
+
+
 class SerialBackend:
     """Everything in this process: the reference the Ray backend must agree with."""
 
@@ -49,6 +53,9 @@ class SerialBackend:
 
     def workers_info(self) -> list[dict]:
         return [self.worker.describe()]
+
+    def check_storage(self, root: str, storage: str) -> None:
+        pass  # one process on one machine sees its own disk
 
     def run_phase(self, phase: str, info: RoundInfo, client_ids: Sequence[int], sizes: dict, on_chunk: OnChunk,
                   checkpointed_round: int) -> dict:
@@ -87,6 +94,11 @@ class _PooledServer:
     def release(self) -> None:
         self.server = None
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
 
 class _PooledWorker:
     """Actor body: a Worker that can be set up again for the next run without a new process."""
@@ -97,6 +109,11 @@ class _PooledWorker:
         self.worker = Worker(spec, index)
         # Where Ray put this actor: a sweep checks that its trial's workers sit in the trial's reservation.
         return {**self.worker.describe(), "placement_group": ray.get_runtime_context().get_placement_group_id() or ""}
+
+    def sees_marker(self, root: str, token: str) -> bool:
+        from simfed.engine.storage import sees_marker
+
+        return sees_marker(root, token)
 
     def run(self, *args):
         return self.worker.run(*args)
@@ -205,9 +222,46 @@ class RayBackend:
         self.workers[w] = actor
         self.generation[w] += 1
 
+    def _server_alive(self) -> bool:
+        from ray.exceptions import RayActorError
+
+        try:
+            self.ray.get(self.server.pid.remote(), timeout=120)
+            return True
+        except RayActorError:
+            return False
+        except Exception:  # slow or unreachable is not dead
+            return True
+
+    def _server_lost(self, inflight: dict | None = None) -> ServerLost:
+        """Forget the dead server and let this phase's worker tasks finish, so that none of them writes
+        client state after the loop has trimmed it back to the checkpoint."""
+        _SERVERS.clear()
+        if inflight:
+            self.ray.wait(list(inflight), num_returns=len(inflight), timeout=300)
+        return ServerLost("the server actor died")
+
+    def check_storage(self, root: str, storage: str) -> None:
+        """On a multi-node cluster, client state must be where every worker can reach it."""
+        from simfed.engine import storage as st
+
+        if len([n for n in self.ray.nodes() if n.get("Alive")]) < 2:
+            return
+        if not storage:
+            raise SimfedError(st.unshared_message(root, storage))
+        token = st.write_marker(root)
+        if not all(self.ray.get([w.sees_marker.remote(root, token) for w in self.workers])):
+            raise SimfedError(st.unshared_message(root, storage))
+
     def call(self, method: str, *args):
+        from ray.exceptions import RayActorError
+
         try:
             return self.ray.get(self.server.call.remote(method, *args))
+        except RayActorError:
+            if not self._server_alive():
+                raise self._server_lost() from None
+            raise
         except Exception as exc:
             raise _unwrap(exc) from None
 
@@ -260,6 +314,8 @@ class RayBackend:
                     try:
                         meta = ray.get(ref)
                     except lost:
+                        if not self._server_alive():  # the task failed for want of the server's payload
+                            raise self._server_lost(inflight) from None
                         if attempt >= self.engine.max_retries:
                             raise SimfedError(f"worker {w} died {attempt + 1} times running clients "
                                               f"{chunks[index][:5]}...; giving up "
@@ -276,6 +332,12 @@ class RayBackend:
                     on_chunk(meta)
             ray.get(acks)
             return ray.get(server.remote("end", phase, info))
+        except ServerLost:
+            raise
+        except lost as exc:
+            if not self._server_alive():
+                raise self._server_lost(inflight) from None
+            raise _unwrap(exc) from None
         except Exception as exc:
             raise _unwrap(exc) from None
 

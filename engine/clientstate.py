@@ -1,72 +1,104 @@
-"""Per-client persistent state on local disk, versioned so that checkpoints and retries stay exact.
+"""Per-client persistent state, versioned so that checkpoints and retries stay exact.
 
-Each write is a new file `<root>/<cid % 1000>/<cid>/r<round>p<phase>.pt` (written to a temporary
-name and renamed), and a read returns the newest version strictly before the current (round,
-phase). So a retried chunk sees exactly what the first attempt saw, and resuming from a checkpoint
-at round R only has to delete the versions written after R. Old versions are removed once a newer
-one is covered by a checkpoint.
+Each write is a new file `<root>/<cid % 1000>/<cid>/r<round>p<phase>.pt`, and a read returns the
+newest version strictly before the current (round, phase). So a retried chunk sees exactly what the
+first attempt saw, and resuming from a checkpoint at round R only has to delete the versions
+written after R. Old versions are removed once a newer one is covered by a checkpoint.
+
+The root is a local path or any pyarrow.fs URI (engine.storage). Local files are written to a
+temporary name and renamed; an object store makes an object visible only once it is complete, so
+there a plain write is already atomic.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
+
+from simfed.engine.storage import resolve
 
 _NAME = re.compile(r"^r(\d+)p(\d+)\.pt$")
 
 
 class ClientStateStore:
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = str(root)
+        self._fs, self._base = resolve(self.root)
 
-    def _dir(self, cid: int) -> Path:
-        return self.root / f"{cid % 1000:03d}" / str(cid)
+    def __reduce__(self):  # a filesystem object need not pickle; the URI does
+        return (ClientStateStore, (self.root,))
 
-    def _versions(self, cid: int) -> list[tuple[int, int, Path]]:
-        d = self._dir(cid)
-        if not d.is_dir():
-            return []
+    def _dir(self, cid: int) -> str:
+        return f"{self._base}/{cid % 1000:03d}/{cid}"
+
+    def _list(self, d: str, recursive: bool = False) -> list[str]:
+        """Paths of the files under `d` ([] if it does not exist)."""
+        if self._fs is None:
+            if not os.path.isdir(d):
+                return []
+            if recursive:
+                return [str(p) for p in Path(d).glob("*/*/*") if p.is_file()]
+            return [f"{d}/{name}" for name in os.listdir(d)]
+        infos = self._fs.get_file_info(pafs.FileSelector(d, recursive=recursive, allow_not_found=True))
+        return [i.path for i in infos if i.type == pafs.FileType.File]
+
+    def _versions(self, cid: int) -> list[tuple[int, int, str]]:
         out = []
-        for name in os.listdir(d):
-            m = _NAME.match(name)
+        for path in self._list(self._dir(cid)):
+            m = _NAME.match(path.rsplit("/", 1)[-1])
             if m:
-                out.append((int(m.group(1)), int(m.group(2)), d / name))
+                out.append((int(m.group(1)), int(m.group(2)), path))
         return sorted(out)
+
+    def _delete(self, path: str) -> None:
+        if self._fs is None:
+            Path(path).unlink(missing_ok=True)
+        else:
+            self._fs.delete_file(path)
 
     def get(self, cid: int, round: int, phase: int) -> Any:
         """The newest state written before (round, phase), or None for a client never trained."""
         for r, p, path in reversed(self._versions(cid)):
             if (r, p) < (round, phase):
-                return torch.load(path, weights_only=True)
+                if self._fs is None:
+                    return torch.load(path, weights_only=True)
+                with self._fs.open_input_stream(path) as f:
+                    return torch.load(io.BytesIO(f.read()), weights_only=True)
         return None
 
     def put(self, cid: int, round: int, phase: int, state: Any, checkpointed_round: int = -1) -> None:
         d = self._dir(cid)
-        d.mkdir(parents=True, exist_ok=True)
-        final = d / f"r{round:06d}p{phase:02d}.pt"
-        tmp = d / f".{final.name}.{os.getpid()}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, final)
+        final = f"{d}/r{round:06d}p{phase:02d}.pt"
+        if self._fs is None:
+            os.makedirs(d, exist_ok=True)
+            tmp = f"{d}/.r{round:06d}p{phase:02d}.pt.{os.getpid()}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, final)
+        else:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            with self._fs.open_output_stream(final) as f:
+                f.write(buf.getbuffer())
         self._collect(cid, checkpointed_round)
 
     def _collect(self, cid: int, checkpointed_round: int) -> None:
         # Keep every version after the last checkpoint, and the newest one it covers.
         covered = [v for v in self._versions(cid) if v[0] < checkpointed_round]
         for _, _, path in covered[:-1]:
-            path.unlink(missing_ok=True)
+            self._delete(path)
 
     def truncate_after(self, round: int) -> int:
         """Delete versions written in rounds >= `round` (resume from a checkpoint taken after round-1)."""
         removed = 0
-        if not self.root.is_dir():
-            return 0
-        for path in self.root.glob("*/*/r*p*.pt"):
-            m = _NAME.match(path.name)
+        for path in self._list(self._base, recursive=True):
+            m = _NAME.match(path.rsplit("/", 1)[-1])
             if m and int(m.group(1)) >= round:
-                path.unlink()
+                self._delete(path)
                 removed += 1
         return removed

@@ -1,11 +1,29 @@
-"""Connecting to Ray: embedded on this machine by default, or joining a running cluster."""
+"""Connecting to Ray: embedded on this machine by default, or joining a running cluster.
+
+The embedded Ray is secured three ways (ours; Ray 2.60 facts read from its source):
+- Loopback only. `_node_ip_address="127.0.0.1"` is not enough: Ray resolves it back to the
+  machine's external address, and its gRPC servers then listen on every interface. Ray's
+  single-machine mode (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the default on macOS and Windows)
+  makes the node address 127.0.0.1, and every listener binds to it.
+- Token authentication (`RAY_AUTH_MODE=token`, Ray >= 2.52): every gRPC call must carry the
+  cluster's token, read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; simfed
+  creates the last (mode 0600) when none exists.
+- Processes end with the driver: a watcher (engine.reaper) kills what Ray started when the driver
+  exits or is killed; Ray's own agents outlived a kill -9 of the driver by 30-90 s.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 from simfed.engine.errors import SimfedError
+
+_REAPER: list[subprocess.Popen] = []  # held so its pipe stays open for the driver's lifetime
 
 
 def _probe(address: str, timeout: float = 3.0) -> None:
@@ -19,6 +37,62 @@ def _probe(address: str, timeout: float = 3.0) -> None:
     except OSError as exc:
         raise SimfedError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start one with "
                           "`ray start --head` there, or leave out --address to run on this machine") from None
+
+
+def _ensure_token() -> None:
+    """A token for the embedded cluster, readable by this user only (Ray writes its own world-readable)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    if path.is_file() and path.stat().st_size > 0:
+        if path.stat().st_mode & 0o077:
+            try:
+                path.chmod(0o600)  # Ray writes its own token readable by every local user
+            except OSError:
+                pass
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    except OSError as exc:
+        raise SimfedError(f"cannot write Ray's authentication token to {path} ({exc.strerror}); set "
+                          "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH") from None
+
+
+def _secure_embedded() -> dict:
+    """Set loopback-only and token mode for the Ray about to start; returns what to restore after."""
+    from ray._private import ray_constants
+    from ray._raylet import Config
+
+    saved = {"env": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), "const": ray_constants.ENABLE_RAY_CLUSTER}
+    # Read by this process (already imported) and by the processes Ray starts (environment).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    _ensure_token()
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # this process cached the mode when ray was imported
+    return saved
+
+
+def _restore(saved: dict) -> None:
+    from ray._private import ray_constants
+
+    if saved["env"] is None:
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    else:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved["env"]
+    ray_constants.ENABLE_RAY_CLUSTER = saved["const"]
+
+
+def _start_reaper() -> None:
+    import ray
+
+    node = ray._private.worker._global_node
+    pids = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
+    _REAPER.append(subprocess.Popen([sys.executable, "-m", "simfed.engine.reaper", *map(str, pids)],
+                                    stdin=subprocess.PIPE, start_new_session=True))
 
 
 def connect(address: str = "", num_cpus: int | None = None) -> bool:
@@ -35,15 +109,27 @@ def connect(address: str = "", num_cpus: int | None = None) -> bool:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # Embedded: everything on the loopback interface, no dashboard.
             # address="local" always starts a new instance, even if another Ray runs on this machine.
-            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            saved = _secure_embedded()
+            try:
+                ray.init(address="local", num_cpus=num_cpus, **kwargs)
+            finally:
+                _restore(saved)
+            _start_reaper()
+    except Exception as exc:  # Ray raises many types here (a startup timeout is a bare Exception)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = address or "this machine"
-        raise SimfedError(f"cannot connect to Ray at {where}: {first}; start a cluster with `ray start --head` "
-                          "or leave out --address to run on this machine") from None
+        hint = ("; a cluster with token authentication needs its token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
+                "and RAY_AUTH_MODE=token" if "auth" in first.lower() else "")
+        raise SimfedError(f"cannot connect to Ray at {where}: {first}{hint}; start a cluster with `ray start "
+                          "--head` or leave out --address to run on this machine") from None
     return True
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return len([n for n in ray.nodes() if n.get("Alive")])
 
 
 def disconnect() -> None:

@@ -37,6 +37,7 @@ class EngineConfig:
     chunk_clients: int = 0  # clients per worker task; 0 picks from cohort and pool size
     max_retries: int = 3  # per chunk, when a worker dies
     inflight_per_worker: int = 2  # chunks queued per worker (bounds per-client payload memory)
+    storage: str = ""  # client state: a pyarrow.fs URI or shared path (multi-node); "" = the run directory
 
 
 @dataclass(frozen=True)

@@ -8,3 +8,10 @@ and keeps its traceback.
 
 class SimfedError(Exception):
     """A problem with the user's input: message says what, where and how to fix it."""
+
+
+class RunFailed(SimfedError):
+    """A run that could not go on for a reason outside the user's input (a fault that kept recurring):
+    one line like any SimfedError, but exit code 1."""
+
+    exit_code = 1

@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 from simfed.algorithms import registry
 from simfed.algorithms.base import RoundInfo, Task
-from simfed.engine import checkpoint, metrics, rundir
-from simfed.engine.backends import make_backend
+from simfed.engine import checkpoint, metrics, rundir, storage
+from simfed.engine.backends import ServerLost, make_backend
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.config import DataConfig, Experiment
-from simfed.engine.errors import SimfedError
+from simfed.engine.errors import RunFailed, SimfedError
 from simfed.engine.sampling import sample_cohort, sample_eval
 from simfed.engine.worker import WorkerSpec
 
@@ -67,12 +67,30 @@ def check_experiment(exp: Experiment, on_event: Event | None = None):
 
 def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool = False,
                    on_event: Event | None = None, backend: str | None = None) -> dict[str, Any]:
-    """Run (or resume) `exp` in `run_dir`, which this call owns meanwhile (engine.rundir)."""
+    """Run (or resume) `exp` in `run_dir`, which this call owns meanwhile (engine.rundir).
+
+    If the server actor dies, the run goes on from its last checkpoint exactly as `--resume` would
+    (the same numbers), at most engine.max_retries times; the count is in the result and status."""
+    run_dir = Path(run_dir)
     with rundir.hold(run_dir):
-        return _run(exp, Path(run_dir), resume, on_event, backend)
+        restarts = 0
+        while True:
+            try:
+                return _run(exp, run_dir, resume, on_event, backend, restarts)
+            except ServerLost:
+                restarts += 1
+                if restarts > exp.engine.max_retries:
+                    rundir.write_status(run_dir, {**(rundir.read_status(run_dir) or {}), "state": "failed",
+                                                  "server_restarts": restarts - 1})
+                    raise RunFailed(f"the server actor died {restarts} times (engine.max_retries = "
+                                    f"{exp.engine.max_retries}); the last checkpoint stands: continue with "
+                                    f"simfed launch --resume {run_dir}") from None
+                resume = checkpoint.load(run_dir) is not None  # no checkpoint yet: start over
+                (on_event or (lambda e: None))({"type": "server_restart", "restarts": restarts})
 
 
-def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, backend: str | None) -> dict:
+def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, backend: str | None,
+         restarts: int = 0) -> dict:
     emit = on_event or (lambda e: None)
     run, eng = exp.run, exp.engine
     store, task, seen, unseen = check_experiment(exp, on_event)
@@ -90,22 +108,31 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
     start = int(ckpt["round"]) if ckpt else 0
     counters = dict(ckpt["counters"]) if ckpt else {"retries": 0, "dropped": 0}
     writer = metrics.MetricsWriter(run_dir, run_dir.name)
-    states = ClientStateStore(run_dir / "client_state")
+    state_root = storage.state_root(eng.storage, run_dir)
+    states = ClientStateStore(state_root)
     writer.truncate_after(start)
     states.truncate_after(start)
 
     spec = WorkerSpec(store_path=store.path, algorithm=exp.algorithm, cfg=exp.algorithm_config, task=task,
-                      seed=run.seed, state_dir=str(run_dir / "client_state"),
+                      seed=run.seed, state_dir=state_root,
                       threads=max(1, int(eng.cpus_per_worker)), use_gpu=eng.gpus_per_worker > 0)
     # The server computes with as many threads as a worker on both backends: a reduction split
     # over a different thread count can round differently.
     server_args = dict(algorithm=exp.algorithm, cfg=exp.algorithm_config, task=task, seed=run.seed,
                        state_dict=ckpt["server"] if ckpt else None, threads=spec.threads)
     be = make_backend(backend or eng.backend, spec, server_args, eng)
+    if algo.uses_client_state:
+        try:
+            be.check_storage(state_root, eng.storage)
+        except BaseException:
+            be.shutdown()
+            raise
     status = {"state": "running", "completed_rounds": start, "checkpoint_round": start, "rounds": run.rounds,
-              "workers": be.n_workers, "backend": be.name, "pid": os.getpid(), "host": socket.gethostname()}
+              "workers": be.n_workers, "backend": be.name, "pid": os.getpid(), "host": socket.gethostname(),
+              "server_restarts": restarts}
     emit({"type": "start", "start_round": start, "rounds": run.rounds, "workers": be.workers_info(),
-          "clients_per_round": run.clients_per_round, "seen": len(seen), "unseen": len(unseen)})
+          "clients_per_round": run.clients_per_round, "seen": len(seen), "unseen": len(unseen),
+          "server_pid": be.call("pid")})
     last_ckpt, summary = start, []
     try:
         for r in range(start, run.rounds):
@@ -142,7 +169,7 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
                 emit({"type": "checkpoint", "round": done})
             rundir.write_status(run_dir, status)
         status["state"] = "finished"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ServerLost):
         status["state"] = "interrupted"
         raise
     except Exception:
@@ -152,7 +179,7 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
         rundir.write_status(run_dir, status)
         be.shutdown()
     return {"run_dir": str(run_dir), "rounds": run.rounds, "summary": summary, "retries": counters["retries"],
-            "dropped": counters["dropped"], "workers": be.n_workers}
+            "dropped": counters["dropped"], "workers": be.n_workers, "server_restarts": restarts}
 
 
 def _evaluate(be, writer, run, r: int, seen, unseen, sizes, last_ckpt: int, emit: Event) -> list[dict]:

@@ -35,3 +35,48 @@ def tiny_store(tmp_path_factory):
 
     return make_synthetic_femnist(str(tmp_path_factory.mktemp("stores") / "tiny"), clients=24,
                                   seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto's server mode) on a free loopback port, with bucket "simfed".
+    Yields a function mapping a key prefix to a pyarrow.fs URI (credentials in the URI, so Ray
+    workers started before this fixture reach it too)."""
+    import logging
+    import socket
+
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+
+    def uri(key: str) -> str:
+        return (f"s3://testing:testing@simfed/{key}?endpoint_override=127.0.0.1:{port}&scheme=http"
+                "&region=us-east-1")
+
+    import pyarrow.fs as pafs
+
+    fs, _ = pafs.FileSystem.from_uri(uri("x") + "&allow_bucket_creation=true")
+    fs.create_dir("simfed")
+    yield uri
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_store(engine_store, s3_server):
+    """engine_store uploaded to the S3 server; its URI."""
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+
+    uri = s3_server("store")
+    fs, inner = pafs.FileSystem.from_uri(uri)
+    for path in sorted(Path(engine_store).iterdir()):
+        with fs.open_output_stream(f"{inner}/{path.name}") as f:
+            f.write(path.read_bytes())
+    return uri

@@ -1,5 +1,7 @@
-"""Faults: a dead worker is replaced and its clients retried; non-finite updates are dropped and counted."""
+"""Faults: a dead worker is replaced and its clients retried, a dead server restarted from the checkpoint,
+both with the numbers of an undisturbed run; non-finite updates are dropped and counted."""
 
+import json
 import os
 import signal
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ from simfed.algorithms.fedavg import FedAvg, FedAvgConfig
 from simfed.algorithms.registry import register
 from simfed.engine import checkpoint, metrics
 from simfed.engine.loop import run_experiment
-from tests.engine.conftest import make_exp
+from tests.engine.conftest import fault_exp, make_exp, numbers
 from tests.engine.test_method_parity import rows
 
 
@@ -71,6 +73,38 @@ def test_killed_worker_is_replaced_and_its_clients_retried(engine_store, tmp_pat
     # Every cohort client trained exactly once per round despite the retry.
     train = metrics.load(tmp_path / "killed").filter(pl.col("split") == "train")
     assert train.group_by(["round", "client_id"]).len()["len"].max() == 1
+
+
+def _kill_server_in_round(round_: int, state: dict):
+    def on_event(event):
+        if event["type"] == "start":
+            state["server"] = event["server_pid"]
+        elif event["type"] == "chunk" and event["round"] == round_ and not state.get("killed"):
+            os.kill(state["server"], signal.SIGKILL)
+            state["killed"] = True
+    return on_event
+
+
+def test_killed_server_is_restarted_from_the_checkpoint_with_the_same_numbers(engine_store, tmp_path, undisturbed):
+    state: dict = {}
+    # Killed in round 3: the checkpoint after round 2 is restored and round 3 replayed.
+    result = run_experiment(fault_exp(engine_store), tmp_path / "r", on_event=_kill_server_in_round(3, state))
+    assert state["killed"] and result["server_restarts"] == 1
+    assert numbers(tmp_path / "r").equals(undisturbed)
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["state"] == "finished" and status["server_restarts"] == 1
+
+
+def test_server_deaths_beyond_the_bound_fail_with_the_resume_command(engine_store, tmp_path):
+    from simfed.engine.errors import RunFailed
+
+    state: dict = {}
+    with pytest.raises(RunFailed) as err:
+        run_experiment(fault_exp(engine_store, max_retries=0), tmp_path / "r", on_event=_kill_server_in_round(1, state))
+    message = str(err.value)
+    assert err.value.exit_code == 1 and "\n" not in message
+    assert f"simfed launch --resume {tmp_path / 'r'}" in message
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["state"] == "failed"
 
 
 @pytest.mark.parametrize("backend", ["serial", "ray"])
