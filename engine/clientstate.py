@@ -16,7 +16,20 @@ from typing import Any
 
 import torch
 
+from simfed.engine.errors import SimfedError
+
 _NAME = re.compile(r"^r(\d+)p(\d+)\.pt$")
+
+
+def _load(path: Path, mmap: bool = False) -> Any:
+    from simfed.partitions.safeio import regular_file
+
+    regular_file(path, "client state file")  # a FIFO would block torch.load forever
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except Exception as exc:  # damaged zip, truncated file, or a pickle weights_only refuses
+        raise SimfedError(f"{path}: cannot load client state ({type(exc).__name__}); the run directory is "
+                          "damaged: restore the file or start a new run") from None
 
 
 class ClientStateStore:
@@ -41,8 +54,21 @@ class ClientStateStore:
         """The newest state written before (round, phase), or None for a client never trained."""
         for r, p, path in reversed(self._versions(cid)):
             if (r, p) < (round, phase):
-                return torch.load(path, weights_only=True)
+                return _load(path)
         return None
+
+    def check(self, before_round: int) -> int:
+        """Open every version a resumed run may read (rounds < before_round) without loading its
+        tensors (mmap); a damaged file fails here, before any work, not inside a worker."""
+        if not self.root.is_dir():
+            return 0
+        n = 0
+        for path in sorted(self.root.glob("*/*/r*p*.pt")):
+            m = _NAME.match(path.name)
+            if m and int(m.group(1)) < before_round:
+                _load(path, mmap=True)
+                n += 1
+        return n
 
     def put(self, cid: int, round: int, phase: int, state: Any, checkpointed_round: int = -1) -> None:
         d = self._dir(cid)
