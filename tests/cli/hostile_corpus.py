@@ -6,7 +6,8 @@ bad input: exit 2, exactly one line on stderr, no traceback, nothing created, ch
 under WORK (sources intact, no output store, no run directory), and no Ray started.
 
 `cls` names the failure class of issue 11's list that the case exercises; CLASSES lists them all
-so the test can check that every class has a case. Cases marked `subprocess` run as a real
+so the test can check that every class has a case. (A garbage status.json is not an error: the
+metrics stand and `simfed metrics` reports the state as "unknown"; test_hostile_corpus checks it.) Cases marked `subprocess` run as a real
 process (those that could block forever if the check regressed, and a sample of the others);
 the rest run in-process through `simfed.cli.main.main(argv)`, the same function the console
 script calls.
@@ -47,7 +48,7 @@ CLASSES = {
     # run directories
     "rundir config garbage", "rundir config truncated", "rundir checkpoint keys",
     "rundir checkpoint shapes", "rundir checkpoint garbage", "rundir checkpoint pickle code",
-    "rundir client state garbage", "rundir metrics garbage", "rundir status garbage", "rundir missing",
+    "rundir client state garbage", "rundir metrics garbage", "rundir missing",
     # click
     "usage error",
 }
@@ -638,6 +639,12 @@ CONFIGS = [
          lambda fx, w: (w / "exp.toml").write_text('run = 3\n') and
          ["launch", str(w / "exp.toml"), "--set", "run.rounds=2", "--out", str(w / "run")], "not a table"),
     Case("cfg-unknown-key", "configs", "config range", set_case("algorithm.lrr=0.1"), "lrr"),
+    Case("cfg-out-read-only", "configs", "out in read-only dir",
+         lambda fx, w: launch_on(fx, w)[:3] + [str(read_only_parent(w) / "simfed-out"), "-q"], "simfed-out",
+         skip=no_read_only_dir),
+    Case("cfg-out-under-a-file", "configs", "out exists",
+         lambda fx, w: (w / "f").write_text("x") and launch_on(fx, w)[:3] + [str(w / "f" / "run"), "-q"],
+         "not a writable directory"),
 ]
 
 
@@ -761,10 +768,6 @@ RUNDIRS = [
     Case("run-metrics-garbage", "rundirs", "rundir metrics garbage", _damage(_garbage_metrics, "metrics"), "Parquet"),
     Case("run-metrics-wrong-columns", "rundirs", "rundir metrics garbage",
          _damage(_metrics_wrong_columns, "metrics"), "column"),
-    Case("run-status-garbage", "rundirs", "rundir status garbage",
-         _damage(_write("status.json", b"{\"state\": "), "metrics", "--json"), "malformed JSON"),
-    Case("run-status-list", "rundirs", "rundir status garbage",
-         _damage(_write("status.json", b"[]"), "metrics", "--json"), "status"),
     Case("run-resume-not-a-dir", "rundirs", "rundir missing",
          lambda fx, w: ["launch", "--resume", str(w / "nope"), "-q"], "not a run directory"),
     Case("run-metrics-round-zero", "rundirs", "usage error",

@@ -112,3 +112,21 @@ def test_hostile_input(case, fixtures, tmp_path):
             assert not Path(a).exists()
     if not ray_before:
         assert not ray_running(), "Ray was started for input that is rejected"
+
+
+@pytest.mark.parametrize("garbage", [b'{"state": ', b"[]", b"\xff\xfe"])
+def test_garbage_status_reads_unknown(garbage, fixtures, tmp_path):
+    """A damaged status.json does not hide a run's metrics: state "unknown", exit 0, no traceback."""
+    import json
+    import shutil
+
+    run = Path(shutil.copytree(fixtures.run, tmp_path / "run"))
+    (run / "status.json").write_bytes(garbage)
+    out = io.StringIO()
+    err = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        from simfed.cli.main import main
+
+        main(["metrics", str(run), "--json"])
+    assert err.getvalue() == ""
+    assert json.loads(out.getvalue())["status"]["state"] == "unknown"
