@@ -284,6 +284,8 @@ def config_from_dict(cls: type, values: Mapping[str, Any], where: str = "[algori
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise SimfedError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(sorted(fields))}")
+    from simfed.engine import validate
+
     out = {}
     for k, v in values.items():
         default = fields[k].default
@@ -292,10 +294,22 @@ def config_from_dict(cls: type, values: Mapping[str, Any], where: str = "[algori
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise SimfedError(f"{where} {k} must be a number, got {v!r}")
-            v = type(default)(v) if isinstance(default, float) or float(v).is_integer() else v
-            if isinstance(default, int) and isinstance(v, float):
-                raise SimfedError(f"{where} {k} must be an integer, got {v!r}")
-        if isinstance(default, tuple) and isinstance(v, list):
+            if isinstance(default, float):
+                # NaN, inf and absurd magnitudes (1e308 overflows at the first step) never pass.
+                v = validate.number(f"{where} {k}", v)
+            else:
+                if isinstance(v, float) and v.is_integer() and abs(v) <= validate.INT64_MAX:
+                    v = int(v)
+                if isinstance(v, int) and abs(v) > validate.INT64_MAX:
+                    raise SimfedError(f"{where} {k} = {v} does not fit in a 64-bit integer")
+                v = validate.integer(f"{where} {k}", v, None, None)
+        if isinstance(default, str) and not isinstance(v, str):
+            raise SimfedError(f"{where} {k} must be a string (in quotes), got {v!r}")
+        if isinstance(default, str):
+            validate.text(f"{where} {k}", v)
+        if isinstance(default, tuple):
+            if not isinstance(v, (list, tuple)):
+                raise SimfedError(f"{where} {k} must be a list, got {v!r}")
             v = tuple(v)
         out[k] = v
     try:

@@ -17,8 +17,11 @@ from typing import Any
 
 from simfed.algorithms import registry
 from simfed.algorithms.base import config_from_dict
+from simfed.cli.validate import check
+from simfed.engine import validate
 from simfed.engine.config import DataConfig, EngineConfig, Experiment, RunConfig
 from simfed.engine.errors import SimfedError
+from simfed.partitions.safeio import read_bytes
 
 SECTIONS = {"data": DataConfig, "run": RunConfig, "engine": EngineConfig}
 
@@ -27,18 +30,24 @@ def quickstart_text() -> str:
     return resources.files("simfed.cli").joinpath("quickstart.toml").read_text()
 
 
+TOML_MAX_BYTES = 16 << 20  # an experiment file is a few hundred bytes
+
+
 def load_toml(path: str | None) -> dict[str, Any]:
     if path is None:
         return tomllib.loads(quickstart_text())
-    p = Path(path)
-    if not p.is_file():
+    validate.text("experiment file", path)
+    if not Path(path).exists():
         raise SimfedError(f"experiment file {path} not found; pass a TOML file (see examples/) or none for the quickstart")
+    raw = read_bytes(path, TOML_MAX_BYTES, "experiment file")  # never opens a FIFO
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SimfedError(f"{path}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise SimfedError(f"{path}: not a text file") from None
+    except RecursionError:
+        raise SimfedError(f"{path}: invalid TOML: nested too deeply") from None
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -51,6 +60,10 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()  # a bare string such as --set algorithm.name=fedavg
+        except RecursionError:
+            raise SimfedError(f"--set {key.strip()}: value nested too deeply") from None
+        if not isinstance(doc.setdefault(section, {}), dict):
+            raise SimfedError(f"--set {item!r}: [{section}] is not a table in the experiment")
         doc.setdefault(section, {})[name] = value
     return doc
 
@@ -65,18 +78,17 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
         if not isinstance(section, dict):
             raise SimfedError(f"{where}: [{name}] must be a table")
         parts[name] = config_from_dict(cls, section, f"[{name}]")
+    if not isinstance(doc.get("algorithm", {}), dict):
+        raise SimfedError(f"{where}: [algorithm] must be a table")
     algo_doc = dict(doc.get("algorithm", {}))
     name = algo_doc.pop("name", None)
     if not name:
         raise SimfedError(f"{where}: [algorithm] name is missing; one of: {', '.join(registry.names())}")
-    algo = registry.get(str(name))
+    if not isinstance(name, str):
+        raise SimfedError(f"{where}: [algorithm] name must be a string, got {name!r}")
+    algo = registry.get(validate.text("[algorithm] name", name, max_len=200))
     cfg = config_from_dict(algo.Config, algo_doc, f"[algorithm] ({name})")
-    eng = parts["engine"]
-    if eng.backend not in ("ray", "serial"):
-        raise SimfedError(f"[engine] backend = {eng.backend!r}; use \"ray\" or \"serial\"")
-    if eng.cpus_per_worker < 0 or eng.gpus_per_worker < 0 or eng.workers < 0:
-        raise SimfedError("[engine] workers, cpus_per_worker and gpus_per_worker must be >= 0")
-    return Experiment(algorithm=str(name), algorithm_config=cfg, **parts)
+    return check(Experiment(algorithm=name, algorithm_config=cfg, **parts))
 
 
 def to_dict(exp: Experiment) -> dict[str, Any]:

@@ -42,14 +42,38 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def main() -> None:
+def _is(exc: BaseException, name: str) -> bool:
+    """Click's exception classes by name: typer >= 0.16 vendors its own copy of click, older ones
+    use click itself, and both must be caught."""
+    return any(c.__name__ == name for c in type(exc).__mro__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI (argv defaults to sys.argv[1:]). Click runs in non-standalone mode so that its
+    own usage errors reach us and are printed like ours: one line, exit 2 (not a boxed panel)."""
     try:
-        app()
+        rv = app(args=argv, prog_name="simfed", standalone_mode=False)
     except SimfedError as exc:
         fail(str(exc), getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         sys.stderr.write("simfed: interrupted\n")
         raise SystemExit(130)
+    except Exception as exc:
+        if _is(exc, "NoArgsIsHelpError"):  # `simfed` or `simfed partition` alone: the help
+            sys.stdout.write(exc.ctx.get_help() + "\n")
+            raise SystemExit(0)
+        if _is(exc, "UsageError"):  # unknown option, missing argument, bad value
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "simfed"
+            fail(f"{exc.format_message()} (see `{where} --help`)")
+        if _is(exc, "ClickException"):
+            fail(exc.format_message())
+        if _is(exc, "Abort"):
+            sys.stderr.write("simfed: aborted\n")
+            raise SystemExit(1)
+        raise
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:  # typer.Exit(code) from a command
+        raise SystemExit(rv)
 
 
 if __name__ == "__main__":

@@ -91,9 +91,6 @@ def idx(
 
     if scheme not in ("classes", "dirichlet", "iid"):
         raise SimfedError(f"--scheme must be classes, dirichlet or iid, got {scheme!r}")
-    if Path(out).exists() and not overwrite:
-        raise SimfedError(f"{out}: output already exists; remove it, choose another path or "
-                          "pass --overwrite")
     _done(import_idx(str(src), str(out), scheme=scheme, clients=clients,
                      classes_per_client=classes_per_client, alpha=alpha,
                      unseen_fraction=unseen_fraction, seed=seed, val_fraction=val_fraction,
@@ -105,6 +102,7 @@ def store_summary(path: str, verify: bool = True) -> dict:
     from simfed.partitions.store import PartitionStore
 
     store = PartitionStore.open(path, verify=verify)
+    store.check_contents()
     m = store.manifest
     t = store.clients
     n_train = t.column("n_train").to_numpy()

@@ -82,39 +82,100 @@ class _Progress:
         self.progress.stop()
 
 
+def _load_saved_config(run_dir: Path) -> dict:
+    from simfed.partitions.safeio import load_json
+
+    saved = run_dir / "config.json"
+    if not os.path.lexists(saved):
+        raise SimfedError(f"--resume {run_dir}: no config.json there; pass the directory `simfed launch` printed")
+    doc = load_json(saved, 16 << 20, "saved config")
+    if not isinstance(doc, dict):
+        raise SimfedError(f"{saved}: not a simfed config (expected a JSON object); the run directory is damaged")
+    return doc
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run directory exists as a directory, or its nearest existing ancestor is writable."""
+    p = run_dir.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not (p.is_dir() and os.access(p, os.W_OK | os.X_OK)):
+        raise SimfedError(f"--out {run_dir}: {p} is not a writable directory; pick a writable --out")
+
+
+def _check_machine(exp) -> None:
+    """Before Ray starts: the address answers as Ray, or the pool fits this machine."""
+    from simfed.engine import probe, resources
+
+    if exp.engine.backend != "ray":
+        return
+    if exp.engine.address == "":
+        resources.check(exp.engine, resources.local_resources(), "this machine")
+    elif exp.engine.address != "auto":
+        probe.ray_gcs(exp.engine.address)
+
+
 def launch(
     experiment: Optional[str] = typer.Argument(None, help="Experiment TOML; none runs the embedded quickstart."),
     set_: List[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: 'auto' or ray://host:port."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: 'auto' or HOST:PORT of the head."),
     out: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<algorithm>-<time>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="Check the store's sha256 checksums before starting (sizes are always checked)."),
 ) -> None:
     """Run an experiment; prints the run directory."""
     from simfed.algorithms import registry
-    from simfed.engine import cluster, rundir, storage
+    from simfed.engine import cluster, resources, rundir, storage, validate
     from simfed.engine.loop import check_experiment, run_experiment
 
+    # Everything below up to mkdir only reads: bad input never leaves a run directory or a Ray behind.
+    for flag, value in (("--out", out), ("--resume", resume), ("--address", address)):
+        if value is not None:
+            validate.text(flag, value)
     if resume:
-        run_dir = Path(resume)
-        saved = run_dir / "config.json"
-        if not saved.is_file():
-            raise SimfedError(f"--resume {resume}: no config.json there; pass the directory `simfed launch` printed")
         if experiment or set_:
             raise SimfedError("--resume takes the run's saved config; drop the experiment file and --set")
-        doc = json.loads(saved.read_text())
+        if not Path(resume).is_dir():
+            raise SimfedError(f"--resume {resume}: not a run directory; pass the directory `simfed launch` printed")
+        doc = _load_saved_config(Path(resume))
     else:
         doc = cfgio.apply_overrides(cfgio.load_toml(experiment), set_)
     if address is not None:
-        doc.setdefault("engine", {})["address"] = address
-    exp = cfgio.parse(doc, experiment or ("quickstart" if not resume else str(resume)))
+        if not isinstance(doc.setdefault("engine", {}), dict):
+            raise SimfedError("[engine] must be a table")
+        doc["engine"]["address"] = address
+    exp = cfgio.parse(doc, experiment or ("quickstart" if not resume else str(Path(resume) / "config.json")))
+    if resume:
+        if rundir.owner_alive(resume):
+            raise SimfedError(f"{resume} is in use by another run; wait for it to end")
+    else:
+        target = Path(out) if out else Path("runs") / (exp.run.name or ".")
+        if target.exists() and not target.is_dir():
+            raise SimfedError(f"--out {target}: exists and is not a directory; pick another --out")
+        if (target / "checkpoint.pt").exists():
+            raise SimfedError(f"{target} already holds a run; resume it with --resume {target} or pick another --out")
+        _check_writable(target)
+    _check_machine(exp)
     progress = None if quiet else _Progress()
-    check_experiment(exp, progress)  # fail on bad input before starting Ray or writing anything
+    store, *_ = check_experiment(exp, progress, resume)
+    if verify:
+        store.verify()
+    started = False
     if exp.engine.backend == "ray":
-        cluster.connect(exp.engine.address)  # an unreachable cluster fails before anything is written
-        if (not exp.engine.storage and registry.get(exp.algorithm).uses_client_state
-                and cluster.alive_nodes() > 1):
-            raise SimfedError(storage.unshared_message("", ""))
+        import ray
+
+        started = cluster.connect(exp.engine.address)  # an unreachable cluster fails before anything is written
+        try:
+            resources.check(exp.engine, ray.cluster_resources(), f"the Ray cluster at {exp.engine.address or 'this machine'}")
+            if (not exp.engine.storage and registry.get(exp.algorithm).uses_client_state
+                    and cluster.alive_nodes() > 1):
+                raise SimfedError(storage.unshared_message("", ""))
+        except SimfedError:
+            if started:
+                cluster.disconnect()
+            raise
     run_dir = Path(resume) if resume else _run_dir(exp, out)
     with rundir.hold(run_dir):  # a second launch or resume into this directory is refused meanwhile
         if not resume and (run_dir / "checkpoint.pt").exists():
@@ -160,8 +221,12 @@ def metrics_cmd(
     round_: Optional[int] = typer.Option(None, "--round", help="Evaluation round (default: the last)."),
 ) -> None:
     """Summarize a run's per-client metrics per cohort."""
-    from simfed.engine import metrics, rundir
+    from simfed.engine import metrics, rundir, validate
 
+    validate.text("RUN_DIR", run_dir)
+    validate.choice("--split", split, ("test", "val"))
+    if round_ is not None:
+        validate.integer("--round", round_, 1, 2**31 - 1)
     if not (Path(run_dir) / "metrics").is_dir():
         raise SimfedError(f"{run_dir}: no metrics/ directory; pass a directory printed by `simfed launch`")
     df = metrics.load(run_dir)

@@ -18,11 +18,11 @@ one not yet folded, so the server holds at most that many early results.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 from simfed.algorithms import registry
 from simfed.algorithms.base import Algorithm, RoundInfo
+from simfed.engine import resources
 from simfed.engine.config import EngineConfig
 from simfed.engine.errors import SimfedError
 from simfed.engine.sampling import plan_chunks
@@ -167,10 +167,11 @@ class RayBackend:
         self.ray = ray
         self.engine = engine
         self.spec = spec
-        n = engine.workers or self._pool_size(engine)
-        if n < 1:
-            raise SimfedError(f"the Ray cluster has no room for one worker with {engine.cpus_per_worker} CPUs and "
-                              f"{engine.gpus_per_worker} GPUs; lower engine.cpus_per_worker/gpus_per_worker")
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:  # a sweep trial: one worker per reserved bundle
+            n = engine.workers or pg.bundle_count
+        else:  # fail now, not after the placement timeout, when the pool cannot fit
+            n = resources.check(engine, ray.cluster_resources(), "the Ray cluster")
         self.n_workers = n
         self.retries = 0
         pg = ray.util.get_current_placement_group()
@@ -199,16 +200,6 @@ class RayBackend:
                               f"{ray.available_resources()} free: lower engine.workers or the per-worker resources")
         except Exception as exc:
             raise _unwrap(exc) from None
-
-    def _pool_size(self, engine: EngineConfig) -> int:
-        pg = self.ray.util.get_current_placement_group()
-        if pg is not None:  # a sweep trial: one worker per reserved bundle
-            return pg.bundle_count
-        res = self.ray.cluster_resources()
-        n = math.floor(res.get("CPU", 0) / engine.cpus_per_worker) if engine.cpus_per_worker > 0 else 1 << 30
-        if engine.gpus_per_worker > 0:
-            n = min(n, math.floor(res.get("GPU", 0) / engine.gpus_per_worker + 1e-9))
-        return int(n)
 
     def _start_worker(self, index: int):
         return self.ray.remote(_PooledWorker).options(num_cpus=self.engine.cpus_per_worker,

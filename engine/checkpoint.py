@@ -29,13 +29,66 @@ def save(run_dir: str | os.PathLike, completed_rounds: int, server_state: dict, 
 
 
 def load(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint of a run directory (None if there is none), its fields checked."""
+    from simfed.partitions.safeio import regular_file
+
     path = Path(run_dir) / NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
+    regular_file(path, "checkpoint")  # a FIFO would block torch.load forever
     try:
         ckpt = torch.load(path, weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers
-        raise SimfedError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+        text = str(exc).strip()
+        why = ("torch.load(weights_only=True) refused it: it holds objects other than tensors and plain "
+               "containers, or is not a checkpoint" if "Weights only load failed" in text
+               else f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}")
+        raise SimfedError(f"{path}: cannot load checkpoint ({why}); the file is damaged: restore it or start a "
+                          "new run") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise SimfedError(f"{path}: not a simfed checkpoint of format {FORMAT}")
+    r = ckpt.get("round")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise SimfedError(f"{path}: 'round' is missing or not a non-negative integer; the checkpoint is damaged")
+    if not isinstance(ckpt.get("server"), dict):
+        raise SimfedError(f"{path}: 'server' state is missing; the checkpoint is damaged")
+    counters = ckpt.get("counters")
+    if not isinstance(counters, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                 for k, v in counters.items()):
+        raise SimfedError(f"{path}: 'counters' is missing or not a table of integers; the checkpoint is damaged")
     return ckpt
+
+
+def check_matches(saved: Any, reference: Any, where: str, key: str = "server") -> None:
+    """Raise SimfedError where `saved` (a checkpoint's server state) lacks a named entry of
+    `reference` (a freshly initialized state of the same method and task) or holds a tensor of
+    another shape or dtype. Tables keyed by client id grow during a run, so only named (str)
+    keys must be present, and lists of different lengths are left alone."""
+    def fail(why: str) -> SimfedError:
+        return SimfedError(f"{where}: {key} {why}; the checkpoint does not belong to this experiment or is "
+                           "damaged")
+
+    if isinstance(reference, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            raise fail(f"is {type(saved).__name__}, expected a tensor")
+        if saved.shape != reference.shape or saved.dtype != reference.dtype:
+            raise fail(f"has shape {tuple(saved.shape)} {saved.dtype}, expected {tuple(reference.shape)} "
+                       f"{reference.dtype}")
+    elif isinstance(reference, dict):
+        if not isinstance(saved, dict):
+            raise fail(f"is {type(saved).__name__}, expected a table")
+        missing = [k for k in reference if isinstance(k, str) and k not in saved]
+        if missing:
+            raise fail(f"lacks {missing[0]!r}")
+        for k in reference:
+            if k in saved:
+                check_matches(saved[k], reference[k], where, f"{key}.{k}")
+    elif isinstance(reference, (list, tuple)):
+        if not isinstance(saved, (list, tuple)):
+            raise fail(f"is {type(saved).__name__}, expected a list")
+        if len(saved) == len(reference):
+            for i, (a, b) in enumerate(zip(saved, reference)):
+                check_matches(a, b, where, f"{key}[{i}]")
+    elif isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+            raise fail(f"is {type(saved).__name__}, expected a number")

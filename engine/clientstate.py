@@ -22,8 +22,20 @@ import pyarrow.fs as pafs
 import torch
 
 from simfed.engine.storage import resolve
+from simfed.engine.errors import SimfedError
 
 _NAME = re.compile(r"^r(\d+)p(\d+)\.pt$")
+
+
+def _load(path: Path, mmap: bool = False) -> Any:
+    from simfed.partitions.safeio import regular_file
+
+    regular_file(path, "client state file")  # a FIFO would block torch.load forever
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except Exception as exc:  # damaged zip, truncated file, or a pickle weights_only refuses
+        raise SimfedError(f"{path}: cannot load client state ({type(exc).__name__}); the run directory is "
+                          "damaged: restore the file or start a new run") from None
 
 
 class ClientStateStore:
@@ -67,10 +79,30 @@ class ClientStateStore:
         for r, p, path in reversed(self._versions(cid)):
             if (r, p) < (round, phase):
                 if self._fs is None:
-                    return torch.load(path, weights_only=True)
-                with self._fs.open_input_stream(path) as f:
-                    return torch.load(io.BytesIO(f.read()), weights_only=True)
+                    return _load(Path(path))
+                try:
+                    with self._fs.open_input_stream(path) as f:
+                        return torch.load(io.BytesIO(f.read()), weights_only=True)
+                except Exception as exc:  # damaged zip, truncated file, or a pickle weights_only refuses
+                    raise SimfedError(f"{path}: cannot load client state ({type(exc).__name__}); restore the "
+                                      "file or start a new run") from None
         return None
+
+    def check(self, before_round: int) -> int:
+        """Open every version a resumed run may read (rounds < before_round) without loading its
+        tensors (mmap); a damaged file fails here, before any work, not inside a worker."""
+        if self._fs is not None:  # remote state: a damaged file fails as it is read
+            return 0
+        root = Path(self._base)
+        if not root.is_dir():
+            return 0
+        n = 0
+        for path in sorted(root.glob("*/*/r*p*.pt")):
+            m = _NAME.match(path.name)
+            if m and int(m.group(1)) < before_round:
+                _load(path, mmap=True)
+                n += 1
+        return n
 
     def put(self, cid: int, round: int, phase: int, state: Any, checkpointed_round: int = -1) -> None:
         d = self._dir(cid)

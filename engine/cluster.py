@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +25,11 @@ from simfed.engine.errors import SimfedError
 _REAPER: list[subprocess.Popen] = []  # held so its pipe stays open for the driver's lifetime
 
 
-def _probe(address: str, timeout: float = 3.0) -> None:
-    """Fail in seconds on an address nothing listens at (Ray itself retries for minutes)."""
-    target = address.split("://", 1)[-1]
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        raise SimfedError(f"--address {address!r}: expected 'auto', HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise SimfedError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start one with "
-                          "`ray start --head` there, or leave out --address to run on this machine") from None
+def _probe(address: str, timeout: float | None = None) -> None:
+    """Fail in seconds on an address where no Ray GCS answers (Ray itself retries for minutes)."""
+    from simfed.engine import probe, validate
+
+    probe.ray_gcs(validate.address("--address", address), timeout)
 
 
 def _ensure_token() -> None:

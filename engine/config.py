@@ -33,7 +33,7 @@ class EngineConfig:
     workers: int = 0  # 0: as many as the cluster's resources allow
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # fractional: 0.25 packs four workers on one GPU
-    address: str = ""  # "" starts Ray on this machine; "auto" or "ray://host:port" joins a cluster
+    address: str = ""  # "" starts Ray on this machine; "auto" or "host:port" (the head's GCS) joins a cluster
     chunk_clients: int = 0  # clients per worker task; 0 picks from cohort and pool size
     max_retries: int = 3  # per chunk, when a worker dies
     inflight_per_worker: int = 2  # chunks queued per worker (bounds per-client payload memory)

@@ -45,12 +45,39 @@ def open_store(data: DataConfig, on_event: Event | None = None):
     if not Path(data.path).exists() and "://" not in data.path:
         raise SimfedError(f"[data] path {data.path} does not exist; create it with `simfed partition ...` "
                           "or set generate = \"synthetic-femnist\"")
-    return PartitionStore.open(data.path)
+    store = PartitionStore.open(data.path)  # metadata, and every file's presence and size
+    store.check_contents()  # shapes, row counts and label ranges: never first met in a worker
+    return store
 
 
-def check_experiment(exp: Experiment, on_event: Event | None = None):
-    """Everything that can be checked before any work: the store, the method against it, the cohort size.
-    Returns (store, task, seen ids, unseen ids)."""
+def check_resume(exp: Experiment, task: Task, run_dir: Path) -> dict:
+    """A run directory to resume: its checkpoint matches this experiment's method and task, and
+    every file the resumed run will read (client state, earlier metrics) opens. Returns the checkpoint."""
+    from simfed.engine.server import Server
+
+    ckpt = checkpoint.load(run_dir)
+    if ckpt is None:
+        raise SimfedError(f"{run_dir}: no checkpoint to resume from (it is written every run.checkpoint_every rounds)")
+    path = run_dir / checkpoint.NAME
+    if ckpt["round"] > exp.run.rounds:
+        raise SimfedError(f"{path}: round {ckpt['round']} is beyond run.rounds = {exp.run.rounds}; the "
+                          "checkpoint does not belong to this config")
+    fresh = Server(exp.algorithm, exp.algorithm_config, task, exp.run.seed)
+    checkpoint.check_matches(ckpt["server"], fresh.state_dict(), str(path))
+    try:
+        fresh.state.load_state_dict(ckpt["server"])
+    except Exception as exc:  # the method's own loader disagrees: same verdict, one line
+        raise SimfedError(f"{path}: the server state does not load ({type(exc).__name__}); the checkpoint "
+                          "does not belong to this experiment or is damaged") from None
+    ClientStateStore(run_dir / "client_state").check(ckpt["round"])
+    for f in metrics.files(run_dir, upto=ckpt["round"]):  # later ones are rewritten by the resumed run
+        metrics.check_file(f)
+    return ckpt
+
+
+def check_experiment(exp: Experiment, on_event: Event | None = None, resume_dir: str | os.PathLike | None = None):
+    """Everything that can be checked before any work: the store, the method against it, the cohort size,
+    and with `resume_dir` the run directory to continue. Returns (store, task, seen ids, unseen ids)."""
     run = exp.run
     store = open_store(exp.data, on_event)
     seen, unseen = [int(c) for c in store.client_ids("seen")], [int(c) for c in store.client_ids("unseen")]
@@ -62,6 +89,8 @@ def check_experiment(exp: Experiment, on_event: Event | None = None):
                           f"{len(seen)} seen clients; use a value between 1 and {len(seen)}")
     if run.rounds < 1:
         raise SimfedError(f"[run] rounds = {run.rounds}; it must be at least 1")
+    if resume_dir is not None:
+        check_resume(exp, task, Path(resume_dir))
     return store, task, seen, unseen
 
 
@@ -93,7 +122,7 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
          restarts: int = 0) -> dict:
     emit = on_event or (lambda e: None)
     run, eng = exp.run, exp.engine
-    store, task, seen, unseen = check_experiment(exp, on_event)
+    store, task, seen, unseen = check_experiment(exp, on_event, run_dir if resume else None)
     table = store.clients
     # Work per client, for the size-aware assignment to workers (the method knows what it costs).
     algo = registry.get(exp.algorithm)

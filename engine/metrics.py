@@ -21,6 +21,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from simfed.engine.errors import SimfedError
+
 SCHEMA = pa.schema([
     ("run", pa.string()), ("round", pa.int32()), ("client_id", pa.int64()), ("cohort", pa.string()),
     ("split", pa.string()), ("phase", pa.string()), ("n", pa.int64()), ("loss", pa.float64()),
@@ -71,15 +73,46 @@ class MetricsWriter:
                 path.unlink()
 
 
+def check_file(path: str | os.PathLike) -> None:
+    """A metrics file is a regular Parquet file with SCHEMA's columns (reads only the footer)."""
+    from simfed.partitions.safeio import regular_file
+
+    regular_file(path, "metrics file")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise SimfedError(f"{path}: not a readable Parquet file ({type(exc).__name__}); the run directory "
+                          "is damaged: delete the file (its round is lost) or restore it") from None
+    for f in SCHEMA:
+        if f.name not in schema.names or not schema.field(f.name).type.equals(f.type):
+            raise SimfedError(f"{path}: column {f.name!r} is missing or not {f.type}; not a simfed metrics "
+                              "file: delete or restore it")
+
+
 def read(path: str | os.PathLike) -> pl.DataFrame:
-    return pl.read_parquet(path)
+    check_file(path)
+    try:
+        return pl.read_parquet(path, columns=SCHEMA.names)
+    except Exception as exc:  # polars raises several types for corrupt pages
+        raise SimfedError(f"{path}: cannot read metrics ({type(exc).__name__}); delete or restore the "
+                          "file") from None
+
+
+def files(run_dir: str | os.PathLike, upto: int | None = None) -> list[Path]:
+    """The run's metrics files in round order (those of rounds <= `upto` when given)."""
+    out = []
+    for p in sorted((Path(run_dir) / "metrics").glob("r*.parquet")):
+        m = _FILE.match(p.name)
+        if m and (upto is None or int(m.group(1)) <= upto):
+            out.append(p)
+    return out
 
 
 def load(run_dir: str | os.PathLike) -> pl.DataFrame:
-    files = sorted((Path(run_dir) / "metrics").glob("r*.parquet"))
-    if not files:
+    found = files(run_dir)
+    if not found:
         return pl.DataFrame(schema=pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema))
-    return pl.concat([read(f) for f in files], how="vertical")
+    return pl.concat([read(f) for f in found], how="vertical")
 
 
 def load_rounds(run_dir: str | os.PathLike) -> pl.DataFrame:

@@ -17,7 +17,9 @@ Reconstructed choices:
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,41 +27,66 @@ import numpy as np
 from simfed.engine.errors import SimfedError
 from simfed.partitions import schemes
 from simfed.partitions.progress import progress_bar
-from simfed.partitions.writer import StoreWriter
+from simfed.partitions.safeio import check_output, regular_file
+from simfed.partitions.writer import MAX_CLASSES, StoreWriter
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot"]
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Parse one IDX file (gzip detected by its magic bytes, not its name)."""
-    path = Path(path)
+MAX_IDX_BYTES = 4 << 30  # EMNIST byclass, the largest of the family, is ~0.6 GB of pixels
+
+
+def _read_exact(f, n: int, path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SimfedError(f"{path}: file not found") from None
+        data = f.read(n)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SimfedError(f"{path}: corrupt gzip data ({exc})") from None
+    return data
+
+
+def read_idx(path: str | os.PathLike, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Parse one IDX file (gzip detected by its magic bytes, not its name).
+
+    The header is read first and the body's size taken from its dims (as Python ints, so a
+    product that would overflow int64 is just "too large"); at most that many bytes (+1, to see
+    trailing junk) are read or decompressed, so a gzip bomb stops at the size the header promises.
+    """
+    path = Path(path)
+    size = regular_file(path, "IDX file")
+    try:
+        raw_file = open(path, "rb")
     except OSError as exc:
         raise SimfedError(f"{path}: cannot read ({exc.strerror})") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise SimfedError(f"{path}: corrupt gzip data ({exc})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES or raw[3] == 0:
-        raise SimfedError(f"{path}: not an IDX file (wrong magic number "
-                          f"0x{raw[:4].hex() or 'empty'}); expected e.g. 0x00000803 for images")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise SimfedError(f"{path}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_DTYPES[raw[2]])
-    need = int(np.prod(dims)) * dtype.itemsize
-    if len(raw) - header != need:
-        raise SimfedError(f"{path}: IDX body has {len(raw) - header} bytes, header promises "
-                          f"{need} for shape {dims}; the file is truncated or corrupt")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    with raw_file:
+        gz = raw_file.read(2) == b"\x1f\x8b"
+        raw_file.seek(0)
+        f = gzip.GzipFile(fileobj=raw_file, mode="rb") if gz else raw_file
+        magic = _read_exact(f, 4, path)
+        if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _DTYPES or magic[3] == 0:
+            raise SimfedError(f"{path}: not an IDX file (wrong magic number "
+                              f"0x{magic.hex() or 'empty'}); expected e.g. 0x00000803 for images")
+        ndim = magic[3]
+        head = _read_exact(f, 4 * ndim, path)
+        if len(head) < 4 * ndim:
+            raise SimfedError(f"{path}: truncated IDX header")
+        dims = tuple(int.from_bytes(head[4 * i:4 * i + 4], "big") for i in range(ndim))
+        dtype = np.dtype(_DTYPES[magic[2]])
+        need = math.prod(dims) * dtype.itemsize
+        if need > max_bytes:
+            raise SimfedError(f"{path}: IDX header promises shape {dims} ({need:,} bytes); at most "
+                              f"{max_bytes:,} are accepted, so the header is corrupt or hostile")
+        header = 4 + 4 * ndim
+        if not gz and size - header != need:
+            raise SimfedError(f"{path}: IDX body has {size - header} bytes, header promises "
+                              f"{need} for shape {dims}; the file is truncated or corrupt")
+        body = _read_exact(f, need + 1, path)
+    if len(body) != need:
+        got = f"more than {need}" if len(body) > need else str(len(body))
+        raise SimfedError(f"{path}: IDX body has {got} bytes, header promises {need} for shape "
+                          f"{dims}; the file is truncated or corrupt")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
 def _labels_for(images: Path) -> Path:
@@ -72,7 +99,8 @@ def find_pairs(src: str | os.PathLike) -> list[tuple[Path, Path]]:
     src = Path(src)
     if not src.exists():
         raise SimfedError(f"{src}: no such file or directory")
-    if src.is_file():
+    if not src.is_dir():
+        regular_file(src, "IDX images file")
         lab = _labels_for(src)
         if lab == src or not lab.exists():
             raise SimfedError(f"{src}: cannot find the matching labels file (looked for {lab})")
@@ -106,8 +134,13 @@ def load_idx(src, transpose: bool | None = None) -> tuple[np.ndarray, np.ndarray
             raise SimfedError(f"{lab}: expected a 1-d labels file, got shape {y.shape}")
         if len(x) != len(y):
             raise SimfedError(f"{lab}: has {len(y)} labels but {img.name} has {len(x)} images")
+        if y.dtype.kind not in "iu":
+            raise SimfedError(f"{lab}: labels must be integers, got IDX type {y.dtype}")
         if len(y) and y.min() < 0:
             raise SimfedError(f"{lab}: negative label {int(y.min())}")
+        if len(y) and y.max() >= MAX_CLASSES:
+            raise SimfedError(f"{lab}: label {int(y.max())} is beyond the {MAX_CLASSES:,} classes a store "
+                              "can hold; the labels file is corrupt")
         t = ("emnist" in img.name.lower()) if transpose is None else transpose
         xs.append(np.ascontiguousarray(x.transpose(0, 2, 1)) if t else x)
         ys.append(y.astype(np.int64))
@@ -127,6 +160,12 @@ def import_idx(src, out: str, *, scheme: str = "iid", clients: int = 100,
     """Partition an IDX dataset into a store at OUT; returns OUT."""
     if scheme == "natural":
         raise SimfedError("IDX files have no writers: use --scheme classes, dirichlet or iid")
+    # Every argument is checked before the (possibly large) files are read.
+    schemes.check_assign_args(scheme, clients=clients, seed=seed, alpha=alpha,
+                              classes_per_client=classes_per_client)
+    schemes.check_fractions(val_fraction, test_fraction, unseen_fraction)
+    srcs = list(src) if isinstance(src, (tuple, list)) else [src]
+    check_output(out, overwrite, srcs)
     x, y = load_idx(src)
     num = int(y.max()) + 1 if len(y) else 0
     if classes is None:

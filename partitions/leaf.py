@@ -14,21 +14,27 @@ even (numpy.rint). LEAF's FEMNIST keeps a white background (1.0); we store pixel
 
 Files are parsed one at a time and only their uint8 pixels are kept (~640 MB for all of FEMNIST,
 not the several GB that parsed JSON floats take). Client ids are 0..U-1 in order of first
-appearance (files sorted by name); the clients table keeps the LEAF user id in ``name``. A user
-appearing in several files has its rows concatenated.
+appearance (files sorted by name); the clients table keeps the LEAF user id in ``name``.
+
+A user listed twice (in one file, or in two train files, or in two test files) is an error: LEAF
+never writes that, and concatenating would double the user's rows (and, after our own split,
+leak copies of test rows into train). A user appears at most once among train files and once
+among test files. User names must be strings of valid Unicode (a lone surrogate from a JSON
+escape cannot be stored). Only regular files are read, each at most safeio.JSON_MAX_BYTES.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from simfed.engine import validate
 from simfed.engine.errors import SimfedError
 from simfed.partitions import schemes
 from simfed.partitions.progress import progress_bar
+from simfed.partitions.safeio import check_output, load_json, regular_file
 from simfed.partitions.synthetic import CLASSES as FEMNIST_CLASSES
 from simfed.partitions.writer import StoreWriter
 
@@ -40,31 +46,28 @@ def find_files(src: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     src = Path(src)
     if not src.exists():
         raise SimfedError(f"{src}: no such file or directory")
-    if src.is_file():
+    if not src.is_dir():
+        regular_file(src, "LEAF file")
         return [src], []
     if (src / "train").is_dir() and (src / "test").is_dir():
         train, test = sorted((src / "train").glob("*.json")), sorted((src / "test").glob("*.json"))
         if not train or not test:
             raise SimfedError(f"{src}: LEAF train/ and test/ folders must both contain .json files")
+        for f in train + test:  # a FIFO named x.json would block the import forever
+            regular_file(f, "LEAF file")
         return train, test
     for pattern in ("all_data_*.json", "all_data/*.json", "*.json"):
         files = sorted(src.glob(pattern))
         if files:
+            for f in files:
+                regular_file(f, "LEAF file")
             return files, []
     raise SimfedError(f"{src}: no LEAF JSON files (all_data_*.json or train/ and test/) found")
 
 
 def parse_file(path: Path, num_classes: int):
     """Yield (user, x uint8 (n, 784), y int64) for each user of one LEAF JSON file."""
-    try:
-        with open(path, "rb") as f:
-            obj = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise SimfedError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
-    except UnicodeDecodeError:
-        raise SimfedError(f"{path}: not a UTF-8 JSON file") from None
-    except OSError as exc:
-        raise SimfedError(f"{path}: cannot read ({exc.strerror})") from None
+    obj = load_json(path, what="LEAF file")
     if not isinstance(obj, dict) or not isinstance(obj.get("users"), list) \
             or not isinstance(obj.get("user_data"), dict):
         raise SimfedError(f"{path}: not a LEAF file (needs 'users' list and 'user_data' object)")
@@ -72,7 +75,14 @@ def parse_file(path: Path, num_classes: int):
     counts = obj.get("num_samples")
     if counts is not None and (not isinstance(counts, list) or len(counts) != len(users)):
         raise SimfedError(f"{path}: 'num_samples' must be a list as long as 'users'")
+    seen: set[str] = set()
     for i, user in enumerate(users):
+        if not isinstance(user, str):
+            raise SimfedError(f"{path}: user ids must be strings, got {user!r} in 'users'")
+        validate.text(f"{path}: user id {user!r}", user, max_len=1024)
+        if user in seen:
+            raise SimfedError(f"{path}: user {user!r} is listed twice in 'users'; each user once")
+        seen.add(user)
         entry = data.get(user)
         if not isinstance(entry, dict) or not entry.get("x") or not entry.get("y"):
             raise SimfedError(f"{path}: user {user!r} has no data (missing or empty x/y in "
@@ -101,7 +111,7 @@ def parse_file(path: Path, num_classes: int):
         if len(bad):
             raise SimfedError(f"{path}: user {user!r}: label {int(bad[0])} out of range "
                               f"0..{num_classes - 1}")
-        if counts is not None and counts[i] != len(yf):
+        if counts is not None and (isinstance(counts[i], bool) or counts[i] != len(yf)):
             raise SimfedError(f"{path}: user {user!r}: num_samples says {counts[i]} but "
                               f"user_data has {len(yf)}")
         yield str(user), np.rint(x * 255).astype(np.uint8), yf.astype(np.int64)
@@ -117,17 +127,25 @@ def import_leaf(src: str | os.PathLike, out: str | os.PathLike, *, unseen_fracti
     0.15/0.15 otherwise (test_fraction is ignored when LEAF's split is present).
     """
     classes = list(classes or FEMNIST_CLASSES)
-    if Path(out).exists() and not overwrite:  # fail before parsing gigabytes of JSON
-        raise SimfedError(f"{out}: output already exists; remove it, choose another path or "
-                          "pass --overwrite")
+    # Every argument is checked before parsing gigabytes of JSON.
+    validate.seed("--seed", seed)
+    validate.fraction("--unseen-fraction", unseen_fraction)
+    schemes.check_fractions(schemes.DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
+                            0.0 if test_fraction is None else test_fraction)
+    check_output(out, overwrite, [src])
     train_files, test_files = find_files(src)
     split_layout = bool(test_files)
     ids: dict[str, int] = {}
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, int]]] = {}
     files = [(f, 0) for f in train_files] + [(f, 2) for f in test_files]
+    first_file: dict[tuple[str, int], Path] = {}
     with progress_bar(progress, "reading LEAF files", len(files)) as advance:
         for path, code in files:
             for user, x, y in parse_file(path, len(classes)):
+                other = first_file.setdefault((user, code), path)
+                if other != path:
+                    raise SimfedError(f"{path}: user {user!r} is also in {other.name}; a user may "
+                                      "appear in one train file and one test file only")
                 cid = ids.setdefault(user, len(ids))
                 parts.setdefault(cid, []).append((x, y, code))
             advance(1)

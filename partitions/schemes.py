@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from simfed.engine import validate
 from simfed.engine.errors import SimfedError
 
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.15
 SCHEMES = ("natural", "iid", "dirichlet", "classes")
+MAX_CLIENTS = 10_000_000  # bounds per-client tables an argument alone could make huge
 
 
 def natural(groups: np.ndarray) -> np.ndarray:
@@ -61,8 +63,7 @@ def dirichlet(labels: np.ndarray, clients: int, alpha: float, seed: int,
     labels = np.asarray(labels)
     n = len(labels)
     _check_clients(n, clients)
-    if alpha <= 0:
-        raise SimfedError(f"--alpha must be > 0, got {alpha}")
+    validate.number("--alpha", alpha, 0.0, 1e6, lo_open=True)
     min_samples = min(min_samples, n // clients)
     classes = np.unique(labels)
     by_class = [np.flatnonzero(labels == c) for c in classes]
@@ -134,13 +135,38 @@ def classes(labels: np.ndarray, clients: int, k: int, seed: int) -> np.ndarray:
     return out
 
 
+def check_fractions(val_fraction: float, test_fraction: float, unseen_fraction: float | None = None) -> None:
+    """Finite fractions in [0, 1) with val + test < 1 (NaN would silently mean 'none')."""
+    validate.fraction("--val-fraction", val_fraction)
+    validate.fraction("--test-fraction", test_fraction)
+    if val_fraction + test_fraction >= 1:
+        raise SimfedError(f"val/test fractions must sum to < 1, got {val_fraction} and {test_fraction}")
+    if unseen_fraction is not None:
+        validate.fraction("--unseen-fraction", unseen_fraction)
+
+
+def check_assign_args(scheme: str, *, clients: int, seed: int, alpha: float | None = None,
+                      classes_per_client: int | None = None) -> None:
+    """Everything `assign` needs that can be checked before the data is read."""
+    if scheme not in SCHEMES:
+        raise SimfedError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    validate.integer("--clients", clients, 1, MAX_CLIENTS)
+    validate.seed("--seed", seed)
+    if scheme == "dirichlet":
+        if alpha is None:
+            raise SimfedError("--scheme dirichlet needs --alpha (e.g. 0.1 strong skew, 100 ~iid)")
+        validate.number("--alpha", alpha, 0.0, 1e6, lo_open=True)
+    if scheme == "classes":
+        if classes_per_client is None:
+            raise SimfedError("--scheme classes needs --classes-per-client K")
+        validate.integer("--classes-per-client", classes_per_client, 1, MAX_CLIENTS)
+
+
 def split_within_clients(client_of: np.ndarray, labels: np.ndarray, seed: int,
                          val_fraction: float = DEFAULT_VAL_FRACTION,
                          test_fraction: float = DEFAULT_TEST_FRACTION) -> np.ndarray:
     """Per-client seeded train/val/test split; returns codes 0=train, 1=val, 2=test."""
-    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-        raise SimfedError(f"val/test fractions must be >= 0 and sum to < 1, got {val_fraction}"
-                          f" and {test_fraction}")
+    check_fractions(val_fraction, test_fraction)
     client_of = np.asarray(client_of, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
     n = len(client_of)

@@ -24,16 +24,20 @@ Reconstructed choices:
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from simfed.engine import validate
 from simfed.engine.errors import SimfedError
+from simfed.partitions.safeio import parse_json, read_bytes, regular_file
+from simfed.partitions.storecheck import CLIENTS_MAX_BYTES, MANIFEST_MAX_BYTES, check_clients, check_manifest
 from simfed.partitions.writer import (  # noqa: F401  (write_store is part of this module's API)
     CLIENTS, FORMAT_VERSION, MANIFEST, SPLIT_FILES, SPLITS, StoreWriter, choose_unseen,
     write_store)
@@ -108,8 +112,12 @@ class PartitionStore:
     # -- construction / pickling
     @classmethod
     def open(cls, path: str, verify: bool = False) -> "PartitionStore":
+        """Open and check the metadata and every file's presence and size; `verify` also checks
+        every file's sha256 (reads the whole store)."""
+        validate.text("store path", str(path))
         store = cls(str(path))
         store._load()  # fail early with a clear message rather than inside a worker
+        store.check_files()
         if verify:
             store.verify()
         return store
@@ -120,10 +128,18 @@ class PartitionStore:
     def _file(self, name: str) -> str:
         return f"{self._root}/{name}"
 
-    def _read_bytes(self, name: str) -> bytes:
+    def _read_bytes(self, name: str, limit: int) -> bytes:
+        if self._local:
+            if not os.path.lexists(self._file(name)):
+                raise SimfedError(f"{self._file(name)}: missing; {self.path} is not a complete "
+                                  "partition store (re-run `simfed partition`)")
+            return read_bytes(self._file(name), limit, "store file")
         try:
             with _open_stream(self._fs, self._file(name)) as f:
-                return f.read()
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                raise SimfedError(f"{self._file(name)}: larger than {limit:,} bytes; not a store file")
+            return data
         except FileNotFoundError:
             raise SimfedError(f"{self._file(name)}: missing; {self.path} is not a complete "
                               "partition store (re-run `simfed partition`)") from None
@@ -139,27 +155,85 @@ class PartitionStore:
             missing = self._fs.get_file_info(self._root).type == pafs.FileType.NotFound
         if missing:
             raise SimfedError(f"{self.path}: no such partition store directory")
-        try:
-            manifest = json.loads(self._read_bytes(MANIFEST))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SimfedError(f"{self._file(MANIFEST)}: malformed JSON ({exc})") from None
+        manifest = parse_json(self._read_bytes(MANIFEST, MANIFEST_MAX_BYTES), self._file(MANIFEST))
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             raise SimfedError(f"{self._file(MANIFEST)}: unsupported format_version "
                               f"{manifest.get('format_version') if isinstance(manifest, dict) else None}"
                               f" (expected {FORMAT_VERSION}); re-create the store")
+        check_manifest(manifest, self._file(MANIFEST))
         try:
             # ParquetFile without threads: pq.read_table's dataset path was seen to abort the
             # process at exit when torch is also loaded (pyarrow 26, torch 2.13).
-            clients = pq.ParquetFile(pa.BufferReader(self._read_bytes(CLIENTS))).read(
+            clients = pq.ParquetFile(pa.BufferReader(self._read_bytes(CLIENTS, CLIENTS_MAX_BYTES))).read(
                 use_threads=False)
-        except pa.ArrowInvalid as exc:
-            raise SimfedError(f"{self._file(CLIENTS)}: not a valid Parquet file ({exc}); "
+        except (pa.ArrowException, OSError) as exc:
+            raise SimfedError(f"{self._file(CLIENTS)}: not a valid Parquet file "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                               "re-create the store") from None
+        check_clients(clients, manifest, self._file(CLIENTS))
         self._manifest, self._clients = manifest, clients
         self._index = {c: clients.column(c).to_numpy() for c in clients.column_names
                        if c not in ("name", "cohort")}
         self._index["unseen"] = np.asarray(clients.column("cohort").to_numpy(zero_copy_only=False)
                                            == "unseen")
+
+    def check_files(self) -> None:
+        """Every file the manifest lists exists, is a regular file and has its recorded size
+        (a stat per file: cheap enough for every open by `simfed launch`)."""
+        self._load()
+        for name, expected in self._manifest["file_sizes"].items():
+            path = self._file(name)
+            if self._local:
+                if not os.path.lexists(path):
+                    raise SimfedError(f"{path}: missing from the store; re-create it")
+                size = regular_file(path, "store file")
+            else:
+                info = self._fs.get_file_info(path)
+                if info.type != pafs.FileType.File:
+                    raise SimfedError(f"{path}: missing from the store; re-create it")
+                size = info.size
+            if size != expected:
+                raise SimfedError(f"{path}: {size:,} bytes, the manifest records {expected:,}; the "
+                                  "store is truncated or was changed: re-create it")
+
+    def check_contents(self) -> None:
+        """Split files agree with the manifest and the clients table: schema (sample shape),
+        row counts, no client straddling two batches, labels within the classes. Reads only
+        metadata and the label column (8 bytes per sample), so a worker never meets these."""
+        self._load()
+        width, k = math.prod(self.sample_shape), self.num_classes
+        want = pa.schema([("x", pa.binary(width)), ("y", pa.int64())])
+        for split in SPLITS:
+            if int(self._index[f"n_{split}"].sum()) == 0 and self._manifest["counts"][split] == 0:
+                continue
+            sf = self._split_file(split)
+            where = self._file(SPLIT_FILES[split])
+            if not sf.reader.schema.equals(want):
+                raise SimfedError(f"{where}: columns {sf.reader.schema.names} of types "
+                                  f"{[str(t) for t in sf.reader.schema.types]} do not match sample shape "
+                                  f"{list(self.sample_shape)} (x fixed_size_binary[{width}], y int64); "
+                                  "re-create the store")
+            try:
+                starts = sf.starts()
+            except (pa.ArrowException, OSError) as exc:
+                raise SimfedError(f"{where}: unreadable record batch ({exc}); re-create the store") from None
+            if int(starts[-1]) != self._manifest["counts"][split]:
+                raise SimfedError(f"{where}: {int(starts[-1])} rows, the manifest records "
+                                  f"{self._manifest['counts'][split]}; re-create the store")
+            n, off = self._index[f"n_{split}"], self._index[f"{split}_offset"]
+            has = n > 0
+            b = np.searchsorted(starts, off[has], side="right") - 1
+            if (off[has] + n[has] > starts[b + 1]).any():
+                raise SimfedError(f"{where}: a client's rows straddle two record batches; re-create the "
+                                  "store with `simfed partition`")
+            for i in range(len(starts) - 1):
+                ys = sf.reader.get_batch(i).column(1)
+                if ys.null_count:
+                    raise SimfedError(f"{where}: missing labels; re-create the store")
+                lo, hi = pc.min(ys).as_py(), pc.max(ys).as_py()
+                if lo is not None and (lo < 0 or hi >= k):
+                    raise SimfedError(f"{where}: label {lo if lo < 0 else hi} out of range 0..{k - 1} "
+                                      f"({k} classes in the manifest); re-create the store")
 
     def verify(self) -> None:
         """Check every file's sha256 against the manifest (reads every byte)."""
@@ -237,7 +311,7 @@ class PartitionStore:
             except FileNotFoundError:
                 raise SimfedError(f"{self._file(SPLIT_FILES[split])}: missing; re-create the "
                                   "store") from None
-            except pa.ArrowInvalid as exc:
+            except (pa.ArrowException, OSError) as exc:
                 raise SimfedError(f"{self._file(SPLIT_FILES[split])}: not an Arrow IPC file "
                                   f"({exc}); re-create the store") from None
             _OPEN[key] = sf

@@ -36,9 +36,10 @@ import string
 
 import numpy as np
 
-from simfed.engine.errors import SimfedError
+from simfed.engine import validate
 from simfed.partitions import schemes
 from simfed.partitions.progress import progress_bar
+from simfed.partitions.safeio import check_output
 from simfed.partitions.writer import StoreWriter
 
 CLASSES = list(string.digits + string.ascii_uppercase + string.ascii_lowercase)
@@ -48,6 +49,10 @@ MEAN_COUNT = 229.0  # the [12, 1200] clip trims the mean: lands ~818k at 3,597 w
 COUNT_SIGMA = 0.45
 CHUNK_WRITERS = 128
 SOFTNESS = 0.035
+# Bounds of the arguments: per-writer tables are O(writers x classes), and past s ~ 3 every
+# writer effect is already at its clip (NaN would render all-zero images).
+MAX_WRITERS = 100_000
+MAX_STYLE = 10.0
 
 
 def _pixel_centers(res: int = RES) -> np.ndarray:
@@ -159,16 +164,24 @@ def render_chunk(bank, style, writers: np.ndarray, counts: np.ndarray, rng):
     return x, y.astype(np.int64), w_of
 
 
+def check_args(*, clients: int, seed: int, style_strength: float, unseen_fraction: float) -> None:
+    """The generator's numeric arguments (shared with [data] generate in experiment files)."""
+    validate.integer("--clients", clients, 1, MAX_WRITERS)
+    validate.seed("--seed", seed)
+    validate.number("--style-strength", style_strength, 0.0, MAX_STYLE)
+    validate.fraction("--unseen-fraction", unseen_fraction)
+
+
 def make_synthetic_femnist(out: str, *, clients: int = 3597, seed: int = 0,
                            unseen_fraction: float = 0.1, style_strength: float = 1.0,
                            val_fraction: float = schemes.DEFAULT_VAL_FRACTION,
                            test_fraction: float = schemes.DEFAULT_TEST_FRACTION,
                            overwrite: bool = False, progress: bool = False) -> str:
     """Build the synthetic store at OUT (atomic) and return its path."""
-    if clients < 1:
-        raise SimfedError(f"--clients must be >= 1, got {clients}")
-    if style_strength < 0:
-        raise SimfedError(f"--style-strength must be >= 0, got {style_strength}")
+    check_args(clients=clients, seed=seed, style_strength=style_strength,
+               unseen_fraction=unseen_fraction)
+    schemes.check_fractions(val_fraction, test_fraction)
+    check_output(out, overwrite)
     bank = glyph_bank(seed)
     counts = writer_counts(clients, seed)
     style = writer_styles(clients, seed, style_strength)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -23,7 +24,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from simfed.engine import validate
 from simfed.engine.errors import SimfedError
+from simfed.partitions.safeio import check_output
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -33,6 +36,10 @@ CLIENTS = "clients.parquet"
 # Batches are cut at the first client boundary after this many pixel bytes: big enough that
 # per-batch metadata is negligible, small enough to stream the synthetic build.
 BATCH_BYTES = 32 << 20
+# Bounds on what a store (and so an importer) may describe: a label of 2e9 would otherwise make
+# 2e9 class names, and a sample shape from a hostile header could ask for terabytes per row.
+MAX_CLASSES = 100_000
+MAX_SAMPLE_BYTES = 64 << 20
 
 
 def _split_codes(split_of: np.ndarray) -> np.ndarray:
@@ -51,8 +58,8 @@ def _split_codes(split_of: np.ndarray) -> np.ndarray:
 
 def choose_unseen(client_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Seeded shuffle of the clients; the first round(fraction * K) are unseen (>= 1 stays seen)."""
-    if not 0.0 <= fraction < 1.0:
-        raise SimfedError(f"unseen fraction must be in [0, 1), got {fraction}")
+    validate.fraction("--unseen-fraction", fraction)
+    validate.seed("--seed", seed)
     ids = np.asarray(client_ids, dtype=np.int64)
     k = min(int(round(fraction * len(ids))), max(len(ids) - 1, 0))
     order = np.random.default_rng([seed, 0x5EE4]).permutation(len(ids))
@@ -77,24 +84,25 @@ class StoreWriter:
 
     def __init__(self, out: str | os.PathLike, *, classes: list[str], sample_shape=(1, 28, 28),
                  overwrite: bool = False, source: dict | None = None):
-        self.out = Path(out)
-        if "://" in str(out):
-            raise SimfedError(f"{out}: stores can only be written to a local path; write locally "
-                              "and copy the directory")
-        if self.out.exists() and not overwrite:
-            raise SimfedError(f"{self.out}: output already exists; remove it, choose another "
-                              "path or pass --overwrite")
-        if not self.out.parent.exists():
-            raise SimfedError(f"{self.out.parent}: parent directory of the output does not exist")
+        self.out = check_output(out, overwrite)
         self.classes = [str(c) for c in classes]
+        if not 1 <= len(self.classes) <= MAX_CLASSES:
+            raise SimfedError(f"{out}: {len(self.classes)} classes; a store holds 1 to {MAX_CLASSES}")
         self.sample_shape = tuple(int(v) for v in sample_shape)
-        if len(self.sample_shape) != 3:
-            raise SimfedError(f"sample_shape must be (C, H, W), got {sample_shape}")
-        self.row_bytes = int(np.prod(self.sample_shape))
+        if len(self.sample_shape) != 3 or min(self.sample_shape) < 1:
+            raise SimfedError(f"sample_shape must be (C, H, W) with positive sizes, got {sample_shape}")
+        self.row_bytes = math.prod(self.sample_shape)
+        if self.row_bytes > MAX_SAMPLE_BYTES:
+            raise SimfedError(f"sample shape {self.sample_shape} is {self.row_bytes:,} bytes per sample; "
+                              f"at most {MAX_SAMPLE_BYTES:,} are supported")
         self.overwrite = overwrite
         self.source = dict(source or {})
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        try:
+            self.tmp.mkdir()
+        except OSError as exc:  # read-only directory or filesystem, quota, ...
+            raise SimfedError(f"{self.out.parent}: cannot create the output there ({exc.strerror}); "
+                              "choose a directory you can write") from None
         self.schema = pa.schema([("x", pa.binary(self.row_bytes)), ("y", pa.int64())])
         self._sinks = {}
         self._writers = {}

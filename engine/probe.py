@@ -1,0 +1,62 @@
+"""A bounded check that HOST:PORT is a Ray head (its GCS) before handing the address to Ray.
+
+`ray.init(address=...)` retries for minutes against anything that accepts TCP, so a wrong port
+(a web server, a database) looked like a hang. Ray's GCS is a gRPC server: it speaks cleartext
+HTTP/2 and answers the client connection preface with a SETTINGS frame. We send the preface and
+an empty SETTINGS frame and wait, with one overall deadline, for the first frame header back; a
+silent service, an HTTP/1 server or a closed port fails in at most `timeout` seconds.
+(With RAY_USE_TLS the GCS speaks TLS first; the frame check is skipped and only TCP is tested.)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from simfed.engine.errors import SimfedError
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # length 0, type SETTINGS, no flags, stream 0
+SETTINGS = 0x04
+
+
+def _fail(address: str, why: str) -> SimfedError:
+    return SimfedError(f"cannot reach a Ray cluster at {address} ({why}); start one with `ray start --head` "
+                       "there, or leave out --address to run on this machine")
+
+
+def ray_gcs(address: str, timeout: float | None = None) -> None:
+    """Raise SimfedError unless a Ray GCS answers at HOST:PORT within `timeout` seconds."""
+    if timeout is None:
+        timeout = float(os.environ.get("SIMFED_PROBE_TIMEOUT", "3"))
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError as exc:
+        raise _fail(address, exc.strerror or str(exc) or type(exc).__name__) from None
+    with sock:
+        if os.environ.get("RAY_USE_TLS", "0") not in ("", "0"):
+            return
+        try:
+            sock.sendall(PREFACE + EMPTY_SETTINGS)
+            head = b""
+            while len(head) < 9:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout
+                sock.settimeout(left)
+                part = sock.recv(9 - len(head))
+                if not part:
+                    break
+                head += part
+        except socket.timeout:
+            raise _fail(address, f"something listens there but did not answer as Ray's GCS within {timeout:g} s; "
+                                 "is this the head's GCS port (default 6379)?") from None
+        except OSError as exc:
+            raise _fail(address, exc.strerror or type(exc).__name__) from None
+    if len(head) < 9 or head[3] != SETTINGS:
+        raise _fail(address, "the service there is not a Ray GCS (no gRPC/HTTP2 answer); check the port "
+                             "(the head's GCS port, default 6379)")

@@ -1,0 +1,126 @@
+"""Reading untrusted files and choosing an output directory, without hangs or surprises.
+
+- Only regular files are opened: opening a FIFO blocks until someone writes to it, and a device
+  file can stream forever. `os.stat` answers without opening, so the check itself never blocks.
+- Reads are bounded: a file larger than what the caller can use is refused before it is read.
+- JSON nested thousands deep raises RecursionError inside the parser; it is reported like any
+  other malformed file.
+- An output directory is refused when it is or contains its own source (`leaf SRC SRC
+  --overwrite` used to delete SRC), when `--overwrite` would replace something that is not a
+  partition store, or when its parent cannot be written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any, Iterable
+
+from simfed.engine.errors import SimfedError
+
+JSON_MAX_BYTES = 4 << 30  # LEAF's largest all_data file is ~0.3 GB
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def regular_file(path: str | os.PathLike, what: str = "file") -> int:
+    """Size of `path` if it is a regular file (symlinks followed); SimfedError otherwise."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SimfedError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise SimfedError(f"{path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SimfedError(f"{path}: {what} is {_kind(st.st_mode)}, not a regular file; pass a real "
+                          "file")
+    return st.st_size
+
+
+def read_bytes(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The whole file, refused up front if it is not regular or larger than `limit` bytes."""
+    size = regular_file(path, what)
+    if size > limit:
+        raise SimfedError(f"{path}: {what} is {size:,} bytes; at most {limit:,} are accepted")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise SimfedError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > limit:  # grew while we read it
+        raise SimfedError(f"{path}: {what} is larger than {limit:,} bytes")
+    return data
+
+
+def parse_json(data: bytes | str, where: str) -> Any:
+    """json.loads with every failure (syntax, encoding, nesting depth) as one SimfedError."""
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise SimfedError(f"{where}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise SimfedError(f"{where}: not a UTF-8 JSON file") from None
+    except RecursionError:
+        raise SimfedError(f"{where}: JSON nested too deeply to be a valid file") from None
+
+
+def load_json(path: str | os.PathLike, limit: int = JSON_MAX_BYTES, what: str = "JSON file") -> Any:
+    return parse_json(read_bytes(path, limit, what), str(path))
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """a is b or lies under b (both resolved)."""
+    return a == b or b in a.parents
+
+
+def is_store(path: Path) -> bool:
+    return (path / "manifest.json").is_file() and (path / "clients.parquet").is_file()
+
+
+def check_output(out: str | os.PathLike, overwrite: bool, sources: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an OUT that exists (without --overwrite), overlaps a source, is not replaceable, or
+    whose parent is not a writable directory. Called before any input is read."""
+    from simfed.engine import validate
+
+    validate.text("OUT", str(out))
+    if "://" in str(out):
+        raise SimfedError(f"{out}: stores can only be written to a local path; write locally and "
+                          "copy the directory")
+    out = Path(out)
+    if not out.name or out.name in (".", ".."):
+        raise SimfedError(f"{out}: name a new directory for the store (e.g. data/my-store)")
+    target = out.resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        # OUT strictly inside SRC is harmless (only OUT is ever replaced); OUT equal to SRC, or
+        # SRC inside OUT, would put the source under the directory --overwrite deletes.
+        if _inside(s, target):
+            raise SimfedError(f"{out}: the output would contain the source {src}; write the store to "
+                              "a directory outside the source")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise SimfedError(f"{out}: output already exists; remove it, choose another path or "
+                              "pass --overwrite")
+        if out.is_symlink() or not out.is_dir():
+            raise SimfedError(f"{out}: exists and is not a directory; --overwrite only replaces a "
+                              "partition store")
+        if not is_store(out) and any(out.iterdir()):
+            raise SimfedError(f"{out}: exists and is not a partition store; --overwrite only "
+                              "replaces a store (manifest.json + clients.parquet) or an empty "
+                              "directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise SimfedError(f"{parent}: parent directory of the output does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SimfedError(f"{parent}: directory is not writable; choose an output somewhere you "
+                          "can write")
+    return out
