@@ -131,7 +131,10 @@ def launch(
     if address is not None:
         doc.setdefault("engine", {})["address"] = address
     exp = cfgio.parse(doc, experiment or ("quickstart" if not resume else str(resume)))
-    restart = _resume_round(Path(resume), exp) if resume else 0
+    restart = 0
+    if resume:
+        with rundir.hold(Path(resume)):  # a run still going (its owner alive) is refused first
+            restart = _resume_round(Path(resume), exp)
     if restart is None:
         return  # a finished run: said so, without opening the data or starting Ray
     progress = None if quiet else _Progress()
