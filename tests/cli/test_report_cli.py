@@ -225,11 +225,23 @@ def test_algorithms_show_keys_and_one_method_in_detail():
     assert r.returncode == 0
     assert "PeFLL: personalized federated learning by learning to learn" in r.stdout
     assert re.search(r"^\s+local_steps\s+= 50$", r.stdout, re.M) and re.search(r"^\s+lr\s+= 0.002$", r.stdout, re.M)
-    r = run("algorithms", "fedavg")
-    assert re.search(r"local_epochs\s+= 0.0\s+# > 0 overrides local_steps", r.stdout)
+    assert re.search(r"^\s+local_epochs\s+= 0.0$", run("algorithms", "fedavg").stdout, re.M)
     info = json.loads(run("algorithms", "fedavg", "--json").stdout)
     assert info["config"]["momentum"] == 0.9 and info["keys"]["lr"]["type"] == "float"
     assert_user_error(run("algorithms", "nope"), "unknown algorithm 'nope'", "fedavg")
+
+
+def test_key_comments_document_keys():
+    from dataclasses import dataclass
+
+    from simfed.cli.report_cmd import _key_comments
+
+    @dataclass(frozen=True)
+    class Cfg:
+        lr: float = 0.1  # step size
+        steps: int = 3
+
+    assert _key_comments(Cfg) == {"lr": "step size"}
 
 
 def test_progress_shows_evaluation_and_eta():
