@@ -99,6 +99,10 @@ class Reply:
     state: Any = KEEP
     evals: dict[str, Eval] | None = None
     n_train: int = 0  # samples processed in training (for throughput and weighting)
+    # Mean training loss over this client's local steps (train mode; None where a method has no loss,
+    # e.g. closed-form least squares). Meta-methods report the query loss after the inner steps.
+    # Only logged in the train rows: it never reaches the server, so it cannot change any number.
+    train_loss: float | None = None
 
 
 @dataclass

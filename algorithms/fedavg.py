@@ -49,12 +49,12 @@ def client_model(ctx: ClientContext) -> torch.nn.Module:
     return ctx.module("lenet", lambda: lenet_for(ctx.task.input_shape, ctx.task.num_classes))
 
 
-def local_sgd(model, data: ClientData, cfg, gen) -> int:
+def local_sgd(model, data: ClientData, cfg, gen) -> tuple[int, float]:
+    """Local SGD in place; returns (samples processed, mean training loss)."""
     x, y = data.split("train")
-    seen, _ = training.sgd_train(model, x, y, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, gen=gen,
-                                 epochs=cfg.local_epochs)
-    return seen
+    return training.sgd_train(model, x, y, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                              momentum=cfg.momentum, weight_decay=cfg.weight_decay, gen=gen,
+                              epochs=cfg.local_epochs)
 
 
 def finetune_and_evaluate(model, data: ClientData, steps: int, lr: float, batch_size: int, gen) -> dict:
@@ -96,10 +96,11 @@ class FedAvg(Algorithm):
             evals = finetune_and_evaluate(model, data, cfg.finetune_steps, cfg.finetune_lr, cfg.batch_size,
                                           ctx.generator("finetune"))
             return Reply(evals=evals)
-        seen = local_sgd(model, data, cfg, ctx.generator("sgd"))
+        seen, loss = local_sgd(model, data, cfg, ctx.generator("sgd"))
         n = float(data.n("train"))
         delta = bcast - flat_params(model)
-        return Reply(sums={"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)}, n_train=seen)
+        return Reply(sums={"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)}, n_train=seen,
+                     train_loss=loss)
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:

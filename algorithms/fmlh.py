@@ -152,9 +152,10 @@ def support_query(n: int, frac: float, ctx) -> tuple[torch.Tensor, torch.Tensor]
     return perm[:k], perm[k:]
 
 
-def fo_maml(model, w_i: torch.Tensor, x, y, sup, qry, cfg, gen) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """First-order MAML meta-steps from w_i; returns (w_i_end, phi_last, samples processed)."""
-    cur, phi, seen = w_i.clone(), w_i, 0
+def fo_maml(model, w_i: torch.Tensor, x, y, sup, qry, cfg, gen) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """First-order MAML meta-steps from w_i; returns (w_i_end, phi_last, samples processed, mean query
+    loss after the inner steps)."""
+    cur, phi, seen, qloss = w_i.clone(), w_i, 0, 0.0
     for _ in range(cfg.meta_steps):
         load_flat(model, cur)
         if cfg.inner_steps > 0:
@@ -164,10 +165,12 @@ def fo_maml(model, w_i: torch.Tensor, x, y, sup, qry, cfg, gen) -> tuple[torch.T
         phi = flat_params(model)
         qb = qry[torch.randperm(len(qry), generator=gen)[:cfg.batch_size]]
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[qb]), y[qb]).backward()
+        loss = F.cross_entropy(model(x[qb]), y[qb])
+        loss.backward()
+        qloss += float(loss.detach())
         seen += len(qb)
         cur = cur - cfg.outer_lr * torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    return cur, phi, seen
+    return cur, phi, seen, qloss / max(cfg.meta_steps, 1)
 
 
 @register
@@ -247,11 +250,11 @@ class FMLH(Algorithm):
             raise SimfedError(f"fmlh: client {ctx.client_id} has no training samples; every client needs >= 1")
         x, y = data.split("train")
         sup, qry = support_query(n, cfg.support_fraction, ctx)
-        end, phi, seen = fo_maml(model, payload, x, y, sup, qry, cfg, ctx.generator("meta"))
+        end, phi, seen, loss = fo_maml(model, payload, x, y, sup, qry, cfg, ctx.generator("meta"))
         if ctx.mode == "eval":  # a new client's fitting exchange: only its fine-tuned difference
             return Reply(item=phi - bcast)
         return Reply(sums={"u": payload - end, "n": torch.tensor(1.0, dtype=torch.float64)},
-                     item=phi - bcast, n_train=seen)
+                     item=phi - bcast, n_train=seen, train_loss=loss)
 
     def absorb(self, phase, cfg, state, client_id, item, info):
         if item is None:

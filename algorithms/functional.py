@@ -39,10 +39,15 @@ def loss_fn(model: nn.Module) -> LossFn:
 
 
 def grad(f: LossFn, w: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return value_and_grad(f, w, batch)[1]
+
+
+def value_and_grad(f: LossFn, w: torch.Tensor, batch: Batch) -> tuple[float, torch.Tensor]:
     w = w.detach().requires_grad_(True)
     with torch.enable_grad():
-        (g,) = torch.autograd.grad(f(w, batch), w)
-    return g
+        loss = f(w, batch)
+        (g,) = torch.autograd.grad(loss, w)
+    return float(loss.detach()), g
 
 
 def hvp(f: LossFn, w: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -73,16 +78,19 @@ def inner_steps(f: LossFn, w: torch.Tensor, alpha: float, batches: Sequence[Batc
 
 def meta_gradient(f: LossFn, w: torch.Tensor, alpha: float, inner: Sequence[Batch], outer: Batch,
                   mode: str = "exact", hf_delta: float = 1e-3,
-                  hessian: Sequence[Batch] | None = None) -> torch.Tensor:
+                  hessian: Sequence[Batch] | None = None, losses: list | None = None) -> torch.Tensor:
     """Gradient of f(phi^nu(w); outer) w.r.t. w, with nu = len(inner).
 
     mode "exact": Hessian-vector products by autograd; "hessian_free": by finite differences
     (step hf_delta); "first_order": the Jacobian of the inner steps is taken as the identity.
     `hessian` gives the batches the Hessians are taken on (default: the inner step's own batch,
-    which makes "exact" the true derivative of the unrolled steps).
+    which makes "exact" the true derivative of the unrolled steps). The outer loss f(phi^nu; outer),
+    computed on the way, is appended to `losses` when given (for logging only).
     """
     phis = inner_steps(f, w, alpha, inner)
-    g = grad(f, phis[-1], outer)
+    value, g = value_and_grad(f, phis[-1], outer)
+    if losses is not None:
+        losses.append(value)
     if mode == "first_order":
         return g
     hess = inner if hessian is None else hessian

@@ -122,11 +122,12 @@ def embed_input(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> to
 
 def train_delta(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, steps: int,
                 batch_size: int, lr: float, momentum: float, weight_decay: float, clip: float,
-                gen: torch.Generator) -> tuple[torch.Tensor, int]:
+                gen: torch.Generator) -> tuple[torch.Tensor, int, float]:
+    """(theta - theta', samples processed, mean training loss)."""
     load_flat(model, theta)
-    seen, _ = training.sgd_train(model, x, y, steps=steps, batch_size=batch_size, lr=lr, gen=gen,
-                                 momentum=momentum, weight_decay=weight_decay, clip=clip)
-    return theta - flat_params(model), seen
+    seen, loss = training.sgd_train(model, x, y, steps=steps, batch_size=batch_size, lr=lr, gen=gen,
+                                    momentum=momentum, weight_decay=weight_decay, clip=clip)
+    return theta - flat_params(model), seen, loss
 
 
 def sgd_rows_(table: dict, grads: Mapping[int, torch.Tensor], lr: float, weight_decay: float,

@@ -56,5 +56,5 @@ class Local(Algorithm):
             steps = cfg.unseen_steps if cstate is None else 0
             return Reply(evals=finetune_and_evaluate(model, data, steps, cfg.lr, cfg.batch_size,
                                                      ctx.generator("unseen")))
-        seen = local_sgd(model, data, cfg, ctx.generator("sgd"))
-        return Reply(state=flat_params(model), n_train=seen)
+        seen, loss = local_sgd(model, data, cfg, ctx.generator("sgd"))
+        return Reply(state=flat_params(model), n_train=seen, train_loss=loss)

@@ -112,11 +112,12 @@ class PerFedAvgConfig(_MetaCommon):
 
 
 def meta_client_step(cfg, w: torch.Tensor, f, x: torch.Tensor, y: torch.Tensor,
-                     gen: torch.Generator) -> tuple[torch.Tensor, int]:
-    """tau local meta-steps w <- w - beta g(w) on (x, y); returns (w_tau, samples used)."""
+                     gen: torch.Generator) -> tuple[torch.Tensor, int, float]:
+    """tau local meta-steps w <- w - beta g(w) on (x, y); returns (w_tau, samples used, mean outer loss
+    f(phi^nu(w); D') over the steps taken, i.e. the meta-objective this client descends)."""
     stream = BatchStream(int(y.shape[0]), gen)
     second_order = cfg.gradient != "first_order"
-    seen = 0
+    seen, losses = 0, []
     for _ in range(cfg.tau):
         inner = [stream.take(cfg.batch_size) for _ in range(cfg.nu)]
         outer = stream.take(cfg.outer_batch_size)
@@ -127,11 +128,11 @@ def meta_client_step(cfg, w: torch.Tensor, f, x: torch.Tensor, y: torch.Tensor,
         seen += sum(int(i.numel()) for i in used)
         g = meta_gradient(f, w, cfg.alpha, [(x[i], y[i]) for i in inner], (x[outer], y[outer]),
                           mode=cfg.gradient, hf_delta=cfg.hf_delta,
-                          hessian=None if hess is None else [(x[i], y[i]) for i in hess])
+                          hessian=None if hess is None else [(x[i], y[i]) for i in hess], losses=losses)
         w = w - cfg.beta * g
         if not bool(torch.isfinite(g).all()):
             break  # further steps cannot recover; the engine drops this client's reply
-    return w, seen
+    return w, seen, sum(losses) / max(len(losses), 1)
 
 
 class MetaFL(FedAvg):
@@ -162,10 +163,10 @@ class MetaFL(FedAvg):
         x, y = data.split("train")
         p = next(model.parameters())
         w0 = bcast.to(p.device, p.dtype)
-        w, seen = meta_client_step(cfg, w0, loss_fn(model), x.to(p.dtype), y, ctx.generator("meta"))
+        w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), x.to(p.dtype), y, ctx.generator("meta"))
         delta = (w0 - w).to(bcast.device, bcast.dtype)
         return Reply(sums={"delta": delta * float(n), "n": torch.tensor(float(n), dtype=torch.float64)},
-                     n_train=seen)
+                     n_train=seen, train_loss=loss)
 
 
 register(MetaFL)

@@ -326,7 +326,8 @@ class PeFLL(Algorithm):
                 mask = torch.bincount(data.split("train")[1], minlength=K)[:K] > 0
             return Reply(evals=training.evaluate_splits(model, data, class_mask=mask))
         x, y = data.split("train")
-        delta, seen = hn.train_delta(model, payload, x, y, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                                     lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                     clip=cfg.clip, gen=ctx.generator("sgd"))
-        return Reply(item=delta, n_train=seen)
+        delta, seen, loss = hn.train_delta(model, payload, x, y, steps=cfg.local_steps,
+                                           batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                                           weight_decay=cfg.weight_decay, clip=cfg.clip,
+                                           gen=ctx.generator("sgd"))
+        return Reply(item=delta, n_train=seen, train_loss=loss)

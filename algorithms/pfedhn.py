@@ -155,10 +155,13 @@ class PFedHN(Algorithm):
         if data.n("train") < 1:
             raise SimfedError(f"pfedhn: client {ctx.client_id} has no training samples; every client needs >= 1")
         x, y = data.split("train")
-        delta, seen = hn.train_delta(model, payload, x, y, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                                     lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                     clip=cfg.clip, gen=ctx.generator("sgd"))
-        return Reply(item=delta, n_train=seen if ctx.mode == "train" else 0)
+        delta, seen, loss = hn.train_delta(model, payload, x, y, steps=cfg.local_steps,
+                                           batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                                           weight_decay=cfg.weight_decay, clip=cfg.clip,
+                                           gen=ctx.generator("sgd"))
+        if ctx.mode != "train":  # fitting an unseen client's embedding is evaluation, not training
+            return Reply(item=delta)
+        return Reply(item=delta, n_train=seen, train_loss=loss)
 
     def absorb(self, phase, cfg, state, client_id, item, info):
         if item is None:

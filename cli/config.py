@@ -50,7 +50,15 @@ def load_toml(path: str | None) -> dict[str, Any]:
         raise SimfedError(f"{path}: invalid TOML: nested too deeply") from None
 
 
-def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(doc: dict[str, Any], overrides: list[str], notes: list[str] | None = None) -> dict[str, Any]:
+    """Apply `--set section.key=value` items in order. Switching the method (`--set algorithm.name=X`
+    on a file written for another method) drops the file's [algorithm] keys, which were chosen for
+    that other method, so X runs with its own defaults plus the keys given with --set; the dropped
+    keys are reported in `notes` (one line)."""
+    algo = doc.get("algorithm")
+    before = algo.get("name") if isinstance(algo, dict) else None
+    file_keys = sorted(k for k in algo if k != "name") if isinstance(algo, dict) else []
+    set_keys: set[str] = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -62,9 +70,21 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = raw.strip()  # a bare string such as --set algorithm.name=fedavg
         except RecursionError:
             raise SimfedError(f"--set {key.strip()}: value nested too deeply") from None
-        if not isinstance(doc.setdefault(section, {}), dict):
-            raise SimfedError(f"--set {item!r}: [{section}] is not a table in the experiment")
-        doc.setdefault(section, {})[name] = value
+        target = doc.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise SimfedError(f"--set {item!r}: [{section}] in the experiment file is not a table")
+        target[name] = value
+        if section == "algorithm":
+            set_keys.add(name)
+    after = doc.get("algorithm", {}).get("name")
+    if before is not None and after != before and file_keys:
+        dropped = [k for k in file_keys if k not in set_keys]
+        for k in dropped:
+            del doc["algorithm"][k]
+        if dropped and notes is not None:
+            notes.append(f"--set algorithm.name={after}: dropped the file's {before} settings "
+                         f"({', '.join(dropped)}); {after} uses its own defaults (`simfed algorithms {after}`), "
+                         "change one with --set algorithm.KEY=VALUE")
     return doc
 
 

@@ -1,7 +1,9 @@
 """Entry point of the `simfed` command.
 
 Each command group lives in its own module with a `register(app)` function; this module only
-assembles them and turns user errors (SimfedError, bad files) into one stderr line and exit 2.
+assembles them and turns user errors (SimfedError, bad files, bad option values) into one stderr
+line and exit 2. Help is click's plain layout, in which a boolean flag reads `--json`, not
+`--json <bool>` as Typer's rich panels print it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 # Modules that add commands to `app`; each defines register(app).
@@ -26,6 +29,7 @@ _COMMAND_MODULES = (
     "simfed.cli.partition_cmd",
     "simfed.cli.run_cmd",
     "simfed.cli.sweep_cmd",
+    "simfed.cli.report_cmd",
 )
 
 for _name in _COMMAND_MODULES:
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         if _is(exc, "UsageError"):  # unknown option, missing argument, bad value
             ctx = getattr(exc, "ctx", None)
             where = ctx.command_path if ctx is not None else "simfed"
-            fail(f"{exc.format_message()} (see `{where} --help`)")
+            fail(f"{exc.format_message().replace('Value error, ', '')} (see `{where} --help`)")
         if _is(exc, "ClickException"):
             fail(exc.format_message())
         if _is(exc, "Abort"):

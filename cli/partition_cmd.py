@@ -19,7 +19,7 @@ import typer
 from simfed.engine.errors import SimfedError
 
 partition_app = typer.Typer(help="Build a partition store (federated dataset directory).",
-                            no_args_is_help=True, add_completion=False)
+                            no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 
 def _progress() -> bool:
@@ -70,6 +70,44 @@ def leaf(
     _done(import_leaf(str(src), str(out), unseen_fraction=unseen_fraction, seed=seed,
                       val_fraction=val_fraction, test_fraction=test_fraction,
                       overwrite=overwrite, progress=_progress()))
+
+
+@partition_app.command("hf-femnist")
+def hf_femnist(
+    src: Path = typer.Argument(..., help="Directory of flwrlabs/femnist Parquet files (or one file)."),
+    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Per writer; default 0.15."),
+    test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Per writer; default 0.15."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Import FEMNIST as the Hugging Face dataset flwrlabs/femnist (Flower); one client per writer."""
+    from simfed.partitions.hf_femnist import import_hf_femnist
+
+    _done(import_hf_femnist(str(src), str(out), unseen_fraction=unseen_fraction, seed=seed,
+                            val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
+                            progress=_progress()))
+
+
+@partition_app.command("tff-h5")
+def tff_h5(
+    src: Path = typer.Argument(..., help="TFF's fed_emnist*_train.h5 + *_test.h5 directory, or one .h5 file."),
+    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
+                                                 help="Default 0 with TFF's split, else 0.15."),
+    test_fraction: Optional[float] = typer.Option(None, "--test-fraction",
+                                                  help="Only without TFF's split; default 0.15."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Import TFF's federated EMNIST (fed_emnist*.h5); one client per writer."""
+    from simfed.partitions.tff_h5 import import_tff_h5
+
+    _done(import_tff_h5(str(src), str(out), unseen_fraction=unseen_fraction, seed=seed,
+                        val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
+                        progress=_progress()))
 
 
 @partition_app.command("idx")

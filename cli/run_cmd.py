@@ -1,8 +1,7 @@
-"""`simfed launch`, `simfed metrics` and `simfed algorithms`."""
+"""`simfed launch`: run or resume an experiment, with a progress bar."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -35,19 +34,30 @@ def _run_dir(exp, out: Optional[str]) -> Path:
 
 
 class _Progress:
-    """A rich progress bar on stderr: round, clients/s, last accuracy."""
+    """A rich progress bar on stderr: round M/N with clients/s, last accuracy, elapsed and ETA; during an
+    evaluation a second bar shows the cohort being evaluated and its clients done. When stderr is not
+    a terminal (logs, CI) each evaluation prints one line as it starts and one with its accuracy."""
 
-    def __init__(self):
+    def __init__(self, console=None):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
-        self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]{task.description}"), MofNCompleteColumn(), BarColumn(),
                                  TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[acc]}"),
-                                 TimeElapsedColumn(), console=self.console, transient=False)
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
         self.task = None
+        self.eval_task = None
         self.window: list[tuple[float, int]] = []
         self.acc = ""
+
+    def _rate(self, clients: int) -> str:
+        now = time.perf_counter()
+        self.window = [(t, n) for t, n in self.window if now - t < 30] + [(now, clients)]
+        span = now - self.window[0][0]
+        return f"{sum(n for _, n in self.window) / span if span > 0 else 0.0:6.1f} clients/s"
 
     def __call__(self, event: dict) -> None:
         kind = event["type"]
@@ -60,17 +70,30 @@ class _Progress:
             self.console.print(f"{len(w)} worker(s) on {len({x['node_id'] for x in w})} node(s); "
                                f"{event['seen']} seen / {event['unseen']} unseen clients")
             self.progress.start()
-            self.task = self.progress.add_task("run", total=event["rounds"], completed=event["start_round"],
+            self.task = self.progress.add_task("round", total=event["rounds"], completed=event["start_round"],
                                                rate="", acc="")
         elif kind == "chunk" and self.task is not None:
-            now = time.perf_counter()
-            self.window = [(t, n) for t, n in self.window if now - t < 30] + [(now, event["clients"])]
-            span = now - self.window[0][0]
-            rate = sum(n for _, n in self.window) / span if span > 0 else 0.0
-            self.progress.update(self.task, rate=f"{rate:6.1f} clients/s")
+            self.progress.update(self.task, rate=self._rate(event["clients"]))
         elif kind == "round" and self.task is not None:
             self.progress.update(self.task, completed=event["round"])
+        elif kind == "eval_start":
+            what = f"eval {event['cohort']}"
+            if event.get("phases", 1) > 1:
+                what += f" ({event['phases']} phases)"
+            total = event["clients"] * max(event.get("phases", 1), 1)
+            if self.eval_task is None:
+                self.eval_task = self.progress.add_task(what, total=total, rate="", acc="")
+            else:
+                self.progress.reset(self.eval_task, description=what, total=total, rate="", acc="")
+            if not self.console.is_terminal:
+                self.console.print(f"round {event['round']}: evaluating {event['cohort']} clients "
+                                   f"({event['clients']}, {event.get('phases', 1)} phase(s))")
+        elif kind == "eval_chunk" and self.eval_task is not None:
+            self.progress.update(self.eval_task, advance=event["clients"], rate=self._rate(event["clients"]))
         elif kind == "eval":
+            if self.eval_task is not None:
+                self.progress.remove_task(self.eval_task)
+                self.eval_task = None
             parts = [f"{s['cohort']} {100 * s['acc_mean']:.1f}%" for s in event["summary"]]
             self.acc = "acc " + " / ".join(parts)
             if self.task is not None:
@@ -141,15 +164,21 @@ def launch(
             raise SimfedError(f"--resume {resume}: not a run directory; pass the directory `simfed launch` printed")
         doc = _load_saved_config(Path(resume))
     else:
-        doc = cfgio.apply_overrides(cfgio.load_toml(experiment), set_)
+        notes: list[str] = []
+        doc = cfgio.apply_overrides(cfgio.load_toml(experiment), set_, notes)
+        for note in notes:
+            sys.stderr.write(f"simfed: note: {note}\n")
     if address is not None:
         if not isinstance(doc.setdefault("engine", {}), dict):
             raise SimfedError("[engine] must be a table")
         doc["engine"]["address"] = address
     exp = cfgio.parse(doc, experiment or ("quickstart" if not resume else str(Path(resume) / "config.json")))
+    restart = 0
     if resume:
-        if rundir.owner_alive(resume):
-            raise SimfedError(f"{resume} is in use by another run; wait for it to end")
+        with rundir.hold(Path(resume)):  # a run still going (its owner alive) is refused first
+            restart = _resume_round(Path(resume), exp)
+        if restart is None:
+            return  # a finished run: said so, without opening the data or starting Ray
     else:
         target = Path(out) if out else Path("runs") / (exp.run.name or ".")
         if target.exists() and not target.is_dir():
@@ -177,6 +206,9 @@ def launch(
                 cluster.disconnect()
             raise
     run_dir = Path(resume) if resume else _run_dir(exp, out)
+    if resume:
+        sys.stderr.write(f"simfed: resuming {run_dir} from its checkpoint after round {restart}: rounds "
+                         f"{restart + 1}-{exp.run.rounds} of {exp.run.rounds} remain\n")
     with rundir.hold(run_dir):  # a second launch or resume into this directory is refused meanwhile
         if not resume and (run_dir / "checkpoint.pt").exists():
             raise SimfedError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another "
@@ -199,78 +231,38 @@ def launch(
         finally:
             if progress:
                 progress.stop()
-    _print_summary(result["summary"])
+    print_summary(result["summary"])
     if result["dropped"] or result["retries"] or result.get("server_restarts"):
         typer.echo(f"dropped client updates: {result['dropped']}; retried chunks: {result['retries']}; "
                    f"server restarts: {result.get('server_restarts', 0)}", err=True)
 
 
-def _print_summary(rows: list[dict]) -> None:
+def _resume_round(run_dir: Path, exp) -> int | None:
+    """The round a resumed run restarts after; None when it is finished (said so, summary printed)."""
+    from simfed.engine import checkpoint, metrics
+
+    ckpt = checkpoint.load(run_dir)
+    if ckpt is None:
+        raise SimfedError(f"{run_dir}: no checkpoint to resume from (it is written every run.checkpoint_every "
+                          "rounds); start it again without --resume")
+    done, total = int(ckpt["round"]), exp.run.rounds
+    if done < total:
+        return done
+    sys.stderr.write(f"simfed: {run_dir} already finished ({done} of {total} rounds); nothing to resume. "
+                     f"See `simfed metrics {run_dir}` or `simfed plot {run_dir}`\n")
+    typer.echo(str(run_dir))
+    print_summary(metrics.summarize(metrics.load(run_dir)).to_dicts())
+    return None
+
+
+def print_summary(rows: list[dict]) -> None:
     if not rows:
         return
-    keys = ["acc_mean", "acc_weighted", "acc_std", "acc_p10", "acc_worst10", "acc_best"]
+    keys = ["acc_mean", "acc_weighted", "acc_std", "acc_p10", "acc_worst10", "acc_best", "loss_mean"]
     typer.echo(f"{'cohort':8} {'clients':>7} " + " ".join(f"{k:>12}" for k in keys))
     for s in rows:
         typer.echo(f"{s['cohort']:8} {s['clients']:>7} " + " ".join(f"{s[k]:>12.4f}" for k in keys))
 
 
-def metrics_cmd(
-    run_dir: str = typer.Argument(..., help="A run directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    split: str = typer.Option("test", "--split", help="Evaluation split: test or val."),
-    round_: Optional[int] = typer.Option(None, "--round", help="Evaluation round (default: the last)."),
-) -> None:
-    """Summarize a run's per-client metrics per cohort."""
-    from simfed.engine import metrics, rundir, validate
-
-    validate.text("RUN_DIR", run_dir)
-    validate.choice("--split", split, ("test", "val"))
-    if round_ is not None:
-        validate.integer("--round", round_, 1, 2**31 - 1)
-    if not (Path(run_dir) / "metrics").is_dir():
-        raise SimfedError(f"{run_dir}: no metrics/ directory; pass a directory printed by `simfed launch`")
-    df = metrics.load(run_dir)
-    table = metrics.summarize(df, split=split, round=round_)
-    if table.height == 0:
-        raise SimfedError(f"{run_dir}: no '{split}' evaluation rows" + (f" at round {round_}" if round_ else "")
-                          + " yet; evaluation runs every run.eval_every rounds")
-    rows = table.to_dicts()
-    if as_json:
-        out = {"run_dir": str(run_dir), "round": rows[0]["round"], "split": split,
-               "cohorts": {r["cohort"]: {k: v for k, v in r.items() if k not in ("cohort", "split", "round")}
-                           for r in rows},
-               "train": metrics.train_totals(df)}
-        status = rundir.read_status(run_dir)
-        if status is not None:
-            out["status"] = status
-        typer.echo(json.dumps(out, indent=2))
-    else:
-        status = rundir.read_status(run_dir) or {}
-        state = f" ({status['state']})" if "state" in status else ""
-        typer.echo(f"{run_dir}{state}: round {rows[0]['round']}, split {split}")
-        _print_summary(rows)
-        totals = metrics.train_totals(df)
-        typer.echo(f"train: {totals['client_updates']} client updates, {totals['dropped']} dropped, "
-                   f"{totals['bytes_up'] / 1e6:.1f} MB up, {totals['bytes_down'] / 1e6:.1f} MB down")
-
-
-def algorithms_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON with config keys.")) -> None:
-    """List the registered methods."""
-    from simfed.algorithms import registry
-
-    info = {}
-    for name in registry.names():
-        algo = registry.get(name)
-        info[name] = {"summary": algo.summary,
-                      "config": {f.name: f.default for f in dataclasses.fields(algo.Config)}}
-    if as_json:
-        typer.echo(json.dumps(info, indent=2, default=str))
-    else:
-        for name, item in info.items():
-            typer.echo(f"{name:14} {item['summary']}")
-
-
 def register(app: typer.Typer) -> None:
     app.command("launch")(launch)
-    app.command("metrics")(metrics_cmd)
-    app.command("algorithms")(algorithms_cmd)

@@ -3,6 +3,10 @@
 RNG positions need no saving beyond the round: every random draw derives from (seed, round,
 client id, phase), so a resumed run replays the same streams. Client states live in the versioned
 client-state store (engine.clientstate), which a resume trims back to the checkpoint.
+
+Only one checkpoint is kept (each save replaces the last). While a run goes on it holds everything
+a bit-identical resume needs, optimizer state included; the checkpoint of a finished run keeps the
+model only (`final`), since nothing resumes it (`simfed launch --resume` says it is finished).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ FORMAT = 1
 NAME = "checkpoint.pt"
 
 
-def save(run_dir: str | os.PathLike, completed_rounds: int, server_state: dict, counters: dict[str, int]) -> Path:
+def save(run_dir: str | os.PathLike, completed_rounds: int, server_state: dict, counters: dict[str, int],
+         final: bool = False) -> Path:
+    """`final`: the run is finished and `server_state` holds the model without optimizer state."""
     path = Path(run_dir) / NAME
     tmp = path.with_name(f".{NAME}.tmp")
-    torch.save({"format": FORMAT, "round": completed_rounds, "server": server_state, "counters": dict(counters)},
-               tmp)
+    torch.save({"format": FORMAT, "round": completed_rounds, "server": server_state, "counters": dict(counters),
+                "final": bool(final)}, tmp)
     os.replace(tmp, path)
     return path
 

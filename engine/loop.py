@@ -192,7 +192,8 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
                           server_private_bytes=be.call("private_memory_bytes"),
                           retries=counters["retries"], dropped=counters["dropped"])
             if (run.checkpoint_every > 0 and done % run.checkpoint_every == 0) or done == run.rounds:
-                checkpoint.save(run_dir, done, be.call("state_dict"), counters)
+                final = done == run.rounds  # nothing resumes a finished run: the model, no optimizer state
+                checkpoint.save(run_dir, done, be.call("state_dict", final), counters, final=final)
                 last_ckpt = done
                 status["checkpoint_round"] = done
                 emit({"type": "checkpoint", "round": done})
@@ -217,10 +218,18 @@ def _evaluate(be, writer, run, r: int, seen, unseen, sizes, last_ckpt: int, emit
         chosen = sample_eval(run.seed, r, cohort, ids, run.eval_clients)
         if not chosen:
             continue
-        for pi, phase in enumerate(be.call("phases", "eval", cohort)):
+        phases = be.call("phases", "eval", cohort)
+        emit({"type": "eval_start", "round": r + 1, "cohort": cohort, "clients": len(chosen), "phases": len(phases)})
+        for pi, phase in enumerate(phases):
             info = RoundInfo(round=r, seed=run.seed, mode="eval", cohort=cohort, phase_index=pi,
                              client_ids=tuple(chosen))
-            be.run_phase(phase, info, chosen, sizes, lambda meta: rows.extend(meta["rows"]), last_ckpt)
+
+            def on_chunk(meta: dict, cohort: str = cohort, phase: str = phase) -> None:
+                rows.extend(meta["rows"])
+                emit({"type": "eval_chunk", "round": r + 1, "cohort": cohort, "phase": phase,
+                      "clients": meta["n_clients"]})
+
+            be.run_phase(phase, info, chosen, sizes, on_chunk, last_ckpt)
     path = writer.write(rows, r + 1, "eval")
     summary = metrics.summarize(metrics.read(path)).to_dicts() if path else []
     emit({"type": "eval", "round": r + 1, "summary": summary})

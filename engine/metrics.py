@@ -150,8 +150,53 @@ def summarize(df: pl.DataFrame, split: str = "test", round: int | None = None) -
     return pl.DataFrame(out)
 
 
-def train_totals(df: pl.DataFrame) -> dict:
+def eval_rounds(df: pl.DataFrame, split: str = "test") -> list[int]:
+    """The rounds that have evaluation rows of `split`, ascending."""
+    ev = df.filter((pl.col("split") == split) & ~pl.col("dropped"))
+    return sorted(int(r) for r in ev["round"].unique().to_list())
+
+
+def curve(df: pl.DataFrame) -> pl.DataFrame:
+    """Learning curve: one row per evaluation round, split and cohort with the client-mean accuracy
+    and loss, their 10th/90th percentiles over clients, and the sample-weighted accuracy."""
+    ev = df.filter(pl.col("split").is_in(["val", "test"]) & ~pl.col("dropped"))
+    if ev.height == 0:
+        return pl.DataFrame()
+    q = {"interpolation": "linear"}
+    return (ev.group_by("round", "split", "cohort")
+            .agg(pl.len().alias("clients"),
+                 pl.col("accuracy").mean().alias("acc_mean"),
+                 pl.col("accuracy").quantile(0.1, **q).alias("acc_p10"),
+                 pl.col("accuracy").quantile(0.9, **q).alias("acc_p90"),
+                 ((pl.col("accuracy") * pl.col("n")).sum() / pl.col("n").sum().clip(1)).alias("acc_weighted"),
+                 pl.col("loss").mean().alias("loss_mean"),
+                 pl.col("loss").quantile(0.1, **q).alias("loss_p10"),
+                 pl.col("loss").quantile(0.9, **q).alias("loss_p90"))
+            .sort("split", "cohort", "round"))
+
+
+def train_curve(df: pl.DataFrame) -> pl.DataFrame:
+    """Training loss per round: the client-mean of the mean local training loss each client
+    reported (rows of methods without a loss, and dropped updates, are left out of the mean)."""
     tr = df.filter(pl.col("split") == "train")
+    if tr.height == 0:
+        return pl.DataFrame()
+    ok = ~pl.col("dropped") & pl.col("loss").is_not_null()
+    return (tr.group_by("round")
+            .agg(pl.col("client_id").n_unique().alias("clients"),
+                 pl.col("dropped").sum().alias("dropped"),
+                 pl.col("loss").filter(ok).mean().alias("loss_mean"),
+                 pl.col("loss").filter(ok).quantile(0.1, interpolation="linear").alias("loss_p10"),
+                 pl.col("loss").filter(ok).quantile(0.9, interpolation="linear").alias("loss_p90"),
+                 pl.col("seconds").sum().alias("client_seconds"))
+            .sort("round"))
+
+
+def train_totals(df: pl.DataFrame, up_to: int | None = None) -> dict:
+    """Totals over the train rows (of rounds <= `up_to` when given)."""
+    tr = df.filter(pl.col("split") == "train")
+    if up_to is not None:
+        tr = tr.filter(pl.col("round") <= up_to)
     if tr.height == 0:
         return {"rounds": 0, "client_updates": 0, "dropped": 0, "bytes_up": 0, "bytes_down": 0}
     return {"rounds": int(tr["round"].max()), "client_updates": tr.height, "dropped": int(tr["dropped"].sum()),

@@ -113,8 +113,13 @@ class Server:
         self._acc = None
         return dict(stats or {})
 
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
+    def state_dict(self, final: bool = False) -> dict:
+        """The state to checkpoint. A finished run is never resumed, so its `final` checkpoint keeps the
+        model and drops optimizer state (Adam's two moments are twice a hypernetwork's size)."""
+        sd = self.state.state_dict()
+        if final:
+            sd = {k: v for k, v in sd.items() if not isinstance(getattr(self.state, k, None), torch.optim.Optimizer)}
+        return sd
 
     def memory_bytes(self) -> int:
         return psutil.Process(os.getpid()).memory_info().rss

@@ -154,7 +154,8 @@ class Worker:
             base = {"round": info.round + 1, "client_id": cid, "cohort": cohort, "phase": phase,
                     "node_id": self.node_id, "worker": self.index}
             if info.mode == "train":
-                rows.append({**base, "split": "train", "n": reply.n_train, "seconds": seconds,
+                loss = reply.train_loss if ok and reply.train_loss is not None else None
+                rows.append({**base, "split": "train", "n": reply.n_train, "seconds": seconds, "loss": loss,
                              "bytes_up": nbytes(reply.sums) + nbytes(reply.item),
                              "bytes_down": down_common + nbytes(payload), "dropped": not ok})
             elif ok and reply.evals:

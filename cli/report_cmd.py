@@ -1,0 +1,204 @@
+"""`simfed metrics`, `simfed plot` and `simfed algorithms`: reading runs and describing methods.
+
+Everything here reads finished (or running) run directories and never starts Ray. Bad option
+values are refused before any file is read: `--split` is a choice, `--round` must name a round
+that was evaluated (the error lists the ones that were).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from simfed.engine.errors import SimfedError
+
+
+class Split(str, enum.Enum):
+    test = "test"
+    val = "val"
+
+
+def _require_run(run_dir: str) -> Path:
+    path = Path(run_dir)
+    if not (path / "metrics").is_dir():
+        raise SimfedError(f"{run_dir}: no metrics/ directory; pass a directory printed by `simfed launch`")
+    return path
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _print_curve(df) -> None:
+    from simfed.engine import metrics
+
+    cv, tr = metrics.curve(df), metrics.train_curve(df)
+    if cv.height:
+        cols = ["acc_mean", "acc_p10", "acc_weighted", "loss_mean"]
+        typer.echo(f"{'round':>5} {'split':5} {'cohort':7} {'clients':>7} " + " ".join(f"{c:>12}" for c in cols))
+        for r in cv.sort("split", "round", "cohort").iter_rows(named=True):
+            typer.echo(f"{r['round']:>5} {r['split']:5} {r['cohort']:7} {r['clients']:>7} "
+                       + " ".join(f"{_fmt(r[c]):>12}" for c in cols))
+    if tr.height:
+        typer.echo("")
+        typer.echo(f"{'round':>5} {'clients':>7} {'train_loss':>12} {'dropped':>7}")
+        for r in tr.iter_rows(named=True):
+            typer.echo(f"{r['round']:>5} {r['clients']:>7} {_fmt(r['loss_mean']):>12} {r['dropped']:>7}")
+
+
+def metrics_cmd(
+    run_dir: str = typer.Argument(..., help="A run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    split: Split = typer.Option(Split.test, "--split", help="Evaluation split.", case_sensitive=True),
+    round_: Optional[int] = typer.Option(None, "--round", help="Evaluation round (default: the last)."),
+    curve: bool = typer.Option(False, "--curve", help="Accuracy and loss per evaluation round and cohort, "
+                                                      "and the training loss per round."),
+) -> None:
+    """Summarize a run's per-client metrics per cohort (or per round with --curve)."""
+    from simfed.engine import metrics, rundir
+
+    path = _require_run(run_dir)
+    df = metrics.load(path)
+    if curve:
+        if as_json:
+            typer.echo(json.dumps({"run_dir": str(run_dir), "eval": metrics.curve(df).to_dicts(),
+                                   "train": metrics.train_curve(df).to_dicts()}, indent=2))
+        elif df.height == 0:
+            raise SimfedError(f"{run_dir}: no metric rows yet; they appear as rounds finish")
+        else:
+            _print_curve(df)
+        return
+    split = split.value
+    rounds = metrics.eval_rounds(df, split)
+    if not rounds:
+        raise SimfedError(f"{run_dir}: no '{split}' evaluation rows yet; evaluation runs every run.eval_every "
+                          "rounds and after the last")
+    if round_ is not None and round_ not in rounds:
+        raise SimfedError(f"--round {round_}: no '{split}' evaluation at that round; evaluated rounds: "
+                          f"{', '.join(map(str, rounds))}")
+    table = metrics.summarize(df, split=split, round=round_)
+    rows = table.to_dicts()
+    at = rows[0]["round"]
+    totals = metrics.train_totals(df, up_to=at)
+    if as_json:
+        out = {"run_dir": str(run_dir), "round": at, "split": split, "rounds": rounds,
+               "cohorts": {r["cohort"]: {k: v for k, v in r.items() if k not in ("cohort", "split", "round")}
+                           for r in rows},
+               "train": totals}
+        status = rundir.read_status(path)
+        if status is not None:
+            out["status"] = status
+        typer.echo(json.dumps(out, indent=2))
+        return
+    from simfed.cli.run_cmd import print_summary
+
+    status = rundir.read_status(path) or {}
+    state = f" ({status['state']})" if "state" in status else ""
+    typer.echo(f"{run_dir}{state}: round {at}, split {split} (evaluated rounds: {', '.join(map(str, rounds))})")
+    print_summary(rows)
+    typer.echo(f"train rounds 1-{at}: {totals['client_updates']} client updates, {totals['dropped']} dropped, "
+               f"{totals['bytes_up'] / 1e6:.1f} MB up, {totals['bytes_down'] / 1e6:.1f} MB down")
+
+
+def plot_cmd(
+    path: str = typer.Argument(..., metavar="RUN_DIR|SWEEP_DIR",
+                               help="A run directory, or a directory of run directories (a sweep)."),
+    out: Optional[str] = typer.Option(None, "--out", help="FILE.png or FILE.html (default: PATH/curves.png)."),
+    split: Split = typer.Option(Split.test, "--split", help="Evaluation split to plot."),
+) -> None:
+    """Learning curves (accuracy and loss per round, seen vs unseen, client-mean with the p10-p90 band),
+    the per-client accuracy distribution at the last round, and the training loss per round."""
+    from simfed.cli import plots
+
+    target = Path(out) if out else Path(path) / "curves.png"
+    if target.suffix.lower() not in (".png", ".html"):
+        raise SimfedError(f"--out {out}: the file name must end in .png or .html")
+    runs = plots.find_runs(path)
+    if not target.parent.is_dir():
+        raise SimfedError(f"--out {out}: directory {target.parent} does not exist")
+    written = plots.render(runs, target, split.value, title=str(path))
+    typer.echo(str(written))
+
+
+# --- methods ---------------------------------------------------------------------------------
+
+def _key_comments(cls: type) -> dict[str, str]:
+    """`key: type = default  # comment` lines of a config dataclass: the comment documents the key."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in lines:
+        code, hash_, comment = line.partition("#")
+        name = code.strip().split(":")[0]
+        if hash_ and ":" in code and name.isidentifier():
+            out[name] = comment.strip()
+    return out
+
+
+def describe(name: str) -> dict:
+    from simfed.algorithms import registry
+
+    algo = registry.get(name)
+    module = sys.modules[type(algo).__module__]
+    doc = inspect.cleandoc(module.__doc__ or "")
+    comments = _key_comments(algo.Config)
+    keys = {f.name: {"default": f.default if f.default is not dataclasses.MISSING else None,
+                     "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+                     "help": comments.get(f.name, "")}
+            for f in dataclasses.fields(algo.Config)}
+    return {"summary": algo.summary, "doc": doc.split("\n\n")[0], "module": module.__name__,
+            "config": {k: v["default"] for k, v in keys.items()}, "keys": keys}
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, tuple):
+        return json.dumps(v)
+    return repr(v)
+
+
+def algorithms_cmd(
+    name: Optional[str] = typer.Argument(None, help="One method: its summary, keys and defaults."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the registered methods with their config keys and defaults (or one method in detail)."""
+    from simfed.algorithms import registry
+
+    names = [name] if name else registry.names()
+    info = {n: describe(n) for n in names}
+    if as_json:
+        typer.echo(json.dumps(info[name] if name else info, indent=2, default=str))
+        return
+    if name:
+        item = info[name]
+        typer.echo(f"{name}: {item['summary']}\n")
+        typer.echo(item["doc"] + "\n")
+        typer.echo(f"[algorithm] keys (defaults; full notes: pydoc {item['module']}):")
+        width = max(len(k) for k in item["keys"]) if item["keys"] else 0
+        for k, v in item["keys"].items():
+            note = f"  # {v['help']}" if v["help"] else ""
+            typer.echo(f"  {k:<{width}} = {_toml(v['default'])}{note}")
+        return
+    for n, item in info.items():
+        typer.echo(f"{n:14} {item['summary']}")
+        keys = ", ".join(f"{k}={_toml(v)}" for k, v in item["config"].items())
+        typer.echo(f"{'':14} {keys}")
+    typer.echo("\n`simfed algorithms NAME` describes one method.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("metrics")(metrics_cmd)
+    app.command("plot")(plot_cmd)
+    app.command("algorithms")(algorithms_cmd)
