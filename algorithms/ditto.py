@@ -21,6 +21,7 @@ model is the one evaluated. Ours (each a config key; defaults in brackets):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,12 +73,13 @@ def proximal_grads(model, anchor: torch.Tensor, lam: float, x: torch.Tensor, y: 
 
 
 def proximal_sgd(model, anchor: torch.Tensor, lam: float, x, y, *, steps: int, batch_size: int, lr: float,
-                 momentum: float, gen: torch.Generator) -> int:
-    """`steps` SGD steps in place on f + lam/2 ||v - anchor||^2; returns samples processed."""
+                 momentum: float, gen: torch.Generator, epochs: float = 0.0) -> int:
+    """SGD in place on f + lam/2 ||v - anchor||^2 over training.batches (epochs > 0: whole passes,
+    else `steps` steps); returns samples processed."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
     seen = 0
-    for idx in training.batches(int(y.shape[0]), batch_size, steps, gen):
+    for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs):
         proximal_grads(model, anchor, lam, x[idx], y[idx])
         opt.step()
         seen += int(idx.numel())
@@ -92,15 +94,16 @@ class Ditto(FedAvg):
     uses_client_state = True
 
     def cost(self, cfg, n_train: int) -> float:
-        glob = training.num_steps(n_train, cfg.batch_size, cfg.local_steps, cfg.local_epochs)
-        pers = training.num_steps(n_train, cfg.batch_size, cfg.personal_steps, cfg.personal_epochs)
-        return float(glob + pers)
+        glob = math.ceil(cfg.local_epochs * n_train / cfg.batch_size) if cfg.local_epochs > 0 else cfg.local_steps
+        pers = (math.ceil(cfg.personal_epochs * n_train / cfg.batch_size) if cfg.personal_epochs > 0
+                else cfg.personal_steps)
+        return float(max(1, glob + pers))
 
     def _personal(self, cfg, model, w, data, steps_epochs, gen) -> int:
         x, y = data.split("train")
-        steps = training.num_steps(int(y.shape[0]), cfg.batch_size, *steps_epochs)
+        steps, epochs = steps_epochs
         return proximal_sgd(model, w, cfg.lam, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.personal_lr,
-                            momentum=cfg.momentum, gen=gen)
+                            momentum=cfg.momentum, gen=gen, epochs=epochs)
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
         model = client_model(ctx)

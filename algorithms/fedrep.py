@@ -93,13 +93,12 @@ def train_part(model: nn.Module, head_layers: int, part: str, x, y, *, epochs: f
     params = list(model.parameters())
     cut = len(params) - head_params(model, head_layers)
     trainable = params[cut:] if part == "head" else params[:cut]
-    steps = training.num_steps(int(y.shape[0]), cfg.batch_size, 1, epochs)
     for p in params:
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
     try:
-        seen, _ = training.sgd_train(model, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        seen, _ = training.sgd_train(model, x, y, steps=0, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                      momentum=cfg.momentum, weight_decay=cfg.weight_decay, gen=gen)
     finally:
         for p in params:  # the worker caches this module for other methods' clients too

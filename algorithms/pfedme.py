@@ -60,13 +60,14 @@ class PFedMeConfig:
 
 
 def pfedme_local(model, w: torch.Tensor, lam: float, K: int, lr: float, personal_lr: float, x, y, *,
-                 steps: int, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-    """R = `steps` pFedMe iterations from w_i = theta = w; returns w_i (theta is left in `model`)."""
+                 steps: int, batch_size: int, gen: torch.Generator, epochs: float = 0.0) -> tuple[torch.Tensor, int]:
+    """pFedMe iterations from w_i = theta = w, one per batch of training.batches (epochs > 0: whole
+    passes, else R = `steps` batches); returns w_i (theta is left in `model`)."""
     wi = w.clone()
     load_flat(model, w)
     model.train()
     seen = 0
-    for idx in training.batches(int(y.shape[0]), batch_size, steps, gen):
+    for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs):
         for _ in range(K):
             proximal_grads(model, wi, lam, x[idx], y[idx])
             with torch.no_grad():
@@ -85,13 +86,13 @@ class PFedMe(FedAvg):
     uses_client_state = True
 
     def cost(self, cfg, n_train: int) -> float:
-        return float(cfg.K * training.num_steps(n_train, cfg.batch_size, cfg.local_steps, cfg.local_epochs))
+        return float(cfg.K) * super().cost(cfg, n_train)
 
     def _local(self, cfg, model, w, data, steps_epochs, gen):
         x, y = data.split("train")
-        steps = training.num_steps(int(y.shape[0]), cfg.batch_size, *steps_epochs)
+        steps, epochs = steps_epochs
         return pfedme_local(model, w, cfg.lam, cfg.K, cfg.lr, cfg.personal_lr, x, y, steps=steps,
-                            batch_size=cfg.batch_size, gen=gen)
+                            batch_size=cfg.batch_size, gen=gen, epochs=epochs)
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
         model = client_model(ctx)

@@ -50,7 +50,7 @@ def test_body_average_equals_fedavg_on_the_body_with_heads_frozen():
         for p in list(model.parameters())[-2:]:
             p.requires_grad_(False)
         x, y = data.split("train")
-        training.sgd_train(model, x, y, steps=training.num_steps(len(y), 8, 1, 2.0), batch_size=8, lr=0.05,
+        training.sgd_train(model, x, y, steps=0, epochs=2.0, batch_size=8, lr=0.05,
                            momentum=0.9, gen=ctx.generator("body"))
         n = float(len(y))
         for sums, delta in ((rep_sums, r.sums["delta"]), (avg_sums, (full - flat_params(model)) * n)):
