@@ -279,6 +279,11 @@ class Algorithm:
         """Raise SimfedError for a config that cannot run on this task (called before any work)."""
         return None
 
+    def check_clients(self, cfg: Any, n_train: Mapping[int, int]) -> None:
+        """Raise SimfedError for a config that cannot run on these clients ({client id: train samples},
+        seen and unseen; called before any work, after `validate`)."""
+        return None
+
 
 def config_from_dict(cls: type, values: Mapping[str, Any], where: str = "[algorithm]") -> Any:
     """Build a frozen config dataclass; unknown keys are an error that lists the valid ones."""

@@ -83,7 +83,11 @@ def check_experiment(exp: Experiment, on_event: Event | None = None, resume_dir:
     seen, unseen = [int(c) for c in store.client_ids("seen")], [int(c) for c in store.client_ids("unseen")]
     task = Task(tuple(int(v) for v in store.sample_shape), int(store.num_classes), num_clients=len(seen),
                 total_clients=len(seen) + len(unseen))
-    registry.get(exp.algorithm).validate(exp.algorithm_config, task)
+    algo = registry.get(exp.algorithm)
+    algo.validate(exp.algorithm_config, task)
+    table = store.clients
+    algo.check_clients(exp.algorithm_config, dict(zip((int(c) for c in table.column("client_id").to_pylist()),
+                                                      (int(n) for n in table.column("n_train").to_pylist()))))
     if run.clients_per_round < 1 or run.clients_per_round > len(seen):
         raise SimfedError(f"[run] clients_per_round = {run.clients_per_round} but the store {store.path} has "
                           f"{len(seen)} seen clients; use a value between 1 and {len(seen)}")

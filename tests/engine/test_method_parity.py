@@ -29,6 +29,10 @@ SMALL = {
     "perfedavg": dict(tau=1),
     "fedacnnl": dict(patches_per_image=4, forward_dtype="float64"),
     "pfedacnnl": dict(patches_per_image=4, forward_dtype="float64", lambdas=[1.0, 100.0]),
+    "fedrep": dict(head_epochs=0.5, body_epochs=0.5, unseen_head_epochs=0.5),
+    "pfedme": dict(local_steps=2, K=2, unseen_epochs=0.2),
+    "knnper": dict(local_steps=3, ks=[3]),
+    "ditto": dict(local_steps=3, personal_steps=3, unseen_epochs=0.3),
 }
 KEYS = ["round", "cohort", "phase", "split", "client_id"]
 

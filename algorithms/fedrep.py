@@ -1,0 +1,175 @@
+"""FedRep (Collins, Hassani, Mokhtari, Shakkottai, ICML 2021, arXiv 2102.07078): shared body, local heads.
+
+The client model is split into a body (feature extractor, global) and a head (the last
+`head_layers` linear layers, per client). A sampled client trains its head for `head_epochs` with
+the body frozen, then the body for `body_epochs` with its new head frozen, and returns its body
+change; the server averages body changes as FedAvg does (sample-weighted mean, `server_lr`). The
+head is engine-held client state and never leaves the client.
+
+From the paper: the head/body alternation and that only bodies are averaged (Algorithm 1). From
+the authors' code (lgcollins/FedRep; FL-bench's FedRepClient, which PeFLL used): heads train
+first, then the body, with the same SGD optimizer settings; 5 head epochs and 1 body epoch are
+PeFLL's settings (after the FedRep paper). From PeFLL's appendix: a new client gets a randomly
+initialized head trained for 20 epochs with the body frozen (`unseen_head_epochs`). Ours:
+- A seen client's first head is the server's initial head (the authors start every head from the
+  same initial model); a seen client that was never sampled is evaluated like a new client.
+- The random head of a new client uses PyTorch's default Linear initialization, seeded from
+  (run seed, round, client).
+- The split is by parameter order: LeNet's parameters end with its classifier, so the head is a
+  suffix of the flat vector. A model whose trailing parameterized layers are not `head_layers`
+  linear layers, or whose body would be empty, has no separable head: a config error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from simfed.algorithms import training
+from simfed.algorithms.base import Algorithm, Reply, Task
+from simfed.algorithms.fedavg import GlobalModelState, client_model
+from simfed.algorithms.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.registry import register
+from simfed.engine.errors import SimfedError
+
+
+@dataclass(frozen=True)
+class FedRepConfig:
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    head_epochs: float = 5.0
+    body_epochs: float = 1.0
+    head_layers: int = 1
+    server_lr: float = 1.0
+    unseen_head_epochs: float = 20.0
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.server_lr <= 0 or self.batch_size < 1:
+            raise ValueError("lr and server_lr must be > 0, batch_size >= 1")
+        if self.head_epochs < 0 or self.body_epochs <= 0 or self.unseen_head_epochs < 0:
+            raise ValueError("body_epochs must be > 0, head_epochs and unseen_head_epochs >= 0")
+        if self.head_layers < 1:
+            raise ValueError(f"head_layers must be >= 1, got {self.head_layers}")
+
+
+def head_params(model: nn.Module, head_layers: int) -> int:
+    """How many trailing parameter tensors form the head; ValueError if the model has no such head."""
+    layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    head = layers[-head_layers:]
+    if len(layers) <= head_layers or not all(isinstance(m, nn.Linear) for m in head):
+        kinds = ", ".join(type(m).__name__ for m in layers)
+        raise ValueError(f"the model ({kinds}) has no separable head of {head_layers} linear layer(s) after a "
+                         "non-empty body; lower head_layers")
+    own = [p for m in head for p in m.parameters(recurse=False)]
+    if any(p is not q for p, q in zip(own, list(model.parameters())[-len(own):])):
+        raise ValueError("the model's head parameters are not the last in its parameter order")
+    return len(own)
+
+
+def head_size(model: nn.Module, head_layers: int) -> int:
+    """Number of trailing flat values that form the head."""
+    return sum(p.numel() for p in list(model.parameters())[-head_params(model, head_layers):])
+
+
+def random_head(model: nn.Module, head_layers: int, gen: torch.Generator) -> torch.Tensor:
+    """A freshly initialized head (PyTorch's default Linear init), as a flat vector."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)][-head_layers:]
+    parts = []
+    for m in layers:
+        bound = 1.0 / math.sqrt(m.in_features)
+        parts.append(torch.empty(m.weight.numel()).uniform_(-bound, bound, generator=gen))
+        if m.bias is not None:
+            parts.append(torch.empty(m.bias.numel()).uniform_(-bound, bound, generator=gen))
+    return torch.cat(parts)
+
+
+def train_part(model: nn.Module, head_layers: int, part: str, x, y, *, epochs: float, cfg, gen) -> int:
+    """SGD on the head or the body only (the other part frozen); returns samples processed."""
+    params = list(model.parameters())
+    cut = len(params) - head_params(model, head_layers)
+    trainable = params[cut:] if part == "head" else params[:cut]
+    for p in params:
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        seen, _ = training.sgd_train(model, x, y, steps=0, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, gen=gen)
+    finally:
+        for p in params:  # the worker caches this module for other methods' clients too
+            p.requires_grad_(True)
+    return seen
+
+
+class FedRepState(GlobalModelState):
+    def __init__(self, body: torch.Tensor, head0: torch.Tensor):
+        super().__init__(body)  # theta = the global body
+        self.head0 = head0
+
+
+@register
+class FedRep(Algorithm):
+    name = "fedrep"
+    Config = FedRepConfig
+    summary = "FedRep: global body, per-client heads trained first (Collins et al. 2021)"
+    uses_client_state = True
+
+    def init(self, cfg, task: Task, seed: int) -> FedRepState:
+        model = init_model(lenet_for(task.input_shape, task.num_classes), seed)
+        flat, n_head = flat_params(model), head_size(model, cfg.head_layers)
+        return FedRepState(flat[:-n_head].clone(), flat[-n_head:].clone())
+
+    def validate(self, cfg, task: Task) -> None:
+        try:
+            head_size(lenet_for(task.input_shape, task.num_classes), cfg.head_layers)
+        except ValueError as exc:
+            raise SimfedError(f"[algorithm] {self.name}: {exc}") from None
+
+    def cost(self, cfg, n_train: int) -> float:
+        return float((cfg.head_epochs + cfg.body_epochs) * n_train / cfg.batch_size)
+
+    def train_phases(self, cfg, state, round):
+        return ("update",)
+
+    def eval_phases(self, cfg, state, cohort):
+        return ("evaluate",)
+
+    def broadcast(self, phase, cfg, state, info):
+        return state.theta, state.head0
+
+    def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
+        body, head0 = bcast
+        model = client_model(ctx)
+        n_head = head_size(model, cfg.head_layers)
+        x, y = data.split("train")
+        if ctx.mode == "eval":
+            if cstate is None:
+                head = random_head(model, cfg.head_layers, ctx.generator("head"))
+                load_flat(model, torch.cat([body, head.to(body.dtype)]))
+                if cfg.unseen_head_epochs > 0 and y.numel() > 0:
+                    train_part(model, cfg.head_layers, "head", x, y, epochs=cfg.unseen_head_epochs, cfg=cfg,
+                               gen=ctx.generator("unseen"))
+            else:
+                load_flat(model, torch.cat([body, cstate]))
+            return Reply(evals=training.evaluate_splits(model, data))
+        load_flat(model, torch.cat([body, head0 if cstate is None else cstate]))
+        seen = 0
+        if cfg.head_epochs > 0:
+            seen += train_part(model, cfg.head_layers, "head", x, y, epochs=cfg.head_epochs, cfg=cfg, gen=ctx.generator("head"))
+        seen += train_part(model, cfg.head_layers, "body", x, y, epochs=cfg.body_epochs, cfg=cfg, gen=ctx.generator("body"))
+        flat, n = flat_params(model), float(data.n("train"))
+        delta = body - flat[:-n_head]
+        return Reply(sums={"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)},
+                     state=flat[-n_head:].clone(), n_train=seen)
+
+    def finish(self, phase, cfg, state, sums, n_clients, info):
+        if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:
+            return {"clients": 0.0}
+        step = sums["delta"] / float(sums["n"])
+        state.theta = state.theta - cfg.server_lr * step.to(state.theta.dtype)
+        return {"update_norm": float(step.norm())}

@@ -1,0 +1,115 @@
+"""pFedMe (Dinh, Tran, Nguyen, NeurIPS 2020, arXiv 2006.08848): personalization with Moreau envelopes.
+
+Client i keeps a local copy w_i of the global model (reset to w each round). For each of R local
+iterations it draws a batch and solves the Moreau-envelope problem
+    theta_i = argmin_theta f_i(theta; batch) + lam/2 ||theta - w_i||^2
+approximately with K gradient steps of size `personal_lr` (gradient grad f_i(theta) + lam
+(theta - w_i)), then moves w_i <- w_i - lr * lam * (w_i - theta_i) (the gradient of the envelope).
+The server sets w <- (1 - beta) w + beta * (sample-weighted mean of w_i).
+
+From the paper: the envelope objective, the K-step inner solve, the w_i step and the beta server
+step (Algorithm 1); lam = 15, K = 3, beta = 1 are PeFLL's settings (its appendix, after the pFedMe
+paper). From the authors' code (CharlieDinh/pFedMe; FL-bench's pFedMeClient): theta is not reset
+between the R iterations of a round (the inner solve warm-starts at the previous theta); one
+iteration uses one batch; the personal model that is evaluated is the last theta; the server mean
+is weighted by train samples; personal_lr = 0.01 and lr = 0.005 are the authors' defaults. Ours:
+- theta is client state, so a seen client is evaluated with the theta of its last round; a
+  round starts theta at the received w (as the authors' code does).
+- `local_steps` [20] is R; `local_epochs` > 0 makes R that many passes over the train split.
+- No momentum and no weight decay (the authors' optimizer has neither by default).
+- New clients (PeFLL's appendix): theta = w_i = w, then `unseen_epochs` [20] epochs of the same
+  local procedure (the pFedMe loss) on the client's train split; theta is evaluated. A seen client
+  that has never been sampled is evaluated the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from simfed.algorithms import training
+from simfed.algorithms.base import Reply
+from simfed.algorithms.ditto import proximal_grads
+from simfed.algorithms.fedavg import FedAvg, client_model
+from simfed.algorithms.models import flat_params, load_flat
+from simfed.algorithms.registry import register
+
+
+@dataclass(frozen=True)
+class PFedMeConfig:
+    lam: float = 15.0
+    K: int = 3
+    beta: float = 1.0
+    lr: float = 0.005
+    personal_lr: float = 0.01
+    batch_size: int = 32
+    local_steps: int = 20
+    local_epochs: float = 0.0
+    unseen_epochs: float = 20.0
+
+    def __post_init__(self):
+        if not self.lam >= 0:
+            raise ValueError(f"lam must be >= 0 (weight of the Moreau term lam/2 ||theta - w||^2), got {self.lam}")
+        if self.K < 1 or self.batch_size < 1 or self.local_steps < 1:
+            raise ValueError("K, batch_size and local_steps must be >= 1")
+        if self.lr <= 0 or self.personal_lr <= 0 or not self.beta > 0:
+            raise ValueError("lr, personal_lr and beta must be > 0")
+        if self.local_epochs < 0 or self.unseen_epochs < 0:
+            raise ValueError("local_epochs and unseen_epochs must be >= 0")
+
+
+def pfedme_local(model, w: torch.Tensor, lam: float, K: int, lr: float, personal_lr: float, x, y, *,
+                 steps: int, batch_size: int, gen: torch.Generator, epochs: float = 0.0) -> tuple[torch.Tensor, int]:
+    """pFedMe iterations from w_i = theta = w, one per batch of training.batches (epochs > 0: whole
+    passes, else R = `steps` batches); returns w_i (theta is left in `model`)."""
+    wi = w.clone()
+    load_flat(model, w)
+    model.train()
+    seen = 0
+    for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs):
+        for _ in range(K):
+            proximal_grads(model, wi, lam, x[idx], y[idx])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.sub_(p.grad, alpha=personal_lr)
+        wi = wi - lr * lam * (wi - flat_params(model))
+        seen += int(idx.numel()) * K
+    return wi, seen
+
+
+@register
+class PFedMe(FedAvg):
+    name = "pfedme"
+    Config = PFedMeConfig
+    summary = "pFedMe: Moreau-envelope personal models, K-step inner solve (Dinh et al. 2020)"
+    uses_client_state = True
+
+    def cost(self, cfg, n_train: int) -> float:
+        return float(cfg.K) * super().cost(cfg, n_train)
+
+    def _local(self, cfg, model, w, data, steps_epochs, gen):
+        x, y = data.split("train")
+        steps, epochs = steps_epochs
+        return pfedme_local(model, w, cfg.lam, cfg.K, cfg.lr, cfg.personal_lr, x, y, steps=steps,
+                            batch_size=cfg.batch_size, gen=gen, epochs=epochs)
+
+    def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
+        model = client_model(ctx)
+        if ctx.mode == "eval":
+            load_flat(model, bcast if cstate is None else cstate)
+            if cstate is None and cfg.unseen_epochs > 0 and data.n("train") > 0:
+                self._local(cfg, model, bcast, data, (1, cfg.unseen_epochs), ctx.generator("unseen"))
+            return Reply(evals=training.evaluate_splits(model, data))
+        wi, seen = self._local(cfg, model, bcast, data, (cfg.local_steps, cfg.local_epochs), ctx.generator("local"))
+        n = float(data.n("train"))
+        return Reply(sums={"delta": (bcast - wi) * n, "n": torch.tensor(n, dtype=torch.float64)},
+                     state=flat_params(model), n_train=seen)
+
+    def finish(self, phase, cfg, state, sums, n_clients, info):
+        if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:
+            return {"clients": 0.0}
+        # (1 - beta) w + beta * mean(w_i) = w - beta * mean(w - w_i)
+        step = sums["delta"] / float(sums["n"])
+        state.theta = state.theta - cfg.beta * step.to(state.theta.dtype)
+        return {"update_norm": float(step.norm())}
