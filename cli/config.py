@@ -74,6 +74,8 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
     eng = parts["engine"]
     if eng.backend not in ("ray", "serial"):
         raise SimfedError(f"[engine] backend = {eng.backend!r}; use \"ray\" or \"serial\"")
+    if eng.vectorize not in ("auto", "on", "off"):
+        raise SimfedError(f"[engine] vectorize = {eng.vectorize!r}; use \"auto\", \"on\" or \"off\"")
     if eng.cpus_per_worker < 0 or eng.gpus_per_worker < 0 or eng.workers < 0:
         raise SimfedError("[engine] workers, cpus_per_worker and gpus_per_worker must be >= 0")
     return Experiment(algorithm=str(name), algorithm_config=cfg, **parts)

@@ -37,6 +37,9 @@ class EngineConfig:
     chunk_clients: int = 0  # clients per worker task; 0 picks from cohort and pool size
     max_retries: int = 3  # per chunk, when a worker dies
     inflight_per_worker: int = 2  # chunks queued per worker (bounds per-client payload memory)
+    # "auto": train a chunk of clients at once (torch.func.vmap) on CUDA workers when the method
+    # supports it; "on": also on CPU; "off": always the per-client loop.
+    vectorize: str = "auto"
 
 
 @dataclass(frozen=True)
