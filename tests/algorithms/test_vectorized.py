@@ -60,3 +60,21 @@ def test_per_client_step_counts_freeze_finished_clients():
         load_flat(ref, thetas[c])
         training.sgd_train(ref, xs[c], ys[c], steps=steps[c], batch_size=16, lr=0.1, gen=_gens(2)[c], momentum=0.9)
         assert (flat_params(ref) - vec[c]).abs().max().item() < 1e-10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU machines only; CI has none)")
+def test_chunk_on_cuda_equals_the_cpu_loop_float64():
+    model = init_model(lenet_for((1, 28, 28), 10), 5).double()
+    xs, ys = _clients(2)
+    thetas = flat_params(model).expand(len(SIZES), -1).clone()
+    dev = torch.device("cuda")
+    vec, seen, _ = sgd_train_chunk(model.to(dev), thetas.to(dev), [x.to(dev) for x in xs], [y.to(dev) for y in ys],
+                                   steps=5, batch_size=16, lr=0.05, gens=_gens(3), momentum=0.9, epochs=1.0)
+    assert vec.device.type == "cuda"
+    for c in range(len(SIZES)):
+        ref = copy.deepcopy(model).cpu()
+        load_flat(ref, thetas[c])
+        training.sgd_train(ref, xs[c], ys[c], steps=5, batch_size=16, lr=0.05, gen=_gens(3)[c], momentum=0.9,
+                           epochs=1.0)
+        assert (flat_params(ref) - vec[c].cpu()).abs().max().item() < 1e-8
