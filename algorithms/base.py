@@ -201,6 +201,9 @@ class Algorithm:
     Config: ClassVar[type] = object
     summary: ClassVar[str] = ""
     uses_client_state: ClassVar[bool] = False
+    # Train phases whose client step `client_chunk` can run for a whole chunk at once (a method
+    # declares it; the engine's `engine.vectorize` decides whether to use it).
+    vectorized_phases: ClassVar[frozenset[str]] = frozenset()
 
     # --- server side -------------------------------------------------------------------
     def init(self, cfg: Any, task: Task, seed: int) -> ServerState:
@@ -240,6 +243,15 @@ class Algorithm:
         depend on the chunk's clients and their order (a chunk is fixed by the engine). Return
         None to have the engine call `client` per client (the default)."""
         return None
+
+    def client_chunk(self, phase: str, cfg: Any, bcast: Any, payloads: Sequence[Any], datas: Sequence[ClientData],
+                     cstates: Sequence[Any], ctxs: Sequence[ClientContext]) -> list[Reply]:
+        """The client step for a chunk of clients, one Reply per client (same order in, same order
+        out), used when `engine.vectorize` is on for a phase in `vectorized_phases`. Unlike
+        `client_batch` (only summed statistics), every client keeps its own reply, state and metric
+        row. Default: one `client` call each. A method overrides it with a batched computation equal
+        to the loop up to round-off (algorithms/vectorized.py)."""
+        return [self.client(phase, cfg, bcast, p, d, s, c) for p, d, s, c in zip(payloads, datas, cstates, ctxs)]
 
     # --- helpers -------------------------------------------------------------------------
     def cost(self, cfg: Any, n_train: int) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms import training
+from simfed.algorithms import training, vectorized
 from simfed.algorithms.base import Algorithm, ClientContext, ClientData, Reply, RoundInfo, ServerState, Task
 from simfed.algorithms.models import flat_params, init_model, lenet_for, load_flat
 from simfed.algorithms.registry import register
@@ -57,6 +57,14 @@ def local_sgd(model, data: ClientData, cfg, gen) -> tuple[int, float]:
                               epochs=cfg.local_epochs)
 
 
+def local_sgd_chunk(model, thetas: torch.Tensor, datas, cfg, gens) -> tuple[torch.Tensor, list[int], list[float]]:
+    """`local_sgd` for a chunk of clients at once (rows of `thetas`), equal to it to rounding."""
+    splits = [d.split("train") for d in datas]
+    return vectorized.sgd_train_chunk(model, thetas, [x for x, _ in splits], [y for _, y in splits],
+                                      steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, gens=gens,
+                                      momentum=cfg.momentum, weight_decay=cfg.weight_decay, epochs=cfg.local_epochs)
+
+
 def finetune_and_evaluate(model, data: ClientData, steps: int, lr: float, batch_size: int, gen) -> dict:
     if steps > 0 and data.n("train") > 0:
         x, y = data.split("train")
@@ -69,6 +77,7 @@ class FedAvg(Algorithm):
     name = "fedavg"
     Config = FedAvgConfig
     summary = "FedAvg: weighted average of local SGD updates (McMahan et al. 2017)"
+    vectorized_phases = frozenset({"update"})
 
     def init(self, cfg, task: Task, seed: int) -> GlobalModelState:
         model = init_model(lenet_for(task.input_shape, task.num_classes), seed)
@@ -101,6 +110,18 @@ class FedAvg(Algorithm):
         delta = bcast - flat_params(model)
         return Reply(sums={"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)}, n_train=seen,
                      train_loss=loss)
+
+    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+        model = client_model(ctxs[0])
+        start = bcast.to(ctxs[0].device)
+        new, seen, losses = local_sgd_chunk(model, start.expand(len(datas), -1), datas, cfg,
+                                            [c.generator("sgd") for c in ctxs])
+        replies = []
+        for d, row, s, loss in zip(datas, new, seen, losses):
+            n = float(d.n("train"))
+            replies.append(Reply(sums={"delta": (start - row) * n, "n": torch.tensor(n, dtype=torch.float64)},
+                                 n_train=s, train_loss=loss))
+        return replies
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from simfed.algorithms.base import Algorithm, Reply
-from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate, local_sgd
+from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate, local_sgd, local_sgd_chunk
 from simfed.algorithms.models import flat_params, load_flat
 from simfed.algorithms.registry import register
 
@@ -37,6 +39,7 @@ class Local(Algorithm):
     Config = LocalConfig
     summary = "Local: each client trains its own model, no federation"
     uses_client_state = True
+    vectorized_phases = frozenset({"train"})
 
     init = FedAvg.init  # the shared, seeded initial model; it never changes
 
@@ -58,3 +61,10 @@ class Local(Algorithm):
                                                      ctx.generator("unseen")))
         seen, loss = local_sgd(model, data, cfg, ctx.generator("sgd"))
         return Reply(state=flat_params(model), n_train=seen, train_loss=loss)
+
+    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+        device = ctxs[0].device
+        starts = torch.stack([(bcast if s is None else s).to(device) for s in cstates])
+        new, seen, losses = local_sgd_chunk(client_model(ctxs[0]), starts, datas, cfg,
+                                            [c.generator("sgd") for c in ctxs])
+        return [Reply(state=row.clone(), n_train=s, train_loss=loss) for row, s, loss in zip(new, seen, losses)]

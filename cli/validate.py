@@ -60,6 +60,7 @@ def check(exp: Experiment) -> Experiment:
     if r.name:
         v.component("[run] name", r.name)
     v.choice("[engine] backend", e.backend, ("ray", "serial"))
+    v.choice("[engine] vectorize", e.vectorize, ("auto", "on", "off"))
     v.integer("[engine] workers", e.workers, 0, MAX_WORKERS)
     v.number("[engine] cpus_per_worker", e.cpus_per_worker, 0.0, 1e4, lo_open=True)
     v.number("[engine] gpus_per_worker", e.gpus_per_worker, 0.0, 1e3)

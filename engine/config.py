@@ -38,6 +38,9 @@ class EngineConfig:
     max_retries: int = 3  # per chunk, when a worker dies
     inflight_per_worker: int = 2  # chunks queued per worker (bounds per-client payload memory)
     storage: str = ""  # client state: a pyarrow.fs URI or shared path (multi-node); "" = the run directory
+    # "auto": train a chunk of clients at once (torch.func.vmap) on CUDA workers when the method
+    # supports it; "on": also on CPU; "off": always the per-client loop.
+    vectorize: str = "auto"
 
 
 @dataclass(frozen=True)

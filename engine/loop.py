@@ -88,6 +88,10 @@ def check_experiment(exp: Experiment, on_event: Event | None = None, resume_dir:
     table = store.clients
     algo.check_clients(exp.algorithm_config, dict(zip((int(c) for c in table.column("client_id").to_pylist()),
                                                       (int(n) for n in table.column("n_train").to_pylist()))))
+    if exp.engine.vectorize == "on" and not algo.vectorized_phases:
+        with_support = [n for n in registry.names() if registry.get(n).vectorized_phases]
+        raise SimfedError(f"[engine] vectorize = \"on\" but {exp.algorithm} has no vectorized client step; "
+                          f"use \"auto\" or \"off\" (methods with one: {', '.join(with_support)})")
     if run.clients_per_round < 1 or run.clients_per_round > len(seen):
         raise SimfedError(f"[run] clients_per_round = {run.clients_per_round} but the store {store.path} has "
                           f"{len(seen)} seen clients; use a value between 1 and {len(seen)}")
@@ -148,7 +152,8 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
 
     spec = WorkerSpec(store_path=store.path, algorithm=exp.algorithm, cfg=exp.algorithm_config, task=task,
                       seed=run.seed, state_dir=state_root,
-                      threads=max(1, int(eng.cpus_per_worker)), use_gpu=eng.gpus_per_worker > 0)
+                      threads=max(1, int(eng.cpus_per_worker)), use_gpu=eng.gpus_per_worker > 0,
+                      vectorize=eng.vectorize)
     # The server computes with as many threads as a worker on both backends: a reduction split
     # over a different thread count can round differently.
     server_args = dict(algorithm=exp.algorithm, cfg=exp.algorithm_config, task=task, seed=run.seed,

@@ -34,6 +34,7 @@ class WorkerSpec:
     state_dir: str
     threads: int = 1
     use_gpu: bool = False
+    vectorize: str = "off"  # engine.vectorize: "auto" (on for CUDA workers), "on" or "off"
 
 
 def nbytes(obj: Any) -> int:
@@ -83,6 +84,8 @@ class Worker:
                        for s in ("train", "val", "test")}
         self.states = ClientStateStore(spec.state_dir)
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
+        # The batched trainer pays off where kernel launches dominate (a GPU); on CPU only on request.
+        self.vectorize = spec.vectorize == "on" or (spec.vectorize == "auto" and self.device.type == "cuda")
         self.cache: dict = {}
         self.node_id = os.environ.get("SIMFED_NODE", "local")
         try:
@@ -113,7 +116,7 @@ class Worker:
         except Exception:
             pass
         return {"index": self.index, "pid": os.getpid(), "node_id": self.node_id, "device": str(self.device),
-                "gpu_ids": gpu_ids, "threads": torch.get_num_threads(), "warmup_s": round(self.warmup_s, 4)}
+                "gpu_ids": gpu_ids, "threads": torch.get_num_threads(), "vectorize": self.vectorize, "warmup_s": round(self.warmup_s, 4)}
 
     def run(self, phase: str, info: RoundInfo, bcast: Any, payloads: Any, client_ids: list[int],
             checkpointed_round: int = -1, meta_extra: dict | None = None) -> tuple[dict, ChunkResult]:
@@ -126,8 +129,8 @@ class Worker:
         rows: list[dict] = []
         down_common = nbytes(bcast)
         n_train = 0
+        clients = []  # (cid, cohort, data, cstate, ctx, payload), in chunk order
         for cid in client_ids:
-            t0 = time.perf_counter()
             cohort = self.cohort[cid]
             counts = {s: self.counts[s][cid] for s in ("train", "val", "test")}
             data = ClientData(cid, cohort, self.store.read, self.device, counts)
@@ -138,8 +141,20 @@ class Worker:
                 cstate = self.states.get(cid, *at)
             ctx = ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
                                 mode=info.mode, task=spec.task, device=self.device, cache=self.cache)
-            payload = payloads.get(cid) if payloads else None
-            reply = algo.client(phase, spec.cfg, bcast, payload, data, cstate, ctx)
+            clients.append((cid, cohort, data, cstate, ctx, payloads.get(cid) if payloads else None))
+        if self.vectorize and info.mode == "train" and phase in algo.vectorized_phases:
+            # One batched step for the whole chunk; its time is shared evenly among the clients.
+            t0 = time.perf_counter()
+            replies = algo.client_chunk(phase, spec.cfg, bcast, [c[5] for c in clients], [c[2] for c in clients],
+                                        [c[3] for c in clients], [c[4] for c in clients])
+            timed = [(r, (time.perf_counter() - t0) / max(len(clients), 1)) for r in replies]
+        else:
+            timed = []
+            for cid, cohort, data, cstate, ctx, payload in clients:
+                t0 = time.perf_counter()
+                reply = algo.client(phase, spec.cfg, bcast, payload, data, cstate, ctx)
+                timed.append((reply, time.perf_counter() - t0))
+        for (cid, cohort, _, _, _, payload), (reply, seconds) in zip(clients, timed):
             ok = all_finite(reply.sums) and all_finite(reply.item)
             if ok:
                 result.sums = add_into(result.sums, reply.sums)
@@ -150,7 +165,6 @@ class Worker:
                         isinstance(reply.state, str) and reply.state == KEEP):
                     self.states.put(cid, info.round, info.phase_index, reply.state, checkpointed_round)
             n_train += reply.n_train
-            seconds = time.perf_counter() - t0
             base = {"round": info.round + 1, "client_id": cid, "cohort": cohort, "phase": phase,
                     "node_id": self.node_id, "worker": self.index}
             if info.mode == "train":
