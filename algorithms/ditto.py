@@ -113,11 +113,11 @@ class Ditto(FedAvg):
                 self._personal(cfg, model, bcast, data, (1, cfg.unseen_epochs), ctx.generator("unseen"))
             return Reply(evals=training.evaluate_splits(model, data))
         load_flat(model, bcast)
-        seen = local_sgd(model, data, cfg, ctx.generator("sgd"))
+        seen, loss = local_sgd(model, data, cfg, ctx.generator("sgd"))
         n = float(data.n("train"))
         delta = bcast - flat_params(model)
         load_flat(model, bcast if cstate is None else cstate)
         seen += self._personal(cfg, model, bcast, data, (cfg.personal_steps, cfg.personal_epochs),
                                ctx.generator("personal"))
         return Reply(sums={"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)},
-                     state=flat_params(model), n_train=seen)
+                     state=flat_params(model), n_train=seen, train_loss=loss)

@@ -76,7 +76,8 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str], notes: list[str] 
         target[name] = value
         if section == "algorithm":
             set_keys.add(name)
-    after = doc.get("algorithm", {}).get("name")
+    algo_after = doc.get("algorithm")
+    after = algo_after.get("name") if isinstance(algo_after, dict) else None
     if before is not None and after != before and file_keys:
         dropped = [k for k in file_keys if k not in set_keys]
         for k in dropped:

@@ -246,6 +246,9 @@ def _resume_round(run_dir: Path, exp) -> int | None:
         raise SimfedError(f"{run_dir}: no checkpoint to resume from (it is written every run.checkpoint_every "
                           "rounds); start it again without --resume")
     done, total = int(ckpt["round"]), exp.run.rounds
+    if done > total:
+        raise SimfedError(f"{run_dir}: checkpoint round {done} is beyond the run's {total} rounds; the run directory "
+                          "is damaged: restore checkpoint.pt or start a new run")
     if done < total:
         return done
     sys.stderr.write(f"simfed: {run_dir} already finished ({done} of {total} rounds); nothing to resume. "

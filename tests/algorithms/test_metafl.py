@@ -286,7 +286,7 @@ def test_end_to_end_serial(small_store, tmp_path, name, algo):
 
 
 def test_engine_drops_non_finite_meta_updates(small_store, tmp_path):
-    result, _ = run_engine(small_store, tmp_path / "run", "metafl", rounds=1, nu=1, alpha=1e30, beta=1e30,
+    result, _ = run_engine(small_store, tmp_path / "run", "metafl", rounds=1, nu=1, alpha=1e12, beta=1e12,
                            tau=1, batch_size=8, outer_batch_size=8, eval_steps=0)
     assert result["dropped"] == 6  # every update overflowed; none reached the global model
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import os
 import shutil
 import socket
@@ -657,6 +658,12 @@ def copy_run(fx: Fixtures, work: Path) -> Path:
 def _damage(fn: Callable[[Path], None], command: str = "resume", *extra: str) -> Callable:
     def build(fx, work):
         run = copy_run(fx, work)
+        if command == "resume":
+            # One round more than the checkpoint holds, so the resume has work to do and checks every
+            # file it would read (a finished run is only reported as finished, without the data).
+            cfg = json.loads((run / "config.json").read_text())
+            cfg["run"]["rounds"] += 1
+            (run / "config.json").write_text(json.dumps(cfg))
         fn(run)
         if command == "resume":
             return ["launch", "--resume", str(run), "-q", *extra]
@@ -742,7 +749,7 @@ RUNDIRS = [
          "not a simfed config"),
     Case("run-config-bad-value", "rundirs", "rundir config garbage",
          _damage(lambda r: (r / "config.json").write_text(
-             (r / "config.json").read_text().replace('"rounds": 2', '"rounds": "two"'))), "rounds"),
+             re.sub(r'"rounds": \d+', '"rounds": "two"', (r / "config.json").read_text()))), "rounds"),
     Case("run-config-missing", "rundirs", "rundir missing", _damage(lambda r: (r / "config.json").unlink()),
          "no config.json"),
     Case("run-checkpoint-no-server", "rundirs", "rundir checkpoint keys",
