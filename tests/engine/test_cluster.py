@@ -142,7 +142,7 @@ workers = {FAULT_WORKERS}
             os.kill(driver.pid, signal.SIGCONT)
             driver.kill()
     assert rundir.read_status(out)["state"] == "interrupted"
-    resumed = simfed("launch", "--resume", str(out), "-q")
+    resumed = simfed("launch", "--resume", str(out), "-q", timeout=900)
     assert resumed.returncode == 0, resumed.stderr
     assert rundir.read_status(out)["state"] == "finished"
     assert numbers(out).equals(undisturbed)
