@@ -244,6 +244,13 @@ class Algorithm:
         None to have the engine call `client` per client (the default)."""
         return None
 
+    def chunk_phases(self) -> frozenset[str]:
+        """`vectorized_phases`, but only when the class that defines `client` also defines
+        `client_chunk`: a method that inherits FedAvg's chunk step but has its own client step
+        (meta-FL, Ditto, ...) must never be trained by FedAvg's batched SGD."""
+        owner = lambda name: next(c for c in type(self).__mro__ if name in vars(c))  # noqa: E731
+        return self.vectorized_phases if owner("client") is owner("client_chunk") else frozenset()
+
     def client_chunk(self, phase: str, cfg: Any, bcast: Any, payloads: Sequence[Any], datas: Sequence[ClientData],
                      cstates: Sequence[Any], ctxs: Sequence[ClientContext]) -> list[Reply]:
         """The client step for a chunk of clients, one Reply per client (same order in, same order

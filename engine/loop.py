@@ -88,8 +88,8 @@ def check_experiment(exp: Experiment, on_event: Event | None = None, resume_dir:
     table = store.clients
     algo.check_clients(exp.algorithm_config, dict(zip((int(c) for c in table.column("client_id").to_pylist()),
                                                       (int(n) for n in table.column("n_train").to_pylist()))))
-    if exp.engine.vectorize == "on" and not algo.vectorized_phases:
-        with_support = [n for n in registry.names() if registry.get(n).vectorized_phases]
+    if exp.engine.vectorize == "on" and not algo.chunk_phases():
+        with_support = [n for n in registry.names() if registry.get(n).chunk_phases()]
         raise SimfedError(f"[engine] vectorize = \"on\" but {exp.algorithm} has no vectorized client step; "
                           f"use \"auto\" or \"off\" (methods with one: {', '.join(with_support)})")
     if run.clients_per_round < 1 or run.clients_per_round > len(seen):

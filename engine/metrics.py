@@ -115,12 +115,24 @@ def load(run_dir: str | os.PathLike) -> pl.DataFrame:
     return pl.concat([read(f) for f in found], how="vertical")
 
 
+def _read_stats(path: Path) -> pl.DataFrame:
+    """A per-round server-statistics file (long rows: run, round, stat, value), not a client-metrics one."""
+    from simfed.partitions.safeio import regular_file
+
+    regular_file(path, "round statistics file")
+    try:
+        return pl.read_parquet(path, columns=["round", "stat", "value"])
+    except Exception as exc:  # polars raises several types for corrupt or foreign files
+        raise SimfedError(f"{path}: cannot read round statistics ({type(exc).__name__}); delete or restore the "
+                          "file") from None
+
+
 def load_rounds(run_dir: str | os.PathLike) -> pl.DataFrame:
     """The server's per-round scalars: one row per training round, one column per stat."""
     files = sorted((Path(run_dir) / "metrics" / "rounds").glob("r*.parquet"))
     if not files:
         return pl.DataFrame({"round": []}, schema={"round": pl.Int32})
-    long = pl.concat([read(f) for f in files], how="vertical")
+    long = pl.concat([_read_stats(f) for f in files], how="vertical")
     return long.pivot(on="stat", index="round", values="value").sort("round")
 
 

@@ -142,7 +142,7 @@ class Worker:
             ctx = ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
                                 mode=info.mode, task=spec.task, device=self.device, cache=self.cache)
             clients.append((cid, cohort, data, cstate, ctx, payloads.get(cid) if payloads else None))
-        if self.vectorize and info.mode == "train" and phase in algo.vectorized_phases:
+        if self.vectorize and info.mode == "train" and phase in algo.chunk_phases():
             # One batched step for the whole chunk; its time is shared evenly among the clients.
             t0 = time.perf_counter()
             replies = algo.client_chunk(phase, spec.cfg, bcast, [c[5] for c in clients], [c[2] for c in clients],
