@@ -33,10 +33,10 @@ import numpy as np
 from simfed.engine import validate
 from simfed.engine.errors import SimfedError
 from simfed.partitions import schemes
+from simfed.partitions.natural import Parts, write_by_writer
 from simfed.partitions.progress import progress_bar
 from simfed.partitions.safeio import check_output, load_json, regular_file
 from simfed.partitions.synthetic import CLASSES as FEMNIST_CLASSES
-from simfed.partitions.writer import StoreWriter
 
 PIXELS = 784
 
@@ -135,8 +135,7 @@ def import_leaf(src: str | os.PathLike, out: str | os.PathLike, *, unseen_fracti
     check_output(out, overwrite, [src])
     train_files, test_files = find_files(src)
     split_layout = bool(test_files)
-    ids: dict[str, int] = {}
-    parts: dict[int, list[tuple[np.ndarray, np.ndarray, int]]] = {}
+    parts: Parts = {}  # per user, in order of first appearance: client ids follow it
     files = [(f, 0) for f in train_files] + [(f, 2) for f in test_files]
     first_file: dict[tuple[str, int], Path] = {}
     with progress_bar(progress, "reading LEAF files", len(files)) as advance:
@@ -146,36 +145,10 @@ def import_leaf(src: str | os.PathLike, out: str | os.PathLike, *, unseen_fracti
                 if other != path:
                     raise SimfedError(f"{path}: user {user!r} is also in {other.name}; a user may "
                                       "appear in one train file and one test file only")
-                cid = ids.setdefault(user, len(ids))
-                parts.setdefault(cid, []).append((x, y, code))
+                parts.setdefault(user, []).append((x, y, code))
             advance(1)
-    no_train = [u for u, c in ids.items() if not any(code == 0 for _, _, code in parts[c])]
-    if no_train:
-        raise SimfedError(f"{src}: user {no_train[0]!r} has test rows but no train rows; every "
-                          "client needs >= 1 train sample")
-    names = {c: u for u, c in ids.items()}
     source = {"importer": "leaf", "src": str(src), "leaf_split": split_layout, "seed": seed,
               "quantization": "uint8 = rint(x * 255)"}
-    with StoreWriter(out, classes=classes, sample_shape=(1, 28, 28), overwrite=overwrite,
-                     source=source) as w:
-        step = 200
-        for lo in range(0, len(ids), step):
-            chunk = range(lo, min(lo + step, len(ids)))
-            x = np.concatenate([p[0] for c in chunk for p in parts[c]])
-            y = np.concatenate([p[1] for c in chunk for p in parts[c]])
-            client = np.concatenate([np.full(len(p[1]), c) for c in chunk for p in parts[c]])
-            code = np.concatenate([np.full(len(p[1]), p[2], np.int8) for c in chunk
-                                   for p in parts[c]])
-            if split_layout:
-                tr = code == 0
-                code[tr] = schemes.split_within_clients(client[tr], y[tr], seed + lo,
-                                                        val_fraction or 0.0, 0.0)
-            else:
-                code = schemes.split_within_clients(
-                    client, y, seed + lo,
-                    schemes.DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
-                    schemes.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction)
-            w.add(x.reshape(-1, 1, 28, 28), y, client, code, names)
-            for c in chunk:  # free as we go: the store now holds these rows
-                del parts[c]
-        return w.finish(unseen_fraction=unseen_fraction, seed=seed)
+    return write_by_writer(out, parts, src=str(src), classes=classes, split_layout=split_layout,
+                           val_fraction=val_fraction, test_fraction=test_fraction,
+                           unseen_fraction=unseen_fraction, seed=seed, overwrite=overwrite, source=source)
