@@ -10,6 +10,7 @@ and `simfed compare` equals a hand computation on the per-client rows.
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import signal
 import statistics
@@ -188,3 +189,77 @@ def test_bad_sweep_is_one_line_exit_2(engine_store, tmp_path, capsys, case):
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert not out.exists()  # nothing started, nothing written
+
+
+def _sweep_dir(tmp_path, store) -> Path:
+    """A sweep directory as `simfed sweep` leaves it after its trials finished, without running them
+    (sweep.json, state.json, trials/ID/{status,trial}.json; no metrics)."""
+    import tomllib
+
+    from simfed.cli.sweep_config import parse_sweep
+
+    spec = parse_sweep(tomllib.loads(SWEEP.format(store=store)), "sweep.toml")
+    out = tmp_path / "sw"
+    for t in spec.trials:
+        (out / "trials" / t.id).mkdir(parents=True)
+        (out / "trials" / t.id / "status.json").write_text(json.dumps({"state": "finished", "completed_rounds": 2}))
+        (out / "trials" / t.id / "trial.json").write_text(json.dumps({"id": t.id, "attempts": []}))
+    (out / "sweep.json").write_text(json.dumps({"version": 1, "source": "sweep.toml",
+                                                "scheduler": spec.scheduler.__dict__,
+                                                "trials": [{"id": t.id, "overrides": t.overrides, "doc": t.doc}
+                                                           for t in spec.trials]}, indent=2))
+    (out / "state.json").write_text(json.dumps({t.id: {"state": "finished"} for t in spec.trials}))
+    return out
+
+
+DAMAGE = {  # case -> (what to do to a valid sweep directory, text the one line must hold)
+    "missing-dir": (lambda d: d.rename(d.with_name("gone")), "no such directory"),
+    "not-a-dir": (lambda d: (shutil.rmtree(d), d.write_text("x")), "not a directory"),
+    "no-sweep-file": (lambda d: (d / "sweep.json").unlink(), "not a sweep directory (no sweep.json)"),
+    "run-dir": (lambda d: ((d / "sweep.json").unlink(), (d / "status.json").write_text("{}")),
+                "a run directory, not a sweep"),
+    "sweep-truncated": (lambda d: _truncate(d / "sweep.json"), "sweep.json: truncated or invalid JSON"),
+    "sweep-empty": (lambda d: (d / "sweep.json").write_text(""), "sweep.json: empty"),
+    "sweep-foreign": (lambda d: (d / "sweep.json").write_text('{"name": "my-app", "version": "1.0"}'),
+                      "sweep.json: not a sweep record (no list of trials)"),
+    "sweep-list": (lambda d: (d / "sweep.json").write_text("[1, 2]"), "sweep.json: not a JSON object"),
+    "sweep-bad-id": (lambda d: _edit(d / "sweep.json", lambda r: r["trials"][0].update(id="../..")),
+                     "trial id '../..' is not a directory name"),
+    "status-truncated": (lambda d: _truncate(d / "trials" / "000-fedavg" / "status.json"),
+                         "000-fedavg/status.json: truncated or invalid JSON"),
+    "trial-truncated": (lambda d: _truncate(d / "trials" / "001-fedavg" / "trial.json"),
+                        "001-fedavg/trial.json: truncated or invalid JSON"),
+    "trial-foreign": (lambda d: (d / "trials" / "001-fedavg" / "trial.json").write_text('{"attempts": 3}'),
+                      "001-fedavg/trial.json: not a trial record"),
+    "state-truncated": (lambda d: _truncate(d / "state.json"), "state.json: truncated or invalid JSON"),
+}
+
+
+def _truncate(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+
+
+def _edit(path: Path, change) -> None:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("command", ["compare", "resume"])
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_or_foreign_sweep_dir_is_one_line_exit_2(engine_store, tmp_path, capsys, case, command):
+    out = _sweep_dir(tmp_path, engine_store)
+    damage, needle = DAMAGE[case]
+    damage(out)
+    if command == "compare" and case == "state-truncated":
+        needle = "no trial has test metrics yet"  # compare never reads state.json: the sweep is otherwise fine
+    args = ["compare", str(out)] if command == "compare" else ["sweep", "--resume", str(out)]
+    code, stdout, err = cli(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0] and lines[0].startswith("simfed: error: "), lines[0]
+    if case not in ("missing-dir", "not-a-dir"):
+        assert not (out / "compare.parquet").exists()
+        # how to fix: every message names a way out
+        assert any(w in lines[0] for w in ("restore it", "delete it", "pass the", "use simfed", "run or resume"))
