@@ -72,6 +72,17 @@ def run_status(run_dir: Path) -> str:
     return (read_json(run_dir / "status.json") or {}).get("state", "")
 
 
+def one_line_reason(exc: BaseException) -> str:
+    """What a failed trial prints: a SimfedError's message is already what, where and how to fix;
+    anything else is a bug and is named by its type (its traceback stays in Tune's error file)."""
+    from simfed.engine.errors import SimfedError
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, SimfedError):
+        return text[:500]
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
 def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     """The Tune trainable: one simfed run, reporting seen-client validation accuracy per evaluation."""
     import ray
@@ -79,6 +90,7 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
 
     from simfed.engine import metrics
     from simfed.engine.backends import release_pool
+    from simfed.engine.errors import SimfedError
     from simfed.engine.loop import run_experiment
 
     spec: TrialSpec = specs[config["trial"]]
@@ -107,6 +119,10 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     resume = (run_dir / "checkpoint.pt").exists()
     try:
         run_experiment(spec.experiment, run_dir, resume=resume, on_event=on_event)
+    except BaseException as exc:
+        attempt["error"] = one_line_reason(exc)  # the driver prints this line, not Tune's traceback
+        attempt["bug"] = not isinstance(exc, SimfedError)
+        raise
     finally:
         release_pool()  # this trial's actors end with it: nothing leaks into the next trial's reservation
         attempt["end"] = time.time()
@@ -157,11 +173,18 @@ class _Tracker:
                             val_acc=last.get("val_acc"))
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                err = ""
-                if trial.error_file and Path(trial.error_file).is_file():
-                    lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
-                    err = lines[-1][:300] if lines else ""
-                tracker.set(trial.config["trial"], "failed", error=err)
+                tid = trial.config["trial"]
+                attempts = (read_json(tracker.sweep_dir / "trials" / tid / "trial.json") or {}).get("attempts") or [{}]
+                last = attempts[-1] if isinstance(attempts[-1], dict) else {}
+                err, bug = last.get("error"), last.get("bug", True)
+                if not err:  # the trial died before it could say why (its process was killed)
+                    lines = []
+                    if trial.error_file and Path(trial.error_file).is_file():
+                        lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+                    err = lines[-1][:300] if lines else "the trial's process ended without a reason"
+                if bug and trial.error_file:
+                    err += f" (traceback: {trial.error_file})"
+                tracker.set(tid, "failed", error=err)
 
         return _Cb()
 
@@ -192,7 +215,9 @@ def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: S
         return {k: v["state"] for k, v in tracker.states.items()}
 
     release_pool()  # actors this process kept from earlier runs would hold CPUs the trials need
-    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    # CRITICAL, not ERROR: Tune logs a failed trial's whole traceback at ERROR; the sweep prints its
+    # own line per failed trial (id and reason) and the traceback stays in Tune's error file.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     logging.getLogger("ray.train").setLevel(logging.ERROR)
     by_id = {s.id: s for s in todo}
     trainable = tune.with_resources(tune.with_parameters(_trial_main, specs=by_id, sweep_dir=str(sweep_dir)),

@@ -191,6 +191,83 @@ def test_bad_sweep_is_one_line_exit_2(engine_store, tmp_path, capsys, case):
     assert not out.exists()  # nothing started, nothing written
 
 
+FAILING = """
+[data]
+path = "{store}"
+[run]
+rounds = 1
+clients_per_round = 3
+eval_every = 1
+checkpoint_every = 1
+[algorithm]
+name = "fedavg"
+batch_size = 16
+local_steps = 2
+[engine]
+backend = "ray"
+workers = 1
+[sweep.grid]
+"data.path" = ["{store}", "{damaged}"]
+"""
+
+
+def test_a_failed_trial_is_reported_and_resume_reruns_only_it(ray_session, engine_store, tmp_path, capsys):
+    """Trial 001 reads a second copy of the store that breaks after the sweep's up-front checks (a store
+    on a mount that changed under the sweep): it fails at run time while 000 finishes. The sweep names
+    the trial and the one-line reason and exits 1; once the store is restored, `--resume` reruns only
+    001, and `simfed compare` reads the complete sweep."""
+
+    from simfed.engine.backends import release_pool
+
+    release_pool()
+    damaged = tmp_path / "store_b"
+    shutil.copytree(engine_store, damaged)
+    victim = damaged / "clients.parquet"
+    good = victim.read_bytes()
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(FAILING.format(store=engine_store, damaged=damaged))
+    out = tmp_path / "sw"
+    address = ray_session.get_runtime_context().gcs_address
+
+    # One trial at a time: 001 starts only after 000 is done, long after the checks have passed.
+    proc = driver("sweep", str(spec), "--out", str(out), "--address", address, "--max-concurrent", "1")
+    deadline = time.time() + 600
+    while not (out / "sweep.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # sweep.json is written after every trial's store was checked
+    victim.write_bytes(good[: len(good) // 2])
+    stdout, stderr = proc.communicate(timeout=1200)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    failed = [ln for ln in stderr.splitlines() if "] 001-fedavg (" in ln and ") failed: " in ln]
+    assert len(failed) == 1 and "clients.parquet" in failed[0], stderr[-3000:]
+    assert "1 finished, 0 stopped early, 1 failed, 0 not run" in stderr
+    assert f"rerun the rest with: simfed sweep --resume {out}" in stderr
+    states = json.loads((out / "state.json").read_text())
+    assert states["000-fedavg"]["state"] == "finished" and states["001-fedavg"]["state"] == "failed"
+    assert "clients.parquet" in states["001-fedavg"]["error"]
+
+    victim.write_bytes(good)  # the cause fixed
+    proc = driver("sweep", "--resume", str(out), "--address", address)
+    stdout, stderr = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "1 to run, 1 finished earlier" in stderr and "2 finished, 0 stopped early, 0 failed" in stderr
+    records = {i: json.loads((out / "trials" / i / "trial.json").read_text()) for i in ("000-fedavg", "001-fedavg")}
+    assert len(records["000-fedavg"]["attempts"]) == 1  # not rerun
+    assert len(records["001-fedavg"]["attempts"]) == 2
+    for i in records:
+        assert json.loads((out / "trials" / i / "status.json").read_text())["state"] == "finished"
+        assert _rows(out / "trials" / i).filter(pl.col("split") == "test").height > 0
+    assert all(v["state"] == "finished" for v in json.loads((out / "state.json").read_text()).values())
+    # The store copy holds the same data: the rerun trial equals the one that never failed.
+    assert _rows(out / "trials" / "000-fedavg").equals(_rows(out / "trials" / "001-fedavg"))
+
+    code, stdout, err = cli(capsys, "compare", str(out), "--json")
+    assert code == 0, err
+    rows = pl.read_parquet(out / "compare.parquet")
+    assert sorted(set(rows["trial"].to_list())) == ["000-fedavg", "001-fedavg"]
+    assert set(rows["state"].to_list()) == {"finished"}
+
+
 def _sweep_dir(tmp_path, store) -> Path:
     """A sweep directory as `simfed sweep` leaves it after its trials finished, without running them
     (sweep.json, state.json, trials/ID/{status,trial}.json; no metrics)."""
@@ -263,3 +340,4 @@ def test_damaged_or_foreign_sweep_dir_is_one_line_exit_2(engine_store, tmp_path,
         assert not (out / "compare.parquet").exists()
         # how to fix: every message names a way out
         assert any(w in lines[0] for w in ("restore it", "delete it", "pass the", "use simfed", "run or resume"))
+
