@@ -242,7 +242,8 @@ def compare(
     cmp.write_parquet(rows, path / "compare.parquet")
     if as_json:
         typer.echo(json.dumps({"sweep_dir": str(path), "by": by, "select": select, "std": "sample (n - 1)",
-                               "groups": result, "parquet": str(path / "compare.parquet")}, indent=2))
+                               "groups": result, "trials": cmp.trial_list(rows),
+                               "parquet": str(path / "compare.parquet")}, indent=2))
         return
     typer.echo(f"{path}: chosen on seen-client {select} accuracy; test accuracy (%), mean ± std over seeds")
     head = f"{by:16} {'cohort':7} {'seeds':>5} {'acc_mean':>15} {'acc_p10':>15} {'acc_worst10':>15} {'rounds':>7} {'wall_s':>8}"
@@ -256,6 +257,9 @@ def compare(
         cfg = ", ".join(f"{k}={v}" for k, v in g["config"].items()) or "(only seeds)"
         note = "" if g["all_finished"] else " (not every seed finished)"
         typer.echo(f"{g['group']}: {cfg}; {select} {100 * g['select_score']:.2f}%{note}")
+    # Every trial's rounds: a trial ASHA stopped shows how far it got (it never wins a group
+    # while a configuration whose trials all finished exists).
+    typer.echo("trials: " + "; ".join(f"{t['trial']} {t['state']} {t['rounds']} rounds" for t in cmp.trial_list(rows)))
     typer.echo(f"rows: {path / 'compare.parquet'}")
 
 

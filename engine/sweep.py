@@ -7,12 +7,13 @@ in `simfed launch`), so the placement group holds exactly the workers; `engine.b
 server and worker actors into the current placement group, so concurrent trials never use more
 than the cluster has. A serial-backend trial reserves one bundle for its in-process work.
 
-After each evaluation a trial reports the seen clients' validation client-mean accuracy
-(`val_acc`) and the round to Tune, so ASHA (`SchedulerConfig.name = "asha"`, time in rounds) can
-stop bad configurations early. Each trial's state (pending, running, finished, stopped, failed)
-is kept in SWEEP/state.json (written atomically); a resumed sweep runs only trials that are
-neither finished nor stopped, continuing each from its last checkpoint when it has one. The grid
-itself is expanded by the CLI (`simfed.cli.sweep_config`); Tune gets one trial id per trial.
+After each evaluated round is saved (metrics, checkpoint, status) a trial reports the seen
+clients' validation client-mean accuracy (`val_acc`) and the round to Tune, so ASHA
+(`SchedulerConfig.name = "asha"`, time in rounds) can stop bad configurations early. Each
+trial's state (pending, running, finished, stopped, failed) is kept in SWEEP/state.json (written
+atomically); a resumed sweep runs only trials that are neither finished nor stopped, continuing
+each from its last checkpoint when it has one. The grid itself is expanded by the CLI
+(`simfed.cli.sweep_config`); Tune gets one trial id per trial.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     record["attempts"].append(attempt)
     write_json(record_path, record)
 
+    pending: list[dict] = []  # the last evaluation's result, until its round is saved
+
     def on_event(event: dict) -> None:
         if event["type"] == "start":
             attempt["resumed_from"] = event["start_round"]
@@ -113,8 +116,16 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
             path = run_dir / "metrics" / f"r{event['round']:06d}-eval.parquet"
             val = {s["cohort"]: s["acc_mean"] for s in metrics.summarize(metrics.read(path), split="val").to_dicts()}
             test = {s["cohort"]: s["acc_mean"] for s in event["summary"]}
-            tune.report({"round": event["round"], "val_acc": val.get("seen", float("nan")),
-                         "test_acc": test.get("seen", float("nan")), "test_acc_unseen": test.get("unseen", float("nan"))})
+            pending[:] = [{"round": event["round"], "val_acc": val.get("seen", float("nan")),
+                           "test_acc": test.get("seen", float("nan")),
+                           "test_acc_unseen": test.get("unseen", float("nan"))}]
+        elif event["type"] == "saved" and pending:
+            # Reported only once the round's checkpoint and status are written: ASHA stops a trial
+            # inside tune.report by ending its process, and the run directory must then hold a
+            # valid run of that many rounds (status completed_rounds, checkpoint), which
+            # `simfed compare` counts and `simfed launch --resume` continues.
+            result = pending.pop()
+            tune.report(result)
 
     resume = (run_dir / "checkpoint.pt").exists()
     try:

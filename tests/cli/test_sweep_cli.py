@@ -330,7 +330,7 @@ def test_damaged_or_foreign_sweep_dir_is_one_line_exit_2(engine_store, tmp_path,
     damage, needle = DAMAGE[case]
     damage(out)
     if command == "compare" and case == "state-truncated":
-        needle = "no trial has test metrics yet"  # compare never reads state.json: the sweep is otherwise fine
+        needle = "no trial has test metrics yet"  # compare reads state.json leniently (labels only): otherwise fine
     args = ["compare", str(out)] if command == "compare" else ["sweep", "--resume", str(out)]
     code, stdout, err = cli(capsys, *args)
     lines = err.strip().splitlines()
@@ -341,3 +341,72 @@ def test_damaged_or_foreign_sweep_dir_is_one_line_exit_2(engine_store, tmp_path,
         # how to fix: every message names a way out
         assert any(w in lines[0] for w in ("restore it", "delete it", "pass the", "use simfed", "run or resume"))
 
+
+ASHA = """
+[data]
+path = "{store}"
+[run]
+rounds = 3
+clients_per_round = 3
+eval_every = 1
+checkpoint_every = 1
+eval_clients = 6
+[algorithm]
+name = "fedavg"
+batch_size = 16
+local_steps = 5
+[engine]
+backend = "ray"
+workers = 1
+[sweep]
+scheduler = "asha"
+grace_period = 1
+reduction_factor = 2
+[sweep.grid]
+"algorithm.lr" = [0.1, 1e-7]
+"""
+
+
+def test_asha_stops_the_hopeless_lr_and_compare_reports_rounds(ray_session, engine_store, tmp_path, capsys):
+    """lr 0.1 runs first (one trial at a time) and sets the bar at ASHA's first rung (round 1); lr 1e-7
+    barely moves the initial model, lags there and is stopped: its run directory is a valid run of 1
+    round (metrics, checkpoint and status agree), and compare reports the rounds of each trial."""
+    from simfed.engine import checkpoint, metrics
+    from simfed.engine.backends import release_pool
+
+    release_pool()
+    spec = tmp_path / "asha.toml"
+    spec.write_text(ASHA.format(store=engine_store))
+    out = tmp_path / "sw"
+    proc = driver("sweep", str(spec), "--out", str(out), "--max-concurrent", "1",
+                  "--address", ray_session.get_runtime_context().gcs_address)
+    stdout, stderr = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, stderr[-3000:]  # a trial stopped by ASHA is not a failure
+    assert "1 finished, 1 stopped early, 0 failed" in stderr, stderr[-3000:]
+    states = json.loads((out / "state.json").read_text())
+    assert states["000-fedavg"]["state"] == "finished" and states["001-fedavg"]["state"] == "stopped", states
+    assert states["001-fedavg"]["round"] == 1
+
+    good, stopped = out / "trials" / "000-fedavg", out / "trials" / "001-fedavg"
+    assert json.loads((good / "status.json").read_text())["completed_rounds"] == 3
+    # The stopped run is consistent at round 1: status, checkpoint and metrics say the same.
+    status = json.loads((stopped / "status.json").read_text())
+    assert status["completed_rounds"] == 1 and status["checkpoint_round"] == 1
+    assert checkpoint.load(stopped)["round"] == 1
+    assert sorted(set(metrics.load(stopped)["round"].to_list())) == [1]
+    code, report, err = cli(capsys, "metrics", str(stopped), "--json")
+    assert code == 0, err
+    # ASHA's decision matches the numbers: the stopped trial's val accuracy at round 1 was lower.
+    val1 = {d.name: metrics.summarize(metrics.load(d), split="val", round=1).filter(pl.col("cohort") == "seen")
+            ["acc_mean"][0] for d in (good, stopped)}
+    assert val1["001-fedavg"] < val1["000-fedavg"]
+
+    code, stdout, err = cli(capsys, "compare", str(out), "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert {t["trial"]: (t["state"], t["rounds"]) for t in result["trials"]} == {
+        "000-fedavg": ("finished", 3), "001-fedavg": ("stopped", 1)}
+    (group,) = result["groups"]
+    assert group["config"] == {"algorithm.lr": 0.1} and group["all_finished"]  # the stopped one cannot win
+    code, stdout, err = cli(capsys, "compare", str(out))
+    assert code == 0 and "001-fedavg stopped 1 rounds" in stdout and "000-fedavg finished 3 rounds" in stdout, stdout
