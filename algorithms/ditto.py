@@ -60,16 +60,19 @@ class DittoConfig:
             raise ValueError("local_epochs, personal_epochs and unseen_epochs must be >= 0")
 
 
-def proximal_grads(model, anchor: torch.Tensor, lam: float, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Set each parameter's .grad to the gradient of f(v; x, y) + lam/2 ||v - anchor||^2 at v = model."""
+def proximal_grads(model, anchor: torch.Tensor, lam: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Set each parameter's .grad to the gradient of f(v; x, y) + lam/2 ||v - anchor||^2 at v = model;
+    returns f(v; x, y) (the mean cross-entropy, detached) for loss reporting."""
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
     offset = 0
     with torch.no_grad():
         for p in model.parameters():
             n = p.numel()
             p.grad.add_(p - anchor[offset:offset + n].view_as(p), alpha=lam)
             offset += n
+    return loss.detach()
 
 
 def proximal_sgd(model, anchor: torch.Tensor, lam: float, x, y, *, steps: int, batch_size: int, lr: float,

@@ -18,6 +18,11 @@ initialized head trained for 20 epochs with the body frozen (`unseen_head_epochs
 - The split is by parameter order: LeNet's parameters end with its classifier, so the head is a
   suffix of the flat vector. A model whose trailing parameterized layers are not `head_layers`
   linear layers, or whose body would be empty, has no separable head: a config error.
+- The reported training loss (`Reply.train_loss`, the train rows' `loss`) is the mean cross-entropy
+  over every sample of the round's local training, head steps AND body steps together, weighted
+  by samples: (head samples x head mean loss + body samples x body mean loss) / all samples. Each
+  value is the minibatch loss before its step, as for FedAvg; with 5 head epochs and 1 body epoch
+  the head pass weighs five times the body pass.
 """
 
 from __future__ import annotations
@@ -88,8 +93,8 @@ def random_head(model: nn.Module, head_layers: int, gen: torch.Generator) -> tor
     return torch.cat(parts)
 
 
-def train_part(model: nn.Module, head_layers: int, part: str, x, y, *, epochs: float, cfg, gen) -> int:
-    """SGD on the head or the body only (the other part frozen); returns samples processed."""
+def train_part(model: nn.Module, head_layers: int, part: str, x, y, *, epochs: float, cfg, gen) -> tuple[int, float]:
+    """SGD on the head or the body only (the other part frozen); returns (samples processed, mean loss)."""
     params = list(model.parameters())
     cut = len(params) - head_params(model, head_layers)
     trainable = params[cut:] if part == "head" else params[:cut]
@@ -98,12 +103,17 @@ def train_part(model: nn.Module, head_layers: int, part: str, x, y, *, epochs: f
     for p in trainable:
         p.requires_grad_(True)
     try:
-        seen, _ = training.sgd_train(model, x, y, steps=0, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, gen=gen)
+        return training.sgd_train(model, x, y, steps=0, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay, gen=gen)
     finally:
         for p in params:  # the worker caches this module for other methods' clients too
             p.requires_grad_(True)
-    return seen
+
+
+def combined_loss(parts: list[tuple[int, float]]) -> float:
+    """The sample-weighted mean loss over several training passes, each given as (samples, mean loss)."""
+    seen = sum(s for s, _ in parts)
+    return sum(s * loss for s, loss in parts) / max(seen, 1)
 
 
 class FedRepState(GlobalModelState):
@@ -158,14 +168,17 @@ class FedRep(Algorithm):
                 load_flat(model, torch.cat([body, cstate]))
             return Reply(evals=training.evaluate_splits(model, data))
         load_flat(model, torch.cat([body, head0 if cstate is None else cstate]))
-        seen = 0
+        parts = []  # (samples, mean loss) of the head pass, then of the body pass
         if cfg.head_epochs > 0:
-            seen += train_part(model, cfg.head_layers, "head", x, y, epochs=cfg.head_epochs, cfg=cfg, gen=ctx.generator("head"))
-        seen += train_part(model, cfg.head_layers, "body", x, y, epochs=cfg.body_epochs, cfg=cfg, gen=ctx.generator("body"))
+            parts.append(train_part(model, cfg.head_layers, "head", x, y, epochs=cfg.head_epochs, cfg=cfg,
+                                    gen=ctx.generator("head")))
+        parts.append(train_part(model, cfg.head_layers, "body", x, y, epochs=cfg.body_epochs, cfg=cfg,
+                                gen=ctx.generator("body")))
+        seen = sum(s for s, _ in parts)
         flat, n = flat_params(model), float(data.n("train"))
         delta = body - flat[:-n_head]
         return Reply(sums={"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)},
-                     state=flat[-n_head:].clone(), n_train=seen)
+                     state=flat[-n_head:].clone(), n_train=seen, train_loss=combined_loss(parts))
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:

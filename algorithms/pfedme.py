@@ -20,6 +20,10 @@ is weighted by train samples; personal_lr = 0.01 and lr = 0.005 are the authors'
 - New clients (PeFLL's appendix): theta = w_i = w, then `unseen_epochs` [20] epochs of the same
   local procedure (the pFedMe loss) on the client's train split; theta is evaluated. A seen client
   that has never been sampled is evaluated the same way.
+- The reported training loss (`Reply.train_loss`, the train rows' `loss`) is the personalized
+  model's inner-objective loss f_i(theta) (cross-entropy only, without the lam/2 ||theta - w_i||^2
+  term) on the minibatches, evaluated at each of the K inner steps before that step's update and
+  averaged over all R x K evaluations weighted by batch size (the samples `n_train` counts).
 """
 
 from __future__ import annotations
@@ -60,22 +64,25 @@ class PFedMeConfig:
 
 
 def pfedme_local(model, w: torch.Tensor, lam: float, K: int, lr: float, personal_lr: float, x, y, *,
-                 steps: int, batch_size: int, gen: torch.Generator, epochs: float = 0.0) -> tuple[torch.Tensor, int]:
+                 steps: int, batch_size: int, gen: torch.Generator, epochs: float = 0.0
+                 ) -> tuple[torch.Tensor, int, float]:
     """pFedMe iterations from w_i = theta = w, one per batch of training.batches (epochs > 0: whole
-    passes, else R = `steps` batches); returns w_i (theta is left in `model`)."""
+    passes, else R = `steps` batches); returns (w_i, samples processed, mean f_i over the inner
+    steps) and leaves theta in `model`."""
     wi = w.clone()
     load_flat(model, w)
     model.train()
-    seen = 0
+    seen, loss_sum = 0, torch.zeros(())
     for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs):
         for _ in range(K):
-            proximal_grads(model, wi, lam, x[idx], y[idx])
+            loss = proximal_grads(model, wi, lam, x[idx], y[idx])
+            loss_sum += loss * idx.numel()
             with torch.no_grad():
                 for p in model.parameters():
                     p.sub_(p.grad, alpha=personal_lr)
         wi = wi - lr * lam * (wi - flat_params(model))
         seen += int(idx.numel()) * K
-    return wi, seen
+    return wi, seen, float(loss_sum) / max(seen, 1)
 
 
 @register
@@ -101,10 +108,11 @@ class PFedMe(FedAvg):
             if cstate is None and cfg.unseen_epochs > 0 and data.n("train") > 0:
                 self._local(cfg, model, bcast, data, (1, cfg.unseen_epochs), ctx.generator("unseen"))
             return Reply(evals=training.evaluate_splits(model, data))
-        wi, seen = self._local(cfg, model, bcast, data, (cfg.local_steps, cfg.local_epochs), ctx.generator("local"))
+        wi, seen, loss = self._local(cfg, model, bcast, data, (cfg.local_steps, cfg.local_epochs),
+                                     ctx.generator("local"))
         n = float(data.n("train"))
         return Reply(sums={"delta": (bcast - wi) * n, "n": torch.tensor(n, dtype=torch.float64)},
-                     state=flat_params(model), n_train=seen)
+                     state=flat_params(model), n_train=seen, train_loss=loss)
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:

@@ -22,6 +22,10 @@ partition_app = typer.Typer(help="Build a partition store (federated dataset dir
                             no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 
+# Parents of OUT are created as `mkdir -p` would (and removed again if the import fails).
+OUT_HELP = "Output store directory (must not exist; missing parent directories are created, as mkdir -p)."
+
+
 def _progress() -> bool:
     return sys.stderr.isatty()
 
@@ -32,7 +36,7 @@ def _done(path: str) -> None:
 
 @partition_app.command("synthetic-femnist")
 def synthetic_femnist(
-    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    out: Path = typer.Argument(..., help=OUT_HELP),
     clients: int = typer.Option(3597, "--clients", help="Number of writers."),
     seed: int = typer.Option(0, "--seed"),
     style_strength: float = typer.Option(1.0, "--style-strength",
@@ -55,7 +59,7 @@ def synthetic_femnist(
 @partition_app.command("leaf")
 def leaf(
     src: Path = typer.Argument(..., help="LEAF data: all_data_*.json, or train/ and test/."),
-    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    out: Path = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
     seed: int = typer.Option(0, "--seed"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
@@ -75,7 +79,7 @@ def leaf(
 @partition_app.command("hf-femnist")
 def hf_femnist(
     src: Path = typer.Argument(..., help="Directory of flwrlabs/femnist Parquet files (or one file)."),
-    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    out: Path = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
     seed: int = typer.Option(0, "--seed"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Per writer; default 0.15."),
@@ -93,7 +97,7 @@ def hf_femnist(
 @partition_app.command("tff-h5")
 def tff_h5(
     src: Path = typer.Argument(..., help="TFF's fed_emnist*_train.h5 + *_test.h5 directory, or one .h5 file."),
-    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    out: Path = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
     seed: int = typer.Option(0, "--seed"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
@@ -113,7 +117,7 @@ def tff_h5(
 @partition_app.command("idx")
 def idx(
     src: Path = typer.Argument(..., help="Directory with IDX files, or one images file."),
-    out: Path = typer.Argument(..., help="Output store directory (must not exist)."),
+    out: Path = typer.Argument(..., help=OUT_HELP),
     scheme: str = typer.Option(..., "--scheme", help="classes | dirichlet | iid"),
     clients: int = typer.Option(..., "--clients"),
     classes_per_client: Optional[int] = typer.Option(None, "--classes-per-client"),

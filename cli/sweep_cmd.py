@@ -34,16 +34,96 @@ def _load_trials(sweep_dir: Path):
     from simfed.cli.sweep_config import Trial
     from simfed.engine.sweep import SchedulerConfig
 
+    info = load_record(sweep_dir)
     saved = sweep_dir / "sweep.json"
-    if not saved.is_file():
-        raise SimfedError(f"{sweep_dir}: no sweep.json there; pass the directory `simfed sweep` printed")
+    check_trial_records(sweep_dir, info, with_state=True)
     try:
-        info = json.loads(saved.read_text())
         trials = [Trial(id=t["id"], overrides=t["overrides"], doc=t["doc"],
                         experiment=cfgio.parse(t["doc"], f"{saved} trial {t['id']}")) for t in info["trials"]]
         return trials, SchedulerConfig(**info["scheduler"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise SimfedError(f"{saved}: not a sweep record ({exc})") from None
+        raise SimfedError(f"{saved}: not a sweep record ({exc}); restore it or start the sweep again "
+                          "with simfed sweep FILE --out NEW_DIR") from None
+
+
+def _json_object(path: Path, fix: str) -> dict:
+    """A JSON object from `path`, or one line saying what is wrong with the file and how to fix it."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SimfedError(f"{path}: cannot read ({exc.strerror or exc}); {fix}") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        what = "empty" if not text.strip() else f"truncated or invalid JSON ({getattr(exc, 'msg', exc)}, " \
+                                                f"line {getattr(exc, 'lineno', '?')})"
+        raise SimfedError(f"{path}: {what}; {fix}") from None
+    if not isinstance(obj, dict):
+        raise SimfedError(f"{path}: not a JSON object but {type(obj).__name__}; {fix}")
+    return obj
+
+
+def load_record(sweep_dir: Path) -> dict:
+    """sweep.json of `sweep_dir`, checked for the shape `simfed sweep` writes. A missing directory,
+    a run directory, any other directory and a damaged record each get their own one-line error:
+    the commands that read a sweep must never meet a half-written or foreign file in a traceback."""
+    start_again = "start the sweep again with simfed sweep FILE --out NEW_DIR"
+    if not sweep_dir.exists():
+        raise SimfedError(f"{sweep_dir}: no such directory; pass the directory `simfed sweep` printed")
+    if not sweep_dir.is_dir():
+        raise SimfedError(f"{sweep_dir}: not a directory; pass the sweep directory `simfed sweep` printed")
+    saved = sweep_dir / "sweep.json"
+    if not saved.is_file():
+        if (sweep_dir / "status.json").exists() or (sweep_dir / "checkpoint.pt").exists():
+            raise SimfedError(f"{sweep_dir}: a run directory, not a sweep (no sweep.json); use simfed metrics "
+                              f"{sweep_dir} or simfed launch --resume {sweep_dir}")
+        raise SimfedError(f"{sweep_dir}: not a sweep directory (no sweep.json); pass the directory `simfed sweep` "
+                          "printed")
+    info = _json_object(saved, f"the sweep record is damaged: restore it, or {start_again}")
+    trials, sched = info.get("trials"), info.get("scheduler")
+    problem = ""
+    if not isinstance(trials, list) or not trials:
+        problem = "no list of trials"
+    elif not isinstance(sched, dict):
+        problem = "no scheduler table"
+    else:
+        for t in trials:
+            tid = t.get("id") if isinstance(t, dict) else None
+            # ids name directories under trials/: one plain path component, as sweep_config writes them
+            if not isinstance(tid, str) or not tid or tid in (".", "..") or "/" in tid or "\\" in tid or "\0" in tid:
+                problem = f"trial id {tid!r} is not a directory name"
+                break
+            doc = t.get("doc")
+            if not isinstance(t.get("overrides"), dict) or not isinstance(doc, dict) \
+                    or not isinstance(doc.get("run"), dict) or not isinstance(doc["run"].get("seed"), int):
+                problem = f"trial {tid} lacks its overrides or its experiment"
+                break
+    if problem:
+        raise SimfedError(f"{saved}: not a sweep record ({problem}); restore it, or {start_again}")
+    return info
+
+
+def check_trial_records(sweep_dir: Path, info: dict, with_state: bool) -> None:
+    """Every JSON file the sweep commands read besides sweep.json: each trial's status.json and
+    trial.json and (for --resume) state.json. Absent is fine (a trial not started yet); present but
+    damaged (a crash mid-write on a filesystem without atomic rename, a hand edit) is an error."""
+    resume = f"simfed sweep --resume {sweep_dir}"
+    if with_state and (sweep_dir / "state.json").exists():
+        _json_object(sweep_dir / "state.json", f"delete it and run {resume}: the trial states are rebuilt from each "
+                                                "trial's status.json (trials ASHA stopped then run again)")
+    for t in info["trials"]:
+        run_dir = sweep_dir / "trials" / t["id"]
+        if (run_dir / "status.json").exists():
+            _json_object(run_dir / "status.json", f"delete it and run {resume}: the trial then continues from its "
+                                                  "last checkpoint")
+        if (run_dir / "trial.json").exists():
+            fix = "delete it (it only records the trial's attempts and wall time)"
+            record = _json_object(run_dir / "trial.json", fix)
+            attempts = record.get("attempts", [])
+            walls_ok = isinstance(attempts, list) and all(
+                isinstance(a, dict) and isinstance(a.get("wall_s"), (int, float, type(None))) for a in attempts)
+            if not walls_ok:
+                raise SimfedError(f"{run_dir / 'trial.json'}: not a trial record (attempts); {fix}")
 
 
 class _Console:
@@ -153,7 +233,8 @@ def compare(
     if select not in ("val", "test"):
         raise SimfedError(f"--select {select!r}: use val (choose on validation, the honest default) or test")
     path = Path(sweep_dir)
-    info = _saved(path)
+    info = load_record(path)
+    check_trial_records(path, info, with_state=False)
     rows = cmp.trial_rows(path, info["trials"], by=by, select=select)
     if rows.height == 0:
         raise SimfedError(f"{sweep_dir}: no trial has test metrics yet; run or resume the sweep first")
@@ -161,7 +242,8 @@ def compare(
     cmp.write_parquet(rows, path / "compare.parquet")
     if as_json:
         typer.echo(json.dumps({"sweep_dir": str(path), "by": by, "select": select, "std": "sample (n - 1)",
-                               "groups": result, "parquet": str(path / "compare.parquet")}, indent=2))
+                               "groups": result, "trials": cmp.trial_list(rows),
+                               "parquet": str(path / "compare.parquet")}, indent=2))
         return
     typer.echo(f"{path}: chosen on seen-client {select} accuracy; test accuracy (%), mean ± std over seeds")
     head = f"{by:16} {'cohort':7} {'seeds':>5} {'acc_mean':>15} {'acc_p10':>15} {'acc_worst10':>15} {'rounds':>7} {'wall_s':>8}"
@@ -175,17 +257,10 @@ def compare(
         cfg = ", ".join(f"{k}={v}" for k, v in g["config"].items()) or "(only seeds)"
         note = "" if g["all_finished"] else " (not every seed finished)"
         typer.echo(f"{g['group']}: {cfg}; {select} {100 * g['select_score']:.2f}%{note}")
+    # Every trial's rounds: a trial ASHA stopped shows how far it got (it never wins a group
+    # while a configuration whose trials all finished exists).
+    typer.echo("trials: " + "; ".join(f"{t['trial']} {t['state']} {t['rounds']} rounds" for t in cmp.trial_list(rows)))
     typer.echo(f"rows: {path / 'compare.parquet'}")
-
-
-def _saved(path: Path) -> dict:
-    saved = path / "sweep.json"
-    if not saved.is_file():
-        raise SimfedError(f"{path}: no sweep.json there; pass the directory `simfed sweep` printed")
-    try:
-        return json.loads(saved.read_text())
-    except ValueError as exc:
-        raise SimfedError(f"{saved}: not a sweep record ({exc})") from None
 
 
 def register(app: typer.Typer) -> None:

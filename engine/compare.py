@@ -40,6 +40,10 @@ def trial_rows(sweep_dir: str | os.PathLike, trials: list[dict], by: str = "algo
                select: str = "val") -> pl.DataFrame:
     """One row per trial x cohort with test summaries, the selection score and bookkeeping."""
     sweep_dir = Path(sweep_dir)
+    # The sweep's own record says "stopped" for a trial ASHA ended (its process was ended inside a
+    # report, so its status.json still says running, read as interrupted); the run's status is the
+    # fallback for trials the sweep has no word on.
+    swept = read_json(sweep_dir / "state.json") or {}
     out = []
     for t in trials:
         run_dir = sweep_dir / "trials" / t["id"]
@@ -58,13 +62,27 @@ def trial_rows(sweep_dir: str | os.PathLike, trials: list[dict], by: str = "algo
         for s in test.to_dicts():
             out.append({"sweep": sweep_dir.name, "trial": t["id"], "group": str(lookup(t["doc"], by)),
                         "config": json.dumps(config, sort_keys=True), "seed": int(t["doc"]["run"]["seed"]),
-                        "cohort": s["cohort"], "state": run_status(run_dir) or "unknown",
+                        "cohort": s["cohort"], "state": _state(swept.get(t["id"]), run_dir),
                         "round": int(s["round"]), "rounds_completed": int(status.get("completed_rounds", s["round"])),
                         "wall_s": float(wall), "select_split": select, "select_acc": float(score),
                         "clients": int(s["clients"]), **{k: float(s[k]) for k in STATS},
                         "acc_std": float(s["acc_std"]), "acc_best": float(s["acc_best"]),
                         "loss_mean": float(s["loss_mean"])})
     return pl.DataFrame(out)
+
+
+def _state(swept: Any, run_dir: Path) -> str:
+    if isinstance(swept, dict) and swept.get("state") in ("finished", "stopped", "failed"):
+        return str(swept["state"])
+    return run_status(run_dir) or "unknown"
+
+
+def trial_list(rows: pl.DataFrame) -> list[dict]:
+    """One entry per trial (not per cohort): its group, seed, state and the rounds it ran."""
+    seen = rows.unique(subset=["trial"], keep="first", maintain_order=True)
+    return [{"trial": r["trial"], "group": r["group"], "config": json.loads(r["config"]), "seed": r["seed"],
+             "state": r["state"], "rounds": r["rounds_completed"], "select_acc": r["select_acc"]}
+            for r in seen.to_dicts()]
 
 
 def mean_std(values: list[float]) -> dict:

@@ -207,6 +207,10 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
                 status["checkpoint_round"] = done
                 emit({"type": "checkpoint", "round": done})
             rundir.write_status(run_dir, status)
+            # Every file of this round is on disk (metrics, checkpoint, status): a listener that may
+            # end the process here (a sweep trial reporting to Tune, which ASHA can stop) leaves a
+            # consistent run directory of `done` rounds.
+            emit({"type": "saved", "round": done, "checkpoint_round": last_ckpt})
         status["state"] = "finished"
     except (KeyboardInterrupt, ServerLost):
         status["state"] = "interrupted"

@@ -7,12 +7,13 @@ in `simfed launch`), so the placement group holds exactly the workers; `engine.b
 server and worker actors into the current placement group, so concurrent trials never use more
 than the cluster has. A serial-backend trial reserves one bundle for its in-process work.
 
-After each evaluation a trial reports the seen clients' validation client-mean accuracy
-(`val_acc`) and the round to Tune, so ASHA (`SchedulerConfig.name = "asha"`, time in rounds) can
-stop bad configurations early. Each trial's state (pending, running, finished, stopped, failed)
-is kept in SWEEP/state.json (written atomically); a resumed sweep runs only trials that are
-neither finished nor stopped, continuing each from its last checkpoint when it has one. The grid
-itself is expanded by the CLI (`simfed.cli.sweep_config`); Tune gets one trial id per trial.
+After each evaluated round is saved (metrics, checkpoint, status) a trial reports the seen
+clients' validation client-mean accuracy (`val_acc`) and the round to Tune, so ASHA
+(`SchedulerConfig.name = "asha"`, time in rounds) can stop bad configurations early. Each
+trial's state (pending, running, finished, stopped, failed) is kept in SWEEP/state.json (written
+atomically); a resumed sweep runs only trials that are neither finished nor stopped, continuing
+each from its last checkpoint when it has one. The grid itself is expanded by the CLI
+(`simfed.cli.sweep_config`); Tune gets one trial id per trial.
 """
 
 from __future__ import annotations
@@ -72,6 +73,17 @@ def run_status(run_dir: Path) -> str:
     return (read_json(run_dir / "status.json") or {}).get("state", "")
 
 
+def one_line_reason(exc: BaseException) -> str:
+    """What a failed trial prints: a SimfedError's message is already what, where and how to fix;
+    anything else is a bug and is named by its type (its traceback stays in Tune's error file)."""
+    from simfed.engine.errors import SimfedError
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, SimfedError):
+        return text[:500]
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
 def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     """The Tune trainable: one simfed run, reporting seen-client validation accuracy per evaluation."""
     import ray
@@ -79,6 +91,7 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
 
     from simfed.engine import metrics
     from simfed.engine.backends import release_pool
+    from simfed.engine.errors import SimfedError
     from simfed.engine.loop import run_experiment
 
     spec: TrialSpec = specs[config["trial"]]
@@ -92,6 +105,8 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     record["attempts"].append(attempt)
     write_json(record_path, record)
 
+    pending: list[dict] = []  # the last evaluation's result, until its round is saved
+
     def on_event(event: dict) -> None:
         if event["type"] == "start":
             attempt["resumed_from"] = event["start_round"]
@@ -101,12 +116,24 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
             path = run_dir / "metrics" / f"r{event['round']:06d}-eval.parquet"
             val = {s["cohort"]: s["acc_mean"] for s in metrics.summarize(metrics.read(path), split="val").to_dicts()}
             test = {s["cohort"]: s["acc_mean"] for s in event["summary"]}
-            tune.report({"round": event["round"], "val_acc": val.get("seen", float("nan")),
-                         "test_acc": test.get("seen", float("nan")), "test_acc_unseen": test.get("unseen", float("nan"))})
+            pending[:] = [{"round": event["round"], "val_acc": val.get("seen", float("nan")),
+                           "test_acc": test.get("seen", float("nan")),
+                           "test_acc_unseen": test.get("unseen", float("nan"))}]
+        elif event["type"] == "saved" and pending:
+            # Reported only once the round's checkpoint and status are written: ASHA stops a trial
+            # inside tune.report by ending its process, and the run directory must then hold a
+            # valid run of that many rounds (status completed_rounds, checkpoint), which
+            # `simfed compare` counts and `simfed launch --resume` continues.
+            result = pending.pop()
+            tune.report(result)
 
     resume = (run_dir / "checkpoint.pt").exists()
     try:
         run_experiment(spec.experiment, run_dir, resume=resume, on_event=on_event)
+    except BaseException as exc:
+        attempt["error"] = one_line_reason(exc)  # the driver prints this line, not Tune's traceback
+        attempt["bug"] = not isinstance(exc, SimfedError)
+        raise
     finally:
         release_pool()  # this trial's actors end with it: nothing leaks into the next trial's reservation
         attempt["end"] = time.time()
@@ -157,11 +184,18 @@ class _Tracker:
                             val_acc=last.get("val_acc"))
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                err = ""
-                if trial.error_file and Path(trial.error_file).is_file():
-                    lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
-                    err = lines[-1][:300] if lines else ""
-                tracker.set(trial.config["trial"], "failed", error=err)
+                tid = trial.config["trial"]
+                attempts = (read_json(tracker.sweep_dir / "trials" / tid / "trial.json") or {}).get("attempts") or [{}]
+                last = attempts[-1] if isinstance(attempts[-1], dict) else {}
+                err, bug = last.get("error"), last.get("bug", True)
+                if not err:  # the trial died before it could say why (its process was killed)
+                    lines = []
+                    if trial.error_file and Path(trial.error_file).is_file():
+                        lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+                    err = lines[-1][:300] if lines else "the trial's process ended without a reason"
+                if bug and trial.error_file:
+                    err += f" (traceback: {trial.error_file})"
+                tracker.set(tid, "failed", error=err)
 
         return _Cb()
 
@@ -192,7 +226,9 @@ def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: S
         return {k: v["state"] for k, v in tracker.states.items()}
 
     release_pool()  # actors this process kept from earlier runs would hold CPUs the trials need
-    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    # CRITICAL, not ERROR: Tune logs a failed trial's whole traceback at ERROR; the sweep prints its
+    # own line per failed trial (id and reason) and the traceback stays in Tune's error file.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     logging.getLogger("ray.train").setLevel(logging.ERROR)
     by_id = {s.id: s for s in todo}
     trainable = tune.with_resources(tune.with_parameters(_trial_main, specs=by_id, sweep_dir=str(sweep_dir)),

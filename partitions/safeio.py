@@ -7,7 +7,8 @@
   other malformed file.
 - An output directory is refused when it is or contains its own source (`leaf SRC SRC
   --overwrite` used to delete SRC), when `--overwrite` would replace something that is not a
-  partition store, or when its parent cannot be written.
+  partition store, or when the directory it would be created in cannot be written. Missing
+  parents are fine: the writer creates them (as `mkdir -p`) when it starts writing.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def is_store(path: Path) -> bool:
 
 def check_output(out: str | os.PathLike, overwrite: bool, sources: Iterable[str | os.PathLike] = ()) -> Path:
     """Refuse an OUT that exists (without --overwrite), overlaps a source, is not replaceable, or
-    whose parent is not a writable directory. Called before any input is read."""
+    cannot be created: its nearest existing ancestor must be a writable directory. Missing parents
+    are not created here (StoreWriter does it, `missing_parents`): this runs before any input is
+    read, and a command refused for bad input must leave nothing behind."""
     from simfed.engine import validate
 
     validate.text("OUT", str(out))
@@ -117,10 +120,22 @@ def check_output(out: str | os.PathLike, overwrite: bool, sources: Iterable[str 
             raise SimfedError(f"{out}: exists and is not a partition store; --overwrite only "
                               "replaces a store (manifest.json + clients.parquet) or an empty "
                               "directory")
-    parent = target.parent
+    missing = missing_parents(target)
+    parent = missing[-1].parent if missing else target.parent
     if not parent.is_dir():
-        raise SimfedError(f"{parent}: parent directory of the output does not exist")
+        raise SimfedError(f"{parent}: not a directory, so the output {out} cannot be created under it; "
+                          "choose another output path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SimfedError(f"{parent}: directory is not writable; choose an output somewhere you "
                           "can write")
+    return out
+
+
+def missing_parents(target: Path) -> list[Path]:
+    """The ancestors of `target` that do not exist yet, outermost last (the order mkdir -p creates
+    them in, reversed)."""
+    out, p = [], target.parent
+    while not os.path.lexists(p) and p != p.parent:
+        out.append(p)
+        p = p.parent
     return out

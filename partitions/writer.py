@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from simfed.engine import validate
 from simfed.engine.errors import SimfedError
-from simfed.partitions.safeio import check_output
+from simfed.partitions.safeio import check_output, missing_parents
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -98,9 +98,15 @@ class StoreWriter:
         self.overwrite = overwrite
         self.source = dict(source or {})
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # The output's missing parents, created now as mkdir -p would; abort() removes them again
+        # (if still empty), so a failed import leaves the filesystem as it found it.
+        self._made = missing_parents(self.out.absolute())
         try:
+            for d in reversed(self._made):
+                d.mkdir(exist_ok=True)
             self.tmp.mkdir()
         except OSError as exc:  # read-only directory or filesystem, quota, ...
+            self._remove_made()
             raise SimfedError(f"{self.out.parent}: cannot create the output there ({exc.strerror}); "
                               "choose a directory you can write") from None
         self.schema = pa.schema([("x", pa.binary(self.row_bytes)), ("y", pa.int64())])
@@ -136,7 +142,15 @@ class StoreWriter:
             except Exception:
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._remove_made()
         self._done = True
+
+    def _remove_made(self) -> None:
+        for d in self._made:  # innermost first; a parent that something else wrote into stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def add(self, x: np.ndarray, y: np.ndarray, client_of: np.ndarray, split_of: np.ndarray,
             names: dict[int, str] | None = None) -> None:

@@ -88,3 +88,27 @@ def test_heads_are_personal_and_new_clients_train_only_a_head():
     flat = flat_params(model)
     assert torch.equal(flat[:bcast[0].numel()], bcast[0]) and not torch.equal(flat[bcast[0].numel():], bcast[1])
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_train_loss_is_the_sample_weighted_mean_over_head_and_body_passes():
+    """2.5 head epochs and 1 body epoch: the head pass (50 samples) weighs 2.5 times the body pass (20)."""
+    clients = make_clients([20], seed=6)
+    rep, cfg = FedRep(), FedRepConfig(head_epochs=2.5, body_epochs=1.0, **CFG)
+    state = rep.init(cfg, TASK, SEED)
+    data, ctx = client(clients, 0, cache={})
+    r = rep.client("update", cfg, (state.theta, state.head0), None, data, None, ctx)
+    # the same two passes by hand: head (body frozen) then body (head frozen), the client's generators
+    model = lenet_for(TASK.input_shape, TASK.num_classes)
+    load_flat(model, torch.cat([state.theta, state.head0]))
+    x, y = data.split("train")
+    params = list(model.parameters())
+    passes = []
+    for part, epochs in (("head", 2.5), ("body", 1.0)):
+        for i, p in enumerate(params):
+            p.requires_grad_((i >= len(params) - 2) == (part == "head"))
+        passes.append(training.sgd_train(model, x, y, steps=0, epochs=epochs, batch_size=8, lr=0.05, momentum=0.9,
+                                         gen=ctx.generator(part)))
+    (n_head, l_head), (n_body, l_body) = passes
+    assert (n_head, n_body) == (50, 20) and r.n_train == 70
+    assert r.train_loss == pytest.approx((n_head * l_head + n_body * l_body) / 70, rel=1e-6)
+    assert r.train_loss != pytest.approx((l_head + l_body) / 2, rel=1e-4)  # weighted by samples, not by pass

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from simfed.algorithms import functional as fn
+from simfed.algorithms import training
 from simfed.algorithms.base import RoundInfo, config_from_dict
 from simfed.algorithms.fedavg import GlobalModelState
 from simfed.algorithms.models import flat_params
@@ -23,15 +24,42 @@ def test_local_iteration_equals_autograd_on_the_moreau_objective():
     w = flat_params(model)
     lam, K, lr, plr = 15.0, 3, 0.005, 0.01
     # one iteration whose batch is the whole (permuted) client: the mean loss is the same function
-    wi, seen = pfedme_local(model, w, lam, K, lr, plr, x, y, steps=1, batch_size=6, gen=torch.Generator())
+    wi, seen, loss = pfedme_local(model, w, lam, K, lr, plr, x, y, steps=1, batch_size=6, gen=torch.Generator())
     f = fn.loss_fn(model)
     h = lambda th, b: f(th, b) + 0.5 * lam * (th - w).square().sum()
-    theta = w.clone()
+    theta, fs = w.clone(), []
     for _ in range(K):
+        fs.append(float(f(theta, (x, y))))  # the reported loss is f_i before each inner step, Moreau term excluded
         theta = theta - plr * fn.grad(h, theta, (x, y))
     torch.testing.assert_close(flat_params(model), theta, rtol=0, atol=1e-12)
     torch.testing.assert_close(wi, w - lr * lam * (w - theta), rtol=0, atol=1e-12)
     assert seen == 6 * K and (theta - w).abs().max() > 1e-4
+    # float32 accumulator (as sgd_train's), so equal to single precision
+    assert loss == pytest.approx(sum(fs) / K, rel=1e-6) and fs[0] != pytest.approx(fs[-1], rel=1e-6)
+
+
+def test_train_loss_is_the_sample_weighted_mean_over_minibatches_and_inner_steps():
+    """Batches of unequal size (epochs pass of 10 samples in batches of 4: 4, 4, 2) weigh by samples."""
+    model = tiny_lenet(3)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(10, 1, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 4, (10,), generator=g)
+    w = flat_params(model)
+    lam, K = 2.0, 2
+    _, seen, loss = pfedme_local(model, w, lam, K, 0.05, 0.05, x, y, steps=0, batch_size=4,
+                                 gen=torch.Generator().manual_seed(7), epochs=1.0)
+    # replay the same batches by hand, recording f_i at every inner step
+    f = fn.loss_fn(model)
+    wi, theta, evals = w.clone(), w.clone(), []
+    for idx in training.batches(10, 4, 0, torch.Generator().manual_seed(7), 1.0):
+        h = lambda th, b, wi=wi: f(th, b) + 0.5 * lam * (th - wi).square().sum()
+        for _ in range(K):
+            evals.append((float(f(theta, (x[idx], y[idx]))), idx.numel()))
+            theta = theta - 0.05 * fn.grad(h, theta, (x[idx], y[idx]))
+        wi = wi - 0.05 * lam * (wi - theta)
+    assert seen == sum(n for _, n in evals) == 10 * K
+    assert loss == pytest.approx(sum(v * n for v, n in evals) / seen, rel=1e-6)
+    # not the plain mean over the evaluations: the last batch holds 2 samples, not 4
+    assert loss != pytest.approx(sum(v for v, _ in evals) / len(evals), rel=1e-6)
 
 
 def test_server_step_mixes_with_beta():

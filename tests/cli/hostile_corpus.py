@@ -354,6 +354,11 @@ def _out_exists(fx, work):
     return ["partition", "synthetic-femnist", str(work / "out"), "--clients", "3"]
 
 
+def _out_parent_is_file(fx, work):
+    (work / "no").write_text("a file")
+    return ["partition", "synthetic-femnist", str(work / "no" / "sub" / "out"), "--clients", "3"]
+
+
 def _synth_read_only(fx, work):
     return ["partition", "synthetic-femnist", str(read_only_parent(work) / "simfed-out"), "--clients", "3"]
 
@@ -391,8 +396,8 @@ IMPORTERS = [
     Case("synth-overwrite-non-store", "importers", "out exists", _out_exists_not_store, "not a partition store"),
     Case("synth-out-read-only", "importers", "out in read-only dir", _synth_read_only, "writ",
          skip=no_read_only_dir),
-    Case("synth-out-parent-missing", "importers", "out exists",
-         lambda fx, w: ["partition", "synthetic-femnist", str(w / "no" / "out"), "--clients", "3"], "does not exist"),
+    # A missing parent is created (mkdir -p); one that is a regular file cannot be.
+    Case("synth-out-parent-is-file", "importers", "out exists", _out_parent_is_file, "not a directory"),
     Case("leaf-src-src-overwrite", "importers", "out overlaps source", _leaf_same_out, "contain the source"),
     Case("leaf-out-parent-of-src", "importers", "out overlaps source", _leaf_out_is_parent, "contain the source"),
     Case("leaf-seed-negative", "importers", "importer negative seed",

@@ -160,3 +160,61 @@ def test_fashion_mnist_classes_via_cli(tmp_path):
     assert t.column("n_classes").to_pylist() == [2] * 100
     info = json.loads(simfed("info", out, "--json").stdout)
     assert info["samples"]["total"] == 70000 and info["unseen"] == 10
+
+
+def _idx_source(src: Path, n=60) -> None:
+    """A tiny MNIST-shaped pair of IDX files (gzipped), 10 classes."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    y = np.arange(n, dtype=np.uint8) % 10
+    src.mkdir()
+    (src / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(
+        bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in x.shape) + x.tobytes()))
+    (src / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(
+        bytes([0, 0, 8, 1]) + int(n).to_bytes(4, "big") + y.tobytes()))
+
+
+def test_importers_create_missing_parents_of_the_output(tmp_path):
+    """`simfed partition idx SRC data/x` with no data/ yet: the parents are made, as mkdir -p; a
+    refused import makes none; a parent that is a file is one line; --help says so."""
+    src = tmp_path / "idx"
+    _idx_source(src)
+    out = tmp_path / "data" / "deeper" / "x"
+    r = simfed("partition", "idx", src, out, "--scheme", "iid", "--clients", 4, "--unseen-fraction", 0.25)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(simfed("info", out, "--json").stdout)["clients"] == 4
+    assert not list(out.parent.glob(".x.tmp-*"))
+    leaf_src = tmp_path / "leaf"
+    leaf_src.mkdir()
+    (leaf_src / "all_data_0.json").write_text(json.dumps(leaf_obj(4)))
+    r = simfed("partition", "leaf", leaf_src, tmp_path / "more" / "leaf-store", "--unseen-fraction", 0.25)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "more" / "leaf-store" / "manifest.json").is_file()
+
+    # Bad input: refused before anything is written, so no parent appears either.
+    (src / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x08\x01\x00\x00" + b"\x00" * 60))
+    bad = tmp_path / "never" / "made" / "x"
+    assert_user_error(simfed("partition", "idx", src, bad, "--scheme", "iid", "--clients", 4), "wrong magic number")
+    assert not (tmp_path / "never").exists()
+    # A parent on the way that is a regular file cannot be created: one line naming it.
+    (tmp_path / "afile").write_text("")
+    assert_user_error(simfed("partition", "leaf", leaf_src, tmp_path / "afile" / "sub" / "x"),
+                      f"{tmp_path / 'afile'}: not a directory")
+
+    r = simfed("partition", "idx", "--help")
+    assert r.returncode == 0 and "missing parent directories are created" in " ".join(r.stdout.split())
+
+
+def test_writer_removes_the_parents_it_made_when_the_import_fails(tmp_path):
+    """A failure after writing started (here: rows of a client given twice) leaves no parent behind."""
+    from simfed.engine.errors import SimfedError
+    from simfed.partitions.writer import StoreWriter
+
+    out = tmp_path / "a" / "b" / "store"
+    rows = np.zeros((2, 1, 2, 2), np.uint8), np.zeros(2, np.int64), np.array([0, 0]), np.array(["train"] * 2)
+    with pytest.raises(SimfedError):
+        with StoreWriter(out, classes=["0"], sample_shape=(1, 2, 2)) as w:
+            assert out.parent.is_dir()  # made when writing started
+            w.add(*rows)
+            w.add(*rows)  # client 0 again: refused
+    assert not (tmp_path / "a").exists()

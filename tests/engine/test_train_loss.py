@@ -13,8 +13,6 @@ from tests.engine.conftest import make_exp
 from tests.engine.test_method_parity import SMALL
 
 NO_LOSS = {"fedacnnl", "pfedacnnl"}  # layer-wise least squares: no loss is descended
-# FedRep and pFedMe (issue 14) do not report their training loss yet: a known gap, not a design choice.
-NOT_YET = {"fedrep", "pfedme"}
 
 
 @pytest.mark.parametrize("algorithm", sorted(SMALL))
@@ -24,8 +22,8 @@ def test_train_rows_carry_the_mean_training_loss(engine_store, tmp_path, algorit
                             **SMALL[algorithm]), tmp_path / "r")
     train = metrics.load(tmp_path / "r").filter(pl.col("split") == "train")
     losses = train.filter(pl.col("loss").is_not_null())
-    if algorithm in NO_LOSS or algorithm in NOT_YET:
-        assert losses.height == 0  # fails once NOT_YET reports a loss: then move it out of NOT_YET
+    if algorithm in NO_LOSS:
+        assert losses.height == 0
         return
     # One loss per client of the cohort, from the phase in which it trains (PeFLL's third, pFedHN's only).
     assert sorted(losses["client_id"].to_list()) == sorted(set(train["client_id"].to_list()))
