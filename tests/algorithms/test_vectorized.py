@@ -158,3 +158,45 @@ def test_hypernet_client_chunk_equals_client_float64(method):
     holes = [payloads[0], None, payloads[2]]
     out = _assert_chunk_equals_loop(algo, cfg, phase, None, holes, datas[:3], ctxs[:3])
     assert out[1].item is None and out[1].n_train == 0
+
+
+META = [("metafl", dict(nu=2, gradient="exact", hessian_batch="inner")),
+        ("metafl", dict(nu=2, gradient="exact", hessian_batch="fresh")),
+        ("metafl", dict(nu=2, gradient="first_order")),
+        ("metafl", dict(nu=2, gradient="hessian_free", hessian_batch="inner")),
+        ("perfedavg", dict()),  # Hessian-free on fresh batches, nu = 1
+        ("perfedavg", dict(gradient="exact"))]
+
+
+@pytest.mark.parametrize("method,kw", META, ids=[f"{m}-{'-'.join(map(str, k.values()))}" for m, k in META])
+def test_meta_client_chunk_equals_client_float64(method, kw):
+    """Every meta-gradient variant; a 5-sample client is smaller than one batch (batches cut to
+    its size, samples reused within a meta-step); a chunk of 1."""
+    algo = registry.get(method)
+    assert "update" in algo.chunk_phases()
+    cfg = algo.Config(tau=3, batch_size=8, outer_batch_size=12, alpha=0.1, beta=0.1, **kw)
+    datas, ctxs = _method_clients("update", seed=1)
+    w0 = _thetas(1, seed=1)[0]
+    none = [None] * len(datas)
+    vec = _assert_chunk_equals_loop(algo, cfg, "update", w0, none, datas, ctxs)
+    assert all(r.sums["delta"].abs().max() > 0 for r in vec)  # it trained
+    _assert_chunk_equals_loop(algo, cfg, "update", w0, none[:1], datas[:1], ctxs[:1])
+
+
+def test_meta_client_chunk_freezes_a_diverged_client_as_the_loop_stops_it():
+    """A client whose meta-gradient is not finite stops after that step (seen, loss), as in the loop;
+    the other clients of its chunk are untouched by its NaNs."""
+    algo = registry.get("metafl")
+    cfg = algo.Config(nu=2, tau=3, batch_size=8, outer_batch_size=8, gradient="exact")
+    datas, ctxs = _method_clients("update", seed=2)
+    datas[1].x = datas[1].x.clone()
+    datas[1].x[:] = float("nan")  # every batch of client 1 gives a NaN gradient
+    w0 = _thetas(1, seed=2)[0]
+    vec = algo.client_chunk("update", cfg, w0, [None] * 4, datas, [None] * 4, ctxs)
+    for j, (d, c, r) in enumerate(zip(datas, ctxs, vec)):
+        ref = algo.client("update", cfg, w0, None, d, None, c)
+        assert r.n_train == ref.n_train
+        if j == 1:
+            assert r.n_train == cfg.samples_per_meta_step() and not torch.isfinite(r.sums["delta"]).any()
+        else:
+            assert _close(r.sums, ref.sums) and _close(r.train_loss, ref.train_loss)

@@ -11,7 +11,7 @@ from simfed.engine import checkpoint
 from simfed.engine.errors import SimfedError
 from simfed.engine.loop import check_experiment, run_experiment
 from tests.engine.conftest import make_exp
-from tests.engine.test_method_parity import rows, same
+from tests.engine.test_method_parity import SMALL, rows, same
 
 
 def _with(exp, **engine):
@@ -42,6 +42,8 @@ def test_vectorized_runs_are_bit_identical_across_backends_and_close_to_the_loop
 
 
 def test_vectorize_on_for_a_method_without_a_chunk_step_is_a_config_error(engine_store):
-    exp = _with(make_exp(engine_store, "metafl", nu=1, tau=1), vectorize="on")
+    # Ditto inherits FedAvg's chunk step but trains with its own client step: never vectorized
+    exp = _with(make_exp(engine_store, "ditto", **SMALL["ditto"]), vectorize="on")
     with pytest.raises(SimfedError, match="vectorize"):
         check_experiment(exp)
+
