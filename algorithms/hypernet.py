@@ -10,6 +10,8 @@
   C + num_classes input channels (the one-hot label broadcast as constant planes) and output l.
 - `train_delta`: k local SGD steps from a given flat model; returns theta - theta' (a gradient-like
   step: the server descends along it).
+- `train_delta_chunk`: `train_delta` for a chunk of clients at once, each from its own theta
+  (`vectorized.sgd_train_chunk`; pFedHN's and PeFLL's vectorized client step).
 - `sgd_rows_`: per-client embedding rows updated only for the clients that took part
   (an optimizer with momentum or weight decay on the whole table would keep moving absent rows).
 - `spread` / `model_spread`: the collapse gauge every hypernetwork method logs each round
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfed.algorithms import training
+from simfed.algorithms import training, vectorized
 from simfed.algorithms.base import Reply, RoundInfo, derive_seed
 from simfed.algorithms.models import LeNet, flat_params, lenet_for, load_flat, param_shapes
 from simfed.engine.errors import SimfedError
@@ -128,6 +130,23 @@ def train_delta(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch
     seen, loss = training.sgd_train(model, x, y, steps=steps, batch_size=batch_size, lr=lr, gen=gen,
                                     momentum=momentum, weight_decay=weight_decay, clip=clip)
     return theta - flat_params(model), seen, loss
+
+
+def train_delta_chunk(model: nn.Module, thetas: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
+                      ys: Sequence[torch.Tensor], *, steps: int, batch_size: int, lr: float, momentum: float,
+                      weight_decay: float, clip: float, gens: Sequence[torch.Generator],
+                      ) -> tuple[list[torch.Tensor], list[int], list[float]]:
+    """`train_delta` for C clients, client j from its own thetas[j] (the rows of the stacked [C, P]
+    differ: each client's model was generated for it). Equal to C `train_delta` calls to rounding."""
+    p = next(model.parameters())
+    start = torch.stack([t.to(p.device, p.dtype) for t in thetas])
+    new, seen, losses = vectorized.sgd_train_chunk(model, start, xs, ys, steps=steps, batch_size=batch_size,
+                                                   lr=lr, gens=gens, momentum=momentum,
+                                                   weight_decay=weight_decay, clip=clip)
+    # theta - theta' as `train_delta` forms it, handed back where theta came from (the server's
+    # device): one copy per client and chunk, none per step.
+    deltas = [(t.to(p.device) - row).to(t.device) for t, row in zip(thetas, new)]
+    return deltas, seen, losses
 
 
 def sgd_rows_(table: dict, grads: Mapping[int, torch.Tensor], lr: float, weight_decay: float,

@@ -27,6 +27,11 @@ Reconstructed choices (each a config option; defaults in brackets):
   train split, then val/test. Separate from nu so a nu = 1 model can be evaluated after 5 steps.
 - A meta-step whose gradient is not finite ends the client's local loop; the client still returns
   its (non-finite) update, which the engine drops and counts.
+
+Vectorized client step (ours; `engine.vectorize`): `client_chunk` runs the tau meta-steps of a whole
+chunk of clients at once (`vectorized_meta.meta_chunk_step`), for every `gradient` (exact,
+first_order, hessian_free) and `hessian_batch`; its replies equal `client`'s to rounding (float64
+tests: 1e-10). See that module for how each variant is expressed with torch.func.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import ClientContext, Reply
+from simfed.algorithms.base import Algorithm, ClientContext, Reply
 from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate
 from simfed.algorithms.functional import BatchStream, loss_fn, meta_gradient
 from simfed.algorithms.models import load_flat
 from simfed.algorithms.registry import register
+from simfed.algorithms.vectorized_meta import meta_chunk_step
 from simfed.engine.errors import SimfedError
 
 GRADIENTS = ("exact", "first_order", "hessian_free")
@@ -141,6 +147,7 @@ class MetaFL(FedAvg):
     name = "metafl"
     Config = MetaFLConfig
     summary = "Generalized meta-FL: FedAvg on the loss after nu fine-tuning steps (Jamali et al. 2025)"
+    vectorized_phases = frozenset({"update"})  # the tau local meta-steps (client_chunk), every variant
 
     def cost(self, cfg, n_train: int) -> float:
         return float(cfg.tau)  # tau meta-steps of fixed-size batches, whatever the client's size
@@ -151,6 +158,17 @@ class MetaFL(FedAvg):
             load_flat(model, bcast)
             return Reply(evals=finetune_and_evaluate(model, data, cfg.ft_steps, cfg.ft_lr, cfg.ft_batch_size,
                                                      ctx.generator("finetune")))
+        n = self._check(cfg, data)
+        x, y = data.split("train")
+        p = next(model.parameters())
+        w0 = bcast.to(p.device, p.dtype)
+        w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), x.to(p.dtype), y, ctx.generator("meta"))
+        delta = (w0 - w).to(bcast.device, bcast.dtype)
+        return Reply(sums={"delta": delta * float(n), "n": torch.tensor(float(n), dtype=torch.float64)},
+                     n_train=seen, train_loss=loss)
+
+    def _check(self, cfg, data) -> int:
+        """The client's train size, or a SimfedError for a client this config cannot train."""
         n = data.n("train")
         if n < 1:
             raise SimfedError(f"client {data.client_id} has no train samples; {self.name} needs at least one "
@@ -160,13 +178,26 @@ class MetaFL(FedAvg):
             raise SimfedError(f"client {data.client_id} has {n} train samples but one meta-step of {self.name} "
                               f"uses {need} (nu={cfg.nu}); lower batch sizes or nu, or set strict_batches = false "
                               "to reuse samples across batches")
-        x, y = data.split("train")
+        return n
+
+    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+        """The training step for a chunk of clients as one vectorized meta-step loop
+        (vectorized_meta.meta_chunk_step, every gradient variant); equal to `client` to rounding."""
+        if ctxs[0].mode == "eval":  # the per-client loop (not FedAvg's chunk step, which trains plain SGD)
+            return Algorithm.client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs)
+        ns = [self._check(cfg, d) for d in datas]
+        model = client_model(ctxs[0])
         p = next(model.parameters())
         w0 = bcast.to(p.device, p.dtype)
-        w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), x.to(p.dtype), y, ctx.generator("meta"))
-        delta = (w0 - w).to(bcast.device, bcast.dtype)
-        return Reply(sums={"delta": delta * float(n), "n": torch.tensor(float(n), dtype=torch.float64)},
-                     n_train=seen, train_loss=loss)
+        splits = [d.split("train") for d in datas]
+        w, seen, losses = meta_chunk_step(cfg, model, w0, [x.to(p.dtype) for x, _ in splits], [y for _, y in splits],
+                                          [c.generator("meta") for c in ctxs])
+        replies = []
+        for n, row, s, loss in zip(ns, w, seen, losses):
+            delta = (w0 - row).to(bcast.device, bcast.dtype)
+            replies.append(Reply(sums={"delta": delta * float(n), "n": torch.tensor(float(n), dtype=torch.float64)},
+                                 n_train=s, train_loss=loss))
+        return replies
 
 
 register(MetaFL)

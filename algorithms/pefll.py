@@ -22,6 +22,13 @@ one Adam step (no weight decay inside Adam), then the decoupled decay of `decay`
 is a descent step (old - new), the server descends along it: Algorithm 2's eta += mean(Delta eta)
 with Delta theta = new - old.
 
+Vectorized client step (ours; `engine.vectorize`): in the model phase `client_chunk` trains a
+whole chunk of clients in one `vectorized.sgd_train_chunk` run, each from its own theta_i (stacked
+[C, P], rows differ), with the same seeded batches, momentum, weight decay and clip; the reply
+(delta_i as item, samples, mean train loss) equals `client`'s to rounding (float64 tests: 1e-10).
+The describe and embed phases are one forward (and backward) pass of phi on one batch per client
+and stay per client.
+
 Descriptor normalization (`descriptor_norm` ["first"]; [code]): the authors standardize every
 descriptor by the mean m and the (unbiased, torch.std) standard deviation s over the components
 of the FIRST descriptor computed in training, fixed afterwards and reused at evaluation. Without it
@@ -185,6 +192,7 @@ class PeFLL(Algorithm):
     name = "pefll"
     Config = PeFLLConfig
     summary = "PeFLL: embedding net + hypernetwork learn to produce client models (Scott et al. 2024)"
+    vectorized_phases = frozenset({"model"})  # the k local SGD steps from h(v_i) (client_chunk)
 
     def validate(self, cfg, task: Task) -> None:
         hn.check_targets(cfg.target_shapes, task, self.name)
@@ -331,3 +339,22 @@ class PeFLL(Algorithm):
                                            weight_decay=cfg.weight_decay, clip=cfg.clip,
                                            gen=ctx.generator("sgd"))
         return Reply(item=delta, n_train=seen, train_loss=loss)
+
+    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+        """The model phase for a chunk of clients in one vectorized SGD run (hypernet.train_delta_chunk),
+        each from its own theta_i = h(v_i); the replies equal `client`'s to rounding."""
+        if phase != "model":
+            return super().client_chunk(phase, cfg, bcast, payloads, datas, cstates, ctxs)
+        todo = [j for j, p in enumerate(payloads) if p is not None]  # None: its descriptor was dropped
+        replies = [Reply() for _ in payloads]
+        if not todo:
+            return replies
+        splits = [datas[j].split("train") for j in todo]
+        deltas, seen, losses = hn.train_delta_chunk(
+            client_model(ctxs[todo[0]]), [payloads[j] for j in todo], [x for x, _ in splits],
+            [y for _, y in splits], steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+            momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip,
+            gens=[ctxs[j].generator("sgd") for j in todo])
+        for j, delta, s, loss in zip(todo, deltas, seen, losses):
+            replies[j] = Reply(item=delta, n_train=s, train_loss=loss)
+        return replies

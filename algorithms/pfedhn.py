@@ -37,6 +37,12 @@ Differences from the authors' code, and why:
 - embed_dim [0 = int(1 + n/4)]: n is the store's seen + unseen clients when the task says, else
   the seen ones, else 100.
 
+Vectorized client step (ours; `engine.vectorize`): `client_chunk` trains a whole chunk of clients
+in one `vectorized.sgd_train_chunk` run, each from its own theta_i (stacked [C, P], rows differ),
+with the same seeded batches, momentum, weight decay and clip; its replies equal `client`'s to
+rounding (float64 tests: 1e-10). Only the "train" phase: the unseen-embedding fits are evaluation,
+which the engine never vectorizes.
+
 Collapse gauge (every round, in the round's stats, persisted in RUN_DIR/metrics/rounds/):
 `train.embedding_spread` and `train.model_spread` over the cohort (`hypernet.spread`; 0 = every
 client gets the same model).
@@ -108,6 +114,7 @@ class PFedHN(Algorithm):
     name = "pfedhn"
     Config = PFedHNConfig
     summary = "pFedHN: server hypernetwork maps per-client embeddings to client models (Shamsian et al. 2021)"
+    vectorized_phases = frozenset({"train"})  # the k local SGD steps from h(e_i) (client_chunk)
 
     def validate(self, cfg, task: Task) -> None:
         hn.check_targets(cfg.target_shapes, task, self.name)
@@ -162,6 +169,29 @@ class PFedHN(Algorithm):
         if ctx.mode != "train":  # fitting an unseen client's embedding is evaluation, not training
             return Reply(item=delta)
         return Reply(item=delta, n_train=seen, train_loss=loss)
+
+    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+        """`client` for a chunk of clients in one vectorized SGD run (hypernet.train_delta_chunk),
+        each from its own generated theta_i; the replies equal `client`'s to rounding."""
+        if phase == "evaluate":
+            return super().client_chunk(phase, cfg, bcast, payloads, datas, cstates, ctxs)
+        todo = [j for j, p in enumerate(payloads) if p is not None]  # None: an earlier reply was dropped
+        for j in todo:
+            if datas[j].n("train") < 1:
+                raise SimfedError(f"pfedhn: client {ctxs[j].client_id} has no training samples; "
+                                  "every client needs >= 1")
+        replies = [Reply() for _ in payloads]
+        if not todo:
+            return replies
+        splits = [datas[j].split("train") for j in todo]
+        deltas, seen, losses = hn.train_delta_chunk(
+            client_model(ctxs[todo[0]]), [payloads[j] for j in todo], [x for x, _ in splits],
+            [y for _, y in splits], steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+            momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip,
+            gens=[ctxs[j].generator("sgd") for j in todo])
+        for j, delta, s, loss in zip(todo, deltas, seen, losses):
+            replies[j] = Reply(item=delta, n_train=s, train_loss=loss) if ctxs[j].mode == "train" else Reply(item=delta)
+        return replies
 
     def absorb(self, phase, cfg, state, client_id, item, info):
         if item is None:

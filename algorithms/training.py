@@ -44,7 +44,9 @@ def sgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
     returns (samples processed, mean training loss)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
-    seen, loss_sum = 0, torch.zeros(())
+    # The reported loss is summed in the model's dtype: float32 runs as ever, and a float64 model's
+    # loss is not rounded to float32 (the vectorized trainer is checked against it to 1e-10).
+    seen, loss_sum = 0, torch.zeros((), dtype=next(model.parameters()).dtype)
     for idx in batches(int(y.shape[0]), batch_size, steps, gen, epochs):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x[idx]), y[idx])

@@ -37,7 +37,7 @@ from simfed.algorithms import training
 from simfed.algorithms.models import param_shapes, unflatten
 
 
-def _stack_data(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_data(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
     """[C, N_max, ...] inputs and [C, N_max] labels, zero-padded; moved to the device once."""
     n_max = max(int(y.shape[0]) for y in ys)
     X = xs[0].new_zeros((len(xs), n_max, *xs[0].shape[1:]), device=device)
@@ -46,6 +46,34 @@ def _stack_data(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], device) 
         X[c, : x.shape[0]] = x.to(device)
         Y[c, : y.shape[0]] = y.to(device)
     return X, Y
+
+
+def gather(X: torch.Tensor, Y: torch.Tensor, idx_list: Sequence[torch.Tensor | None],
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's batch of every client, [C, B, ...] inputs, [C, B] labels and [C, B] weights,
+    padded to the widest batch; padded rows (and a client with None: no batch) weigh 0."""
+    C = len(idx_list)
+    width = max((int(i.numel()) for i in idx_list if i is not None), default=0)
+    idx = torch.zeros((C, width), dtype=torch.long)
+    w = torch.zeros((C, width), dtype=dtype)
+    for c, i in enumerate(idx_list):
+        if i is not None:
+            idx[c, : i.numel()] = i
+            w[c, : i.numel()] = 1.0
+    rows = torch.arange(C, device=X.device)[:, None]
+    idx = idx.to(X.device)
+    return X[rows, idx], Y[rows, idx], w.to(X.device)
+
+
+def masked_loss(model: nn.Module, shapes):
+    """f(flat, x, y, w) = sum_b w_b CE_b / sum_b w_b: with 0/1 weights, the mean cross-entropy over
+    one client's real rows, i.e. the per-client loop's loss on its (possibly partial) batch."""
+
+    def f(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        per = F.cross_entropy(functional_call(model, unflatten(flat, shapes), (x,)), y, reduction="none")
+        return (per * w).sum() / w.sum().clamp_min(1.0)
+
+    return f
 
 
 def _plan(ns: Sequence[int], batch_size: int, steps: Sequence[int], gens: Sequence[torch.Generator],
@@ -69,7 +97,7 @@ def sgd_train_chunk(model: nn.Module, thetas: torch.Tensor, xs: Sequence[torch.T
     step_list = [int(steps)] * C if isinstance(steps, int) else [int(s) for s in steps]
     device = thetas.device
     plan = _plan([int(y.shape[0]) for y in ys], batch_size, step_list, gens, epochs)
-    X, Y = _stack_data(xs, ys, device)
+    X, Y = stack_data(xs, ys, device)
     shapes = param_shapes(model)
     params = {k: v.clone() for k, v in unflatten(thetas.detach(), shapes).items()}
     bufs: dict[str, torch.Tensor] | None = None
@@ -82,20 +110,13 @@ def sgd_train_chunk(model: nn.Module, thetas: torch.Tensor, xs: Sequence[torch.T
     seen = [0] * C
     loss_sum = torch.zeros(C, dtype=thetas.dtype, device=device)
     n_steps = max((len(p) for p in plan), default=0)
-    rows = torch.arange(C, device=device)
     model.train()
     for t in range(n_steps):
         idx_list = [p[t] if t < len(p) else None for p in plan]
-        width = max(int(i.numel()) for i in idx_list if i is not None)
-        idx = torch.zeros((C, width), dtype=torch.long)
-        w = torch.zeros((C, width), dtype=thetas.dtype)
         for c, i in enumerate(idx_list):
             if i is not None:
-                idx[c, : i.numel()] = i
-                w[c, : i.numel()] = 1.0
                 seen[c] += int(i.numel())
-        idx, w = idx.to(device), w.to(device)
-        xb, yb = X[rows[:, None], idx], Y[rows[:, None], idx]
+        xb, yb, w = gather(X, Y, idx_list, thetas.dtype)
         g, batch_loss = grad_fn(params, xb, yb, w)
         active = torch.tensor([i is not None for i in idx_list], device=device)
         loss_sum += torch.where(active, batch_loss, torch.zeros_like(batch_loss))

@@ -7,11 +7,13 @@ import dataclasses
 import polars as pl
 import pytest
 
+from simfed.algorithms import registry
+
 from simfed.engine import checkpoint
 from simfed.engine.errors import SimfedError
 from simfed.engine.loop import check_experiment, run_experiment
 from tests.engine.conftest import make_exp
-from tests.engine.test_method_parity import rows, same
+from tests.engine.test_method_parity import SMALL, rows, same
 
 
 def _with(exp, **engine):
@@ -42,6 +44,36 @@ def test_vectorized_runs_are_bit_identical_across_backends_and_close_to_the_loop
 
 
 def test_vectorize_on_for_a_method_without_a_chunk_step_is_a_config_error(engine_store):
-    exp = _with(make_exp(engine_store, "metafl", nu=1, tau=1), vectorize="on")
+    # Ditto inherits FedAvg's chunk step but trains with its own client step: never vectorized
+    exp = _with(make_exp(engine_store, "ditto", **SMALL["ditto"]), vectorize="on")
     with pytest.raises(SimfedError, match="vectorize"):
         check_experiment(exp)
+
+
+@pytest.mark.parametrize("algorithm", ["pfedhn", "pefll", "metafl", "perfedavg"])
+def test_vectorized_client_step_of_each_method_runs_a_round_close_to_the_loop(engine_store, tmp_path,
+                                                                            monkeypatch, algorithm):
+    """engine.vectorize = "on" trains a round of each method through its `client_chunk` (counted),
+    end to end on the serial backend; float32, so close to the loop's numbers, not equal."""
+    algo = registry.get(algorithm)
+    owner = next(c for c in type(algo).__mro__ if "client_chunk" in vars(c))
+    original, calls = vars(owner)["client_chunk"], []
+
+    def counted(self, phase, *args):
+        calls.append(phase)
+        return original(self, phase, *args)
+
+    kw = dict(rounds=1, clients_per_round=5, eval_every=1, eval_clients=3, **SMALL[algorithm])
+    on = _with(make_exp(engine_store, algorithm, **kw), vectorize="on")
+    with monkeypatch.context() as m:
+        m.setattr(owner, "client_chunk", counted)
+        run_experiment(on, tmp_path / "on")
+    assert calls and set(calls) == set(algo.chunk_phases())
+    run_experiment(_with(on, vectorize="off"), tmp_path / "loop")
+    a, b = rows(tmp_path / "on"), rows(tmp_path / "loop")
+    assert a.select(["round", "cohort", "phase", "split", "client_id", "n"]).equals(
+        b.select(["round", "cohort", "phase", "split", "client_id", "n"]))  # the same samples trained
+    train = a.filter(pl.col("split") == "train")["loss"].drop_nulls()
+    assert train.len() >= 5 and (train - b.filter(pl.col("split") == "train")["loss"].drop_nulls()).abs().max() < 1e-4
+    test = lambda df: df.filter(pl.col("split") == "test")["loss"]
+    assert test(a).len() > 0 and (test(a) - test(b)).abs().max() < 1e-3
