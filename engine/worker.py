@@ -8,6 +8,7 @@ the summable messages and returns (result for the server, metric rows for the dr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -52,6 +53,20 @@ def nbytes(obj: Any) -> int:
     if isinstance(obj, (int, float)):
         return 8
     return 0
+
+
+CPU = torch.device("cpu")
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) message moved to `device`; everything else as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 def all_finite(obj: Any) -> bool:
@@ -144,13 +159,19 @@ class Worker:
     def run(self, phase: str, info: RoundInfo, bcast: Any, payloads: Any, client_ids: list[int],
             checkpointed_round: int = -1, meta_extra: dict | None = None) -> tuple[dict, ChunkResult]:
         spec, algo = self.spec, self.algo
+        down_common = nbytes(bcast)
+        on_gpu = self.device.type != "cpu"
+        if on_gpu:
+            # Messages arrive and leave on the CPU (the server's device): moved once per chunk here,
+            # so a method's client step sees its broadcast, payload and state on its own device.
+            bcast = to_device(bcast, self.device)
+            payloads = {k: to_device(v, self.device) for k, v in payloads.items()} if payloads else payloads
         if info.mode == "train" and not payloads and not algo.uses_client_state:
             batched = self.run_batch(phase, info, bcast, client_ids)
             if batched is not None:
                 return batched
         result = ChunkResult()
         rows: list[dict] = []
-        down_common = nbytes(bcast)
         n_train = 0
         clients = []  # (cid, cohort, data, cstate, ctx, payload), in chunk order
         for cid in client_ids:
@@ -162,12 +183,17 @@ class Worker:
                 # Evaluation after round r sees every state written up to and including round r.
                 at = (info.round + 1, 0) if info.mode == "eval" else (info.round, info.phase_index)
                 cstate = self.states.get(cid, *at)
+                if on_gpu:
+                    cstate = to_device(cstate, self.device)
             ctx = ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
                                 mode=info.mode, task=spec.task, device=self.device, cache=self.cache)
             clients.append((cid, cohort, data, cstate, ctx, payloads.get(cid) if payloads else None))
         def absorb(client: tuple, reply, seconds: float) -> None:
             nonlocal n_train
             cid, cohort, _, _, _, payload = client
+            if on_gpu:  # the server folds on the CPU; client states are saved from the CPU
+                reply = dataclasses.replace(reply, sums=to_device(reply.sums, CPU), item=to_device(reply.item, CPU),
+                                            state=to_device(reply.state, CPU))
             ok = all_finite(reply.sums) and all_finite(reply.item)
             if ok:
                 result.sums = add_into(result.sums, reply.sums)
@@ -241,7 +267,7 @@ class Worker:
                          "node_id": self.node_id, "worker": self.index, "split": "train", "n": n,
                          "seconds": seconds * n / total, "bytes_up": 0 if dropped or not n else up,
                          "bytes_down": down, "dropped": dropped})
-        result = ChunkResult(sums=reply.sums, n_clients=sum(1 for d in reply.dropped if not d))
+        result = ChunkResult(sums=to_device(reply.sums, CPU), n_clients=sum(1 for d in reply.dropped if not d))
         meta = {"rows": rows, "n_clients": len(client_ids), "n_train": sum(reply.n_train),
                 "dropped": sum(reply.dropped)}
         return meta, result

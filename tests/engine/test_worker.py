@@ -53,3 +53,29 @@ def test_a_chunk_holds_one_clients_data_at_a_time(engine_store, tmp_path, monkey
         total = one.sums["delta"].clone() if total is None else total + one.sums["delta"]
     assert torch.equal(res.sums["delta"], total)
     assert worker.describe()["heap_kept"] is (sys.platform.startswith("linux"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU machines only; CI has none)")
+@pytest.mark.parametrize("vectorize", ["off", "auto"])
+def test_every_method_runs_on_a_cuda_worker(engine_store, tmp_path, vectorize):
+    """Broadcasts, payloads and client states reach a CUDA worker's client step on its device, and
+    its replies reach the (CPU) server on the CPU, per-client loop and chunk step alike."""
+    import dataclasses
+
+    import polars as pl
+
+    from simfed.algorithms import registry
+    from simfed.engine import metrics
+    from simfed.engine.loop import run_experiment
+    from tests.engine.conftest import make_exp
+    from tests.engine.test_method_parity import SMALL
+
+    for name in registry.names():
+        exp = make_exp(engine_store, name, rounds=2, clients_per_round=4, eval_every=2, eval_clients=3,
+                       **SMALL[name])
+        exp = dataclasses.replace(exp, engine=dataclasses.replace(exp.engine, gpus_per_worker=1.0,
+                                                                   vectorize=vectorize))
+        run_experiment(exp, tmp_path / f"{name}-{vectorize}")
+        df = metrics.load(tmp_path / f"{name}-{vectorize}")
+        assert df.filter(pl.col("split") == "test").height > 0, name
