@@ -124,12 +124,16 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
             # inside tune.report by ending its process, and the run directory must then hold a
             # valid run of that many rounds (status completed_rounds, checkpoint), which
             # `simfed compare` counts and `simfed launch --resume` continues.
-            result = pending.pop()
-            tune.report(result)
+            # The last round's result waits until the run is finished: ASHA also ends a trial
+            # that reaches its last rung (max_t), and the run must then say "finished".
+            if event["round"] < spec.experiment.run.rounds:
+                tune.report(pending.pop())
 
     resume = (run_dir / "checkpoint.pt").exists()
     try:
         run_experiment(spec.experiment, run_dir, resume=resume, on_event=on_event)
+        if pending:
+            tune.report(pending.pop())
     except BaseException as exc:
         attempt["error"] = one_line_reason(exc)  # the driver prints this line, not Tune's traceback
         attempt["bug"] = not isinstance(exc, SimfedError)
