@@ -188,6 +188,7 @@ class Worker:
             ctx = ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
                                 mode=info.mode, task=spec.task, device=self.device, cache=self.cache)
             clients.append((cid, cohort, data, cstate, ctx, payloads.get(cid) if payloads else None))
+
         def absorb(client: tuple, reply, seconds: float) -> None:
             nonlocal n_train
             cid, cohort, _, _, _, payload = client
