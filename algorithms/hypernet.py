@@ -149,6 +149,22 @@ def train_delta_chunk(model: nn.Module, thetas: Sequence[torch.Tensor], xs: Sequ
     return deltas, seen, losses
 
 
+def train_payload_clients(model: nn.Module, cfg, payloads: Sequence, datas: Sequence, ctxs: Sequence,
+                          ) -> dict[int, tuple[torch.Tensor, int, float]]:
+    """The client step of pFedHN and PeFLL for a chunk: {j: (delta, samples, loss)} for every
+    client j that has a generated model (payloads[j] is None when its earlier reply was dropped),
+    trained in one `train_delta_chunk` with the method's local SGD settings."""
+    todo = [j for j, p in enumerate(payloads) if p is not None]
+    if not todo:
+        return {}
+    splits = [datas[j].split("train") for j in todo]
+    deltas, seen, losses = train_delta_chunk(
+        model, [payloads[j] for j in todo], [x for x, _ in splits], [y for _, y in splits],
+        steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, clip=cfg.clip, gens=[ctxs[j].generator("sgd") for j in todo])
+    return {j: out for j, out in zip(todo, zip(deltas, seen, losses))}
+
+
 def sgd_rows_(table: dict, grads: Mapping[int, torch.Tensor], lr: float, weight_decay: float,
               clip: float = 0.0) -> None:
     """Plain SGD (weight decay, per-row clip) on the embedding rows of the clients that took part."""

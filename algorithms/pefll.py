@@ -345,16 +345,8 @@ class PeFLL(Algorithm):
         each from its own theta_i = h(v_i); the replies equal `client`'s to rounding."""
         if phase != "model":
             return super().client_chunk(phase, cfg, bcast, payloads, datas, cstates, ctxs)
-        todo = [j for j, p in enumerate(payloads) if p is not None]  # None: its descriptor was dropped
-        replies = [Reply() for _ in payloads]
-        if not todo:
-            return replies
-        splits = [datas[j].split("train") for j in todo]
-        deltas, seen, losses = hn.train_delta_chunk(
-            client_model(ctxs[todo[0]]), [payloads[j] for j in todo], [x for x, _ in splits],
-            [y for _, y in splits], steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-            momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip,
-            gens=[ctxs[j].generator("sgd") for j in todo])
-        for j, delta, s, loss in zip(todo, deltas, seen, losses):
+        replies = [Reply() for _ in payloads]  # no payload: its descriptor was dropped
+        model = client_model(ctxs[0])
+        for j, (delta, s, loss) in hn.train_payload_clients(model, cfg, payloads, datas, ctxs).items():
             replies[j] = Reply(item=delta, n_train=s, train_loss=loss)
         return replies

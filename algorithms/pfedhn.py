@@ -181,15 +181,8 @@ class PFedHN(Algorithm):
                 raise SimfedError(f"pfedhn: client {ctxs[j].client_id} has no training samples; "
                                   "every client needs >= 1")
         replies = [Reply() for _ in payloads]
-        if not todo:
-            return replies
-        splits = [datas[j].split("train") for j in todo]
-        deltas, seen, losses = hn.train_delta_chunk(
-            client_model(ctxs[todo[0]]), [payloads[j] for j in todo], [x for x, _ in splits],
-            [y for _, y in splits], steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-            momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip,
-            gens=[ctxs[j].generator("sgd") for j in todo])
-        for j, delta, s, loss in zip(todo, deltas, seen, losses):
+        model = client_model(ctxs[0])
+        for j, (delta, s, loss) in hn.train_payload_clients(model, cfg, payloads, datas, ctxs).items():
             replies[j] = Reply(item=delta, n_train=s, train_loss=loss) if ctxs[j].mode == "train" else Reply(item=delta)
         return replies
 
