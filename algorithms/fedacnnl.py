@@ -43,8 +43,12 @@ No row of data ever leaves a client.
 - speed (ours; the paper gives no implementation): a worker stacks the training samples of all
   the clients of its chunk and accumulates them as one sample set (`client_batch`): blocks of
   at most 2^22 design elements, each a few large GEMMs (upper block triangle only, the bias as a
-  column of ones, X^T T from per-sample row sums); the result equals the client-by-client sums
-  to round-off and depends only on the chunk's clients and order, which the engine fixes.
+  column of ones, X^T T from per-sample row sums); with every patch position a convolution's
+  Gram is assembled from products of image rows instead (gram.RowPairGram, 2.5x fewer
+  products for the second convolution). The result equals the client-by-client sums to
+  round-off and depends only on the chunk's clients and order, which the engine fixes. A worker
+  keeps a chunk's layer inputs for the next layer's phase (analytic.ForwardCache), and the Ray
+  backend hands a chunk back to the worker that ran it.
   Options that trade exactness for time are `forward_dtype`, `gram_dtype`, `patches_per_image`
   and `client_fraction` (all exact by default). All of it runs on the worker's device (CUDA
   workers included); replies come back on the CPU.

@@ -186,11 +186,12 @@ def main(argv=None) -> None:
     p.add_argument("--femnist-clients", type=int, default=3597)
     p.add_argument("--acc-femnist-clients", type=int, default=3597)
     p.add_argument("--fmnist-clients", type=int, default=100)
-    p.add_argument("--fedavg-rounds", type=int, default=300)
+    p.add_argument("--fedavg-rounds", type=int, default=50)
     p.add_argument("--fedavg-cohort", type=int, default=100)
-    p.add_argument("--fedavg-eval-every", type=int, default=10)
+    p.add_argument("--fedavg-eval-every", type=int, default=2,
+                   help="FedAvg evaluations every N rounds (its time to an accuracy is read at these)")
     p.add_argument("--eval-clients", type=int, default=500, help="clients per cohort per evaluation (0: all)")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0],
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0],
                    help="client_fraction curve (at --curve-patches, float32 forward and Gram)")
     p.add_argument("--patches", type=int, nargs="+", default=[4, 8, 32, 0],
                    help="patches_per_image curve (at --curve-fraction; 0 = all)")

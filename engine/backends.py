@@ -13,7 +13,10 @@ client order, and the server folds chunk results in chunk index order (`Server.r
 order of every float addition is fixed before any worker starts. Which worker runs a chunk, when
 it finishes, and whether it ran twice (retry) cannot change a bit. Chunks are handed out in that
 same order to whichever worker has a free slot, never more than `_window` chunks past the oldest
-one not yet folded, so the server holds at most that many early results.
+one not yet folded, so the server holds at most that many early results. Within that window a
+worker first takes a chunk it ran in the previous phase (same clients): a method may keep a chunk's
+intermediate results in the worker between its phases (FedACnnL keeps each layer's inputs for the
+next layer), and only the worker that made them can use them.
 """
 
 from __future__ import annotations
@@ -190,6 +193,7 @@ class RayBackend:
             _SERVERS[:] = [(self._key[:2], ray.remote(_PooledServer).options(num_cpus=0, **_placement(ray, -1)).remote())]
         self.server = _SERVERS[0][1]
         self.generation = [0] * n
+        self._ran: dict = {}  # chunk clients -> the worker that ran them in the last phase
         try:
             ray.get(self.server.setup.remote(server_args))
             self._info = ray.get([w.setup.remote(spec, i) for i, w in enumerate(self.workers)],
@@ -275,8 +279,22 @@ class RayBackend:
         per_worker = [0] * self.n_workers
         retry: list[tuple[int, int, object]] = []  # (chunk index, attempt, payload ref) to run again
         done = [False] * len(chunks)
-        handed, folded = 0, 0  # chunks handed out; chunks done in an unbroken run from index 0
+        todo = list(range(len(chunks)))  # chunks not handed out yet, in order
+        folded = 0  # chunks done in an unbroken run from index 0
+        keys = [tuple(c) for c in chunks]
+        ran_before, ran_now = self._ran, {}  # chunk clients -> worker, previous phase and this one
         acks = []
+
+        def pick(w: int) -> int | None:
+            """The first chunk in the window that w ran last phase, else the first in the window."""
+            first = None
+            for i in todo:
+                if i >= folded + window:
+                    break
+                if ran_before.get(keys[i]) == w:
+                    return i
+                first = i if first is None else first
+            return first
 
         def submit(w: int, index: int, attempt: int, payload_ref=None) -> None:
             chunk = chunks[index]
@@ -286,18 +304,22 @@ class RayBackend:
                 phase, info, bcast_ref, payload_ref, chunk, checkpointed_round)
             inflight[meta_ref] = (w, index, data_ref, payload_ref, attempt, self.generation[w])
             per_worker[w] += 1
+            ran_now[keys[index]] = w
 
         try:
-            while inflight or retry or handed < len(chunks):
-                while retry or (handed < len(chunks) and handed < folded + window):
+            while inflight or retry or todo:
+                while retry or todo:
                     w = min(range(self.n_workers), key=lambda i: (per_worker[i], i))
                     if per_worker[w] >= self.engine.inflight_per_worker:
                         break
                     if retry:
                         submit(w, *retry.pop(0))
-                    else:
-                        submit(w, handed, 0)
-                        handed += 1
+                        continue
+                    index = pick(w)
+                    if index is None:  # the window is full
+                        break
+                    todo.remove(index)
+                    submit(w, index, 0)
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 for ref in ready:
                     w, index, data_ref, payload_ref, attempt, gen = inflight.pop(ref)
@@ -322,6 +344,7 @@ class RayBackend:
                         folded += 1
                     on_chunk(meta)
             ray.get(acks)
+            self._ran = ran_now
             return ray.get(server.remote("end", phase, info))
         except ServerLost:
             raise

@@ -27,7 +27,7 @@ SMALL = {
     "fmlh": dict(meta_steps=1, inner_steps=2, finetune_steps=2, hidden=16, embed_dim=4),
     "metafl": dict(nu=2, tau=1, gradient="exact"),
     "perfedavg": dict(tau=1),
-    "fedacnnl": dict(patches_per_image=4, forward_dtype="float64"),
+    "fedacnnl": dict(forward_dtype="float64"),  # every patch position: the row-pair Gram
     "pfedacnnl": dict(patches_per_image=4, forward_dtype="float64", lambdas=[1.0, 100.0]),
     "fedrep": dict(head_epochs=0.5, body_epochs=0.5, unseen_head_epochs=0.5),
     "pfedme": dict(local_steps=2, K=2, unseen_epochs=0.2),
