@@ -43,13 +43,13 @@ class RowPairGram:
 
     def __init__(self, layer: Layer, dtype: torch.dtype, device):
         c, side, k = layer.in_shape[0], layer.in_shape[1], layer.kernel
-        self.layer, self.dtype, self.k, self.c, self.side = layer, dtype, k, c, side
+        self.dtype, self.k, self.c, self.side = dtype, k, c, side
         self.o = side - k + 1
         self.s = [torch.zeros(side - d, c * k, c * k, dtype=torch.float64, device=device) for d in range(k)]
         self.count = 0  # patches seen (the bias-bias entry)
         self.colsum = torch.zeros(k, c * k, dtype=torch.float64, device=device)  # per kernel row a
 
-    def rows(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, h: torch.Tensor) -> torch.Tensor:
         """Adds the block h (n, C, side, side); returns each sample's patch sums (n, d) in float64
         (the design rows summed over positions, bias column included), for X^T T."""
         n, (c, k, o, side) = h.shape[0], (self.c, self.k, self.o, self.side)

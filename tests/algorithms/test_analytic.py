@@ -91,4 +91,3 @@ def test_solve_matches_dense_solve_and_rejects_singular():
         analytic.solve(x.T @ x, x.T @ t, 0.0, "layer 3")
     w_ref = torch.randn(6, 3, dtype=torch.float64, generator=gen)
     assert torch.allclose(analytic.ridge_toward(x.T @ x, x.T @ t, 1e12, w_ref, "x"), w_ref, atol=1e-6)
-
