@@ -17,6 +17,7 @@ The paper (seed 000) claims up to +18.71 points of lowest-decile accuracy over p
 
     python bench/fmlh_decile.py --rounds 3            # timing trial
     python bench/fmlh_decile.py --rounds R --clients-per-round 10 --nu 5 --seeds 0,1,2 --backend serial
+    python bench/fmlh_decile.py --merge A.json B.json   # one table over earlier --out files (same settings)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hypernet_learning import aggregate, ensure_store, partial, print_table, run_one  # same store and timed run
+from hypernet_learning import aggregate, ensure_store, merge, partial, print_table, run_one  # same store, timed run
 
 from simfed.engine import cluster
 
@@ -66,7 +67,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--work", default="")
     ap.add_argument("--out", default="")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="run nothing: one table over the seeds and methods of earlier --out files")
     args = ap.parse_args(argv)
+    if args.merge:
+        per_seed, runs, setup = merge(args.merge, "fmlh_decile")
+        return report(per_seed, runs, setup, args.out)
     store = ensure_store(args.store)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="simfed-fmlh-bench-"))
     if args.backend == "ray":
@@ -81,12 +87,22 @@ def main(argv=None) -> dict:
             runs.setdefault(m, {"config": cfgs[m]})[seed] = times
             print(f"# seed {seed} {m}: {times} {per_seed[seed][m]}", file=sys.stderr, flush=True)
         if args.out:
-            partial(args.out, {"bench": "fmlh_decile", "partial": True, "per_seed": per_seed, "runs": runs})
+            partial(args.out, {"bench": "fmlh_decile", "partial": True, "settings": settings(args),
+                               "per_seed": per_seed, "runs": runs})
+    return report(per_seed, runs, settings(args), args.out)
+
+
+def settings(args) -> dict:
+    """What must agree for seeds of different invocations to be merged into one table."""
+    return {"rounds": args.rounds, "clients_per_round": args.clients_per_round, "nu": args.nu,
+            "ft_lr": args.ft_lr, "backend": args.backend}
+
+
+def report(per_seed: dict, runs: dict, setup: dict, out_path: str) -> dict:
     keys = ("acc_mean", "acc_p10", "acc_worst10", "acc_best")
     agg = aggregate(per_seed, keys)
     print_table(agg, keys)
-    out = {"bench": "fmlh_decile", "rounds": args.rounds, "clients_per_round": args.clients_per_round,
-           "nu": args.nu, "ft_lr": args.ft_lr, "backend": args.backend, "seeds": args.seeds,
+    out = {"bench": "fmlh_decile", **setup, "settings": setup, "seeds": ",".join(str(s) for s in per_seed),
            "mean_std": agg, "per_seed": per_seed, "runs": runs}
     if "fmlh" in agg:
         for base in ("perfedavg", "fedavg"):
@@ -95,8 +111,8 @@ def main(argv=None) -> dict:
                     c: round(agg["fmlh"][c]["acc_p10"]["mean"] - agg[base][c]["acc_p10"]["mean"], 4)
                     for c in ("seen", "unseen") if c in agg["fmlh"] and c in agg[base]}
     print(json.dumps(out))
-    if args.out:
-        partial(args.out, out)
+    if out_path:
+        partial(out_path, out)
     return out
 
 

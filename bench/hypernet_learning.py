@@ -23,7 +23,8 @@ Evaluation protocols (as in the PeFLL paper, seed 002):
 Targets (issues 4 and 10): PeFLL's unseen accuracy >= 0.90, within 3 points of its seen
 accuracy, and above FedAvg's and pFedHN's unseen accuracy, all unmasked.
 
-    python bench/hypernet_learning.py --rounds 60 --seeds 0,1,2 --backend serial [--methods pefll,pfedhn,fedavg]
+    python bench/hypernet_learning.py --rounds 150 --seeds 0,1,2 [--backend serial] [--methods pefll,pfedhn,fedavg]
+    python bench/hypernet_learning.py --merge A.json B.json   # one table over earlier --out files
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def print_table(agg: dict, keys=("acc_mean", "acc_p10", "acc_worst10")) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "simfed-bench" / "fmnist-c2-100"))
-    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=150)
     ap.add_argument("--clients-per-round", type=int, default=10)
     ap.add_argument("--local-steps", type=int, default=50)
     ap.add_argument("--pefll-lr", type=float, default=2e-3)
@@ -164,7 +165,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-every", type=int, default=0,
                     help="also evaluate every N rounds (learning curve in each run's metrics; costs eval time)")
     ap.add_argument("--work", default="", help="keep the runs here (default: a new temp folder)")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="run nothing: one table over the seeds and methods of earlier --out files")
     args = ap.parse_args(argv)
+    if args.merge:
+        per_seed, runs, setup = merge(args.merge, "hypernet_learning")
+        return report(per_seed, runs, setup, args.out)
     store = ensure_store(args.store)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="simfed-hn-bench-"))
     keys = ("clients", "acc_mean", "acc_p10", "acc_worst10")
@@ -185,7 +191,21 @@ def main(argv=None) -> dict:
                                   work / f"s{seed}" / "pefll-mask")
                 results["pefll+mask"] = {c: {k: summ[c][k] for k in keys} for c in summ}
         if args.out:
-            partial(args.out, {"bench": "hypernet_learning", "partial": True, "per_seed": per_seed, "runs": runs})
+            partial(args.out, {"bench": "hypernet_learning", "partial": True, "settings": settings(args, store),
+                               "per_seed": per_seed, "runs": runs})
+    return report(per_seed, runs, settings(args, store), args.out)
+
+
+SETTINGS = ("store", "backend", "workers", "rounds", "clients_per_round", "local_steps")
+
+
+def settings(args, store: str) -> dict:
+    """What must agree for seeds of different invocations to be merged into one table."""
+    return dict(zip(SETTINGS, (store, args.backend, args.workers, args.rounds, args.clients_per_round,
+                               args.local_steps)))
+
+
+def report(per_seed: dict, runs: dict, setup: dict, out_path: str) -> dict:
     agg = aggregate(per_seed)
     print_table(agg)
     checks = {}
@@ -199,13 +219,48 @@ def main(argv=None) -> dict:
             if other in agg:
                 checks[f"pefll_unseen_above_{other}"] = (pe["unseen"]["acc_mean"]["mean"]
                                                         > agg[other]["unseen"]["acc_mean"]["mean"])
-    out = {"bench": "hypernet_learning", "store": store, "backend": args.backend, "workers": args.workers,
-           "rounds": args.rounds, "clients_per_round": args.clients_per_round, "local_steps": args.local_steps,
-           "seeds": args.seeds, "mean_std": agg, "per_seed": per_seed, "runs": runs, "checks": checks}
+    out = {"bench": "hypernet_learning", **setup, "settings": setup, "seeds": ",".join(str(s) for s in per_seed),
+           "mean_std": agg, "per_seed": per_seed, "runs": runs, "checks": checks}
     print(json.dumps(out))
-    if args.out:
-        partial(args.out, out)
+    if out_path:
+        partial(out_path, out)
     return out
+
+
+def merge(paths: list[str], bench: str) -> tuple[dict, dict, dict]:
+    """per_seed, runs and settings of earlier `--out` files (finished or partial) of the same bench.
+
+    Each (seed, method) must come from one file only, and the files' settings must agree: a table
+    over seeds run with different rounds or cohorts would be meaningless."""
+    per_seed, runs, setup, origin = {}, {}, {}, {}
+    for path in paths:
+        try:
+            obj = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            fail(f"--merge {path}: not a readable JSON file ({e}); pass files written by --out")
+        if not isinstance(obj, dict) or obj.get("bench") != bench or not isinstance(obj.get("per_seed"), dict):
+            fail(f"--merge {path}: not a {bench} --out file")
+        given = obj.get("settings") or {k: obj[k] for k in SETTINGS if k in obj}  # files of before --merge
+        for k, v in given.items():
+            # backend and worker count do not change a run's numbers (bit-identical by design)
+            if k in setup and setup[k] != v and k not in ("workers", "backend"):
+                fail(f"--merge {path}: {k} = {v!r}, but {origin[k]} has {setup[k]!r}; "
+                     "merge only runs with the same settings")
+            setup.setdefault(k, v)
+            origin.setdefault(k, path)
+        for seed, methods in obj["per_seed"].items():
+            for m, res in methods.items():
+                if m in per_seed.get(seed, {}):
+                    fail(f"--merge {path}: seed {seed} {m} is also in an earlier file; keep it in one file only")
+                per_seed.setdefault(seed, {})[m] = res
+        for m, r in obj.get("runs", {}).items():
+            runs.setdefault(m, {}).update(r)
+    return dict(sorted(per_seed.items(), key=lambda kv: int(kv[0]))), runs, setup
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def partial(path: str, obj: dict) -> None:
