@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
                     help="run nothing: one table over the seeds and methods of earlier --out files")
     args = ap.parse_args(argv)
     if args.merge:
-        per_seed, runs, setup = merge(args.merge, "fmlh_decile")
+        per_seed, runs, setup = merge(args.merge, "fmlh_decile", SETTINGS)
         return report(per_seed, runs, setup, args.out)
     store = ensure_store(args.store)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="simfed-fmlh-bench-"))
@@ -92,10 +92,12 @@ def main(argv=None) -> dict:
     return report(per_seed, runs, settings(args), args.out)
 
 
+SETTINGS = ("rounds", "clients_per_round", "nu", "ft_lr", "backend")
+
+
 def settings(args) -> dict:
     """What must agree for seeds of different invocations to be merged into one table."""
-    return {"rounds": args.rounds, "clients_per_round": args.clients_per_round, "nu": args.nu,
-            "ft_lr": args.ft_lr, "backend": args.backend}
+    return {k: getattr(args, k) for k in SETTINGS}
 
 
 def report(per_seed: dict, runs: dict, setup: dict, out_path: str) -> dict:

@@ -227,7 +227,7 @@ def report(per_seed: dict, runs: dict, setup: dict, out_path: str) -> dict:
     return out
 
 
-def merge(paths: list[str], bench: str) -> tuple[dict, dict, dict]:
+def merge(paths: list[str], bench: str, keys: tuple = SETTINGS) -> tuple[dict, dict, dict]:
     """per_seed, runs and settings of earlier `--out` files (finished or partial) of the same bench.
 
     Each (seed, method) must come from one file only, and the files' settings must agree: a table
@@ -240,7 +240,7 @@ def merge(paths: list[str], bench: str) -> tuple[dict, dict, dict]:
             fail(f"--merge {path}: not a readable JSON file ({e}); pass files written by --out")
         if not isinstance(obj, dict) or obj.get("bench") != bench or not isinstance(obj.get("per_seed"), dict):
             fail(f"--merge {path}: not a {bench} --out file")
-        given = obj.get("settings") or {k: obj[k] for k in SETTINGS if k in obj}  # files of before --merge
+        given = obj.get("settings") or {k: obj[k] for k in keys if k in obj}  # files of before --merge
         for k, v in given.items():
             # backend and worker count do not change a run's numbers (bit-identical by design)
             if k in setup and setup[k] != v and k not in ("workers", "backend"):
