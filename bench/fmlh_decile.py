@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
             runs.setdefault(m, {"config": cfgs[m]})[seed] = times
             print(f"# seed {seed} {m}: {times} {per_seed[seed][m]}", file=sys.stderr, flush=True)
         if args.out:
-            partial(args.out, {"bench": "fmlh_decile", "partial": True, "settings": settings(args),
+            partial(args.out, {"bench": "fmlh_decile", "partial": True, **settings(args),
                                "per_seed": per_seed, "runs": runs})
     return report(per_seed, runs, settings(args), args.out)
 
@@ -104,7 +104,7 @@ def report(per_seed: dict, runs: dict, setup: dict, out_path: str) -> dict:
     keys = ("acc_mean", "acc_p10", "acc_worst10", "acc_best")
     agg = aggregate(per_seed, keys)
     print_table(agg, keys)
-    out = {"bench": "fmlh_decile", **setup, "settings": setup, "seeds": ",".join(str(s) for s in per_seed),
+    out = {"bench": "fmlh_decile", **setup, "seeds": ",".join(str(s) for s in per_seed),
            "mean_std": agg, "per_seed": per_seed, "runs": runs}
     if "fmlh" in agg:
         for base in ("perfedavg", "fedavg"):

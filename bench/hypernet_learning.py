@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
                                   work / f"s{seed}" / "pefll-mask")
                 results["pefll+mask"] = {c: {k: summ[c][k] for k in keys} for c in summ}
         if args.out:
-            partial(args.out, {"bench": "hypernet_learning", "partial": True, "settings": settings(args, store),
+            partial(args.out, {"bench": "hypernet_learning", "partial": True, **settings(args, store),
                                "per_seed": per_seed, "runs": runs})
     return report(per_seed, runs, settings(args, store), args.out)
 
@@ -219,7 +219,7 @@ def report(per_seed: dict, runs: dict, setup: dict, out_path: str) -> dict:
             if other in agg:
                 checks[f"pefll_unseen_above_{other}"] = (pe["unseen"]["acc_mean"]["mean"]
                                                         > agg[other]["unseen"]["acc_mean"]["mean"])
-    out = {"bench": "hypernet_learning", **setup, "settings": setup, "seeds": ",".join(str(s) for s in per_seed),
+    out = {"bench": "hypernet_learning", **setup, "seeds": ",".join(str(s) for s in per_seed),
            "mean_std": agg, "per_seed": per_seed, "runs": runs, "checks": checks}
     print(json.dumps(out))
     if out_path:
@@ -230,8 +230,9 @@ def report(per_seed: dict, runs: dict, setup: dict, out_path: str) -> dict:
 def merge(paths: list[str], bench: str, keys: tuple = SETTINGS) -> tuple[dict, dict, dict]:
     """per_seed, runs and settings of earlier `--out` files (finished or partial) of the same bench.
 
-    Each (seed, method) must come from one file only, and the files' settings must agree: a table
-    over seeds run with different rounds or cohorts would be meaningless."""
+    Each (seed, method) must come from one file only, and the files' settings and each method's
+    config must agree: a table over seeds run with different rounds or learning rates would be
+    meaningless."""
     per_seed, runs, setup, origin = {}, {}, {}, {}
     for path in paths:
         try:
@@ -240,8 +241,7 @@ def merge(paths: list[str], bench: str, keys: tuple = SETTINGS) -> tuple[dict, d
             fail(f"--merge {path}: not a readable JSON file ({e}); pass files written by --out")
         if not isinstance(obj, dict) or obj.get("bench") != bench or not isinstance(obj.get("per_seed"), dict):
             fail(f"--merge {path}: not a {bench} --out file")
-        given = obj.get("settings") or {k: obj[k] for k in keys if k in obj}  # files of before --merge
-        for k, v in given.items():
+        for k, v in ((k, obj[k]) for k in keys if k in obj):
             # backend and worker count do not change a run's numbers (bit-identical by design)
             if k in setup and setup[k] != v and k not in ("workers", "backend"):
                 fail(f"--merge {path}: {k} = {v!r}, but {origin[k]} has {setup[k]!r}; "
@@ -254,6 +254,9 @@ def merge(paths: list[str], bench: str, keys: tuple = SETTINGS) -> tuple[dict, d
                     fail(f"--merge {path}: seed {seed} {m} is also in an earlier file; keep it in one file only")
                 per_seed.setdefault(seed, {})[m] = res
         for m, r in obj.get("runs", {}).items():
+            if m in runs and runs[m].get("config") != r.get("config"):
+                fail(f"--merge {path}: {m} ran with config {r.get('config')}, an earlier file with "
+                     f"{runs[m].get('config')}; merge only runs with the same settings")
             runs.setdefault(m, {}).update(r)
     return dict(sorted(per_seed.items(), key=lambda kv: int(kv[0]))), runs, setup
 
