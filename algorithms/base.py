@@ -40,8 +40,6 @@ Randomness comes only from `ClientContext.generator(...)` / `numpy_rng(...)` on 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -49,13 +47,9 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
+from simfed.core.seeds import derive_seed
+
 KEEP = "__simfed_keep_state__"  # Reply.state default: leave the client's persistent state as it is
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of ints/strings; stable across processes and Python runs."""
-    text = "/".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -285,7 +279,7 @@ class Algorithm:
         kernel and allocator set-up, autograd's engine) and costs what round 2 costs. Default: the
         LeNet most methods train, at the method's batch size; a method with another client model
         overrides this. Touches no client, state or random stream."""
-        from simfed.algorithms.models import lenet_for
+        from simfed.algorithms.kit.models import lenet_for
 
         try:
             model = lenet_for(task.input_shape, task.num_classes).to(device)
@@ -308,45 +302,3 @@ class Algorithm:
         """Raise SimfedError for a config that cannot run on these clients ({client id: train samples},
         seen and unseen; called before any work, after `validate`)."""
         return None
-
-
-def config_from_dict(cls: type, values: Mapping[str, Any], where: str = "[algorithm]") -> Any:
-    """Build a frozen config dataclass; unknown keys are an error that lists the valid ones."""
-    from simfed.engine.errors import SimfedError
-
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise SimfedError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(sorted(fields))}")
-    from simfed.engine import validate
-
-    out = {}
-    for k, v in values.items():
-        default = fields[k].default
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise SimfedError(f"{where} {k} must be true or false, got {v!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise SimfedError(f"{where} {k} must be a number, got {v!r}")
-            if isinstance(default, float):
-                # NaN, inf and absurd magnitudes (1e308 overflows at the first step) never pass.
-                v = validate.number(f"{where} {k}", v)
-            else:
-                if isinstance(v, float) and v.is_integer() and abs(v) <= validate.INT64_MAX:
-                    v = int(v)
-                if isinstance(v, int) and abs(v) > validate.INT64_MAX:
-                    raise SimfedError(f"{where} {k} = {v} does not fit in a 64-bit integer")
-                v = validate.integer(f"{where} {k}", v, None, None)
-        if isinstance(default, str) and not isinstance(v, str):
-            raise SimfedError(f"{where} {k} must be a string (in quotes), got {v!r}")
-        if isinstance(default, str):
-            validate.text(f"{where} {k}", v)
-        if isinstance(default, tuple):
-            if not isinstance(v, (list, tuple)):
-                raise SimfedError(f"{where} {k} must be a list, got {v!r}")
-            v = tuple(v)
-        out[k] = v
-    try:
-        return cls(**out)
-    except (TypeError, ValueError) as exc:
-        raise SimfedError(f"{where}: {exc}") from None

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from simfed.algorithms import training
+from simfed.algorithms.kit import training
 from simfed.algorithms.base import Reply
 from simfed.algorithms.fedavg import FedAvg, client_model, local_sgd
-from simfed.algorithms.models import flat_params, load_flat
+from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.registry import register
 
 

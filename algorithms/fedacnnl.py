@@ -65,10 +65,11 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from simfed.algorithms import analytic
-from simfed.algorithms.base import Algorithm, BatchReply, ClientContext, ClientData, Eval, Reply, RoundInfo, ServerState, Task, derive_seed
+from simfed.algorithms.kit import analytic
+from simfed.algorithms.base import Algorithm, BatchReply, ClientContext, ClientData, Eval, Reply, RoundInfo, ServerState, Task
+from simfed.core.seeds import derive_seed
 from simfed.algorithms.registry import register
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 MAX_D = 8192  # a d x d float64 Gram of 512 MiB; larger layers would not fit a worker comfortably
 

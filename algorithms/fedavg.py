@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms import training, vectorized
+from simfed.algorithms.kit import training, vectorized
 from simfed.algorithms.base import Algorithm, ClientContext, ClientData, Reply, RoundInfo, ServerState, Task
-from simfed.algorithms.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
 from simfed.algorithms.registry import register
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 
 @dataclass(frozen=True)

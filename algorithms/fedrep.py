@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from simfed.algorithms import training
+from simfed.algorithms.kit import training
 from simfed.algorithms.base import Algorithm, Reply, Task
 from simfed.algorithms.fedavg import GlobalModelState, client_model
-from simfed.algorithms.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
 from simfed.algorithms.registry import register
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 
 @dataclass(frozen=True)

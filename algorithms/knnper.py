@@ -34,9 +34,9 @@ from torch.nn import functional as F
 
 from simfed.algorithms.base import Eval, Reply
 from simfed.algorithms.fedavg import FedAvg, client_model
-from simfed.algorithms.models import load_flat
+from simfed.algorithms.kit.models import load_flat
 from simfed.algorithms.registry import register
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
 

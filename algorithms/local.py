@@ -14,7 +14,7 @@ import torch
 
 from simfed.algorithms.base import Algorithm, Reply
 from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate, local_sgd, local_sgd_chunk
-from simfed.algorithms.models import flat_params, load_flat
+from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.registry import register
 
 

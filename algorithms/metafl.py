@@ -42,11 +42,11 @@ import torch
 
 from simfed.algorithms.base import Algorithm, ClientContext, Reply
 from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate
-from simfed.algorithms.functional import BatchStream, loss_fn, meta_gradient
-from simfed.algorithms.models import load_flat
+from simfed.algorithms.kit.functional import BatchStream, loss_fn, meta_gradient
+from simfed.algorithms.kit.models import load_flat
 from simfed.algorithms.registry import register
-from simfed.algorithms.vectorized_meta import meta_chunk_step
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.kit.vectorized_meta import meta_chunk_step
+from simfed.core.errors import SimfedError
 
 GRADIENTS = ("exact", "first_order", "hessian_free")
 HESSIAN_BATCHES = ("inner", "fresh")

@@ -83,13 +83,14 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms import hypernet as hn
-from simfed.algorithms import training
-from simfed.algorithms.base import Algorithm, Reply, ServerState, Task, derive_seed
+from simfed.algorithms.kit import hypernet as hn
+from simfed.algorithms.kit import training
+from simfed.algorithms.base import Algorithm, Reply, ServerState, Task
+from simfed.core.seeds import derive_seed
 from simfed.algorithms.fedavg import client_model
-from simfed.algorithms.models import flat_params, init_model, load_flat
+from simfed.algorithms.kit.models import flat_params, init_model, load_flat
 from simfed.algorithms.registry import register
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms import analytic
+from simfed.algorithms.kit import analytic
 from simfed.algorithms.base import ClientData, Eval, Reply, Task
 from simfed.algorithms.fedacnnl import FedACnnL, FedACnnLConfig, geometry, outputs_eval, selected
 from simfed.algorithms.registry import register
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 
 @dataclass(frozen=True)

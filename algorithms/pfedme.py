@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms import training
+from simfed.algorithms.kit import training
 from simfed.algorithms.base import Reply
 from simfed.algorithms.ditto import proximal_grads
 from simfed.algorithms.fedavg import FedAvg, client_model
-from simfed.algorithms.models import flat_params, load_flat
+from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.registry import register
 
 

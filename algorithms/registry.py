@@ -1,20 +1,20 @@
 """Name -> method registry. The engine looks methods up here and never imports one by name.
 
-Built-in methods are the modules of this package that call `register`; third-party packages add
-theirs through the `simfed.algorithms` entry-point group (name = "package.module").
+Built-in methods are the modules listed in BUILTIN, each of which calls `register`; third-party
+packages add theirs through the `simfed.algorithms` entry-point group (name = "package.module").
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from importlib.metadata import entry_points
 
 from simfed.algorithms.base import Algorithm
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 _REGISTRY: dict[str, Algorithm] = {}
-_NOT_METHODS = {"base", "registry", "models", "training", "hypernet", "functional", "analytic"}
+BUILTIN = ("fedavg", "local", "ditto", "fedrep", "pfedme", "knnper", "metafl", "pfedhn", "pefll", "fmlh",
+           "fedacnnl", "pfedacnnl")
 _loaded = False
 
 
@@ -31,11 +31,8 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    import simfed.algorithms as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in _NOT_METHODS and not mod.name.startswith("_"):
-            importlib.import_module(f"simfed.algorithms.{mod.name}")
+    for name in BUILTIN:
+        importlib.import_module(f"simfed.algorithms.{name}")
     for ep in entry_points(group="simfed.algorithms"):
         importlib.import_module(ep.value)
 

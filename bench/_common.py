@@ -337,7 +337,7 @@ def connect_ray(num_cpus: int) -> float:
     import ray
 
     from simfed.engine import cluster
-    from simfed.engine.errors import SimfedError
+    from simfed.core.errors import SimfedError
 
     t0 = time.perf_counter()
     try:

@@ -41,9 +41,10 @@ def _plain_worker(rank: int, store_path: str, jobs_by_round: list[list[tuple[int
     import torch
     from torch.nn import functional as F
 
-    from simfed.algorithms.base import Task, derive_seed
-    from simfed.algorithms.models import flat_params, init_model, lenet_for
-    from simfed.algorithms.training import batches
+    from simfed.algorithms.base import Task
+    from simfed.core.seeds import derive_seed
+    from simfed.algorithms.kit.models import flat_params, init_model, lenet_for
+    from simfed.algorithms.kit.training import batches
     from simfed.partitions.store import PartitionStore
 
     torch.set_num_threads(1)

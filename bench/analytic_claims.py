@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from simfed.algorithms import registry
-from simfed.algorithms.base import config_from_dict
+from simfed.core.config import config_from_dict
 from simfed.engine.config import DataConfig, EngineConfig, Experiment, RunConfig
 
 

@@ -37,9 +37,9 @@ def _sync(device: torch.device) -> None:
 
 
 def trainer_rate(store, ids, chunk: int, device: torch.device, lr: float = 0.05) -> dict:
-    from simfed.algorithms import training
-    from simfed.algorithms.models import flat_params, init_model, lenet_for, load_flat
-    from simfed.algorithms.vectorized import sgd_train_chunk
+    from simfed.algorithms.kit import training
+    from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
+    from simfed.algorithms.kit.vectorized import sgd_train_chunk
 
     model = init_model(lenet_for((1, 28, 28), 62), 0).to(device)
     theta = flat_params(model)

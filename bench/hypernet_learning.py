@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simfed.cli.config import parse
+from simfed.engine.config import parse
 from simfed.engine import checkpoint, cluster, metrics
 from simfed.engine import loop
 from simfed.engine.backends import SerialBackend

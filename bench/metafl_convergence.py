@@ -39,7 +39,7 @@ def build_stores(data_dir: Path, clients: int) -> dict[str, str]:
 def run_one(store: str, name: str, algo: dict, a, run_dir: Path) -> dict:
     import polars as pl
 
-    from simfed.cli.config import parse
+    from simfed.engine.config import parse
     from simfed.engine import metrics
     from simfed.engine.loop import run_experiment
 

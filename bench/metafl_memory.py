@@ -22,8 +22,8 @@ def measure(method: str, nu: int, batch: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from simfed.algorithms import functional as fn
-    from simfed.algorithms.models import LeNet, flat_params, init_model
+    from simfed.algorithms.kit import functional as fn
+    from simfed.algorithms.kit.models import LeNet, flat_params, init_model
 
     torch.set_num_threads(1)
     model = init_model(LeNet(1, 62, 28), 0)

@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
 
     import ray
 
-    from simfed.cli.config import parse
+    from simfed.engine.config import parse
     from simfed.engine import backends, cluster
     from simfed.engine.loop import run_experiment
     from simfed.partitions.store import PartitionStore

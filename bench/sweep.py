@@ -57,9 +57,9 @@ def main() -> None:
 
     import tomllib
 
-    from simfed.cli.sweep_config import parse_sweep
+    from simfed.sweeps.config import parse_sweep
     from simfed.engine import cluster
-    from simfed.engine.sweep import TrialSpec, run_sweep
+    from simfed.sweeps.sweep import TrialSpec, run_sweep
 
     work = Path(tempfile.mkdtemp(prefix="simfed-bench-sweep-"))
     store = args.store or str(work / "store")

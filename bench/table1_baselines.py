@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hypernet_learning import ensure_store  # noqa: E402
 
-from simfed.cli.config import parse  # noqa: E402
+from simfed.engine.config import parse  # noqa: E402
 from simfed.engine.loop import run_experiment  # noqa: E402
 
 # PeFLL Table 1, CIFAR-10 with 90 training clients (the setting closest to 90 seen Fashion-MNIST clients).

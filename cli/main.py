@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 app = typer.Typer(
     name="simfed",

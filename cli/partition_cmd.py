@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 partition_app = typer.Typer(help="Build a partition store (federated dataset directory).",
                             no_args_is_help=True, add_completion=False, rich_markup_mode=None)

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from simfed.engine import metrics
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 MAX_SERIES = 10
 SIZE_IN, DPI = (12.0, 8.0), 100  # 1200 x 800 pixels

@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 
 class Split(str, enum.Enum):

@@ -12,7 +12,9 @@ from typing import List, Optional
 import typer
 
 from simfed.cli import config as cfgio
-from simfed.engine.errors import SimfedError
+from simfed.core.config import apply_overrides
+from simfed.engine import config as expcfg
+from simfed.core.errors import SimfedError
 
 
 def _run_dir(exp, out: Optional[str]) -> Path:
@@ -106,7 +108,7 @@ class _Progress:
 
 
 def _load_saved_config(run_dir: Path) -> dict:
-    from simfed.partitions.safeio import load_json
+    from simfed.core.safeio import load_json
 
     saved = run_dir / "config.json"
     if not os.path.lexists(saved):
@@ -150,7 +152,8 @@ def launch(
 ) -> None:
     """Run an experiment; prints the run directory."""
     from simfed.algorithms import registry
-    from simfed.engine import cluster, resources, rundir, storage, validate
+    from simfed.engine import cluster, resources, rundir, storage
+    from simfed.core import validate
     from simfed.engine.loop import check_experiment, run_experiment
 
     # Everything below up to mkdir only reads: bad input never leaves a run directory or a Ray behind.
@@ -165,14 +168,14 @@ def launch(
         doc = _load_saved_config(Path(resume))
     else:
         notes: list[str] = []
-        doc = cfgio.apply_overrides(cfgio.load_toml(experiment), set_, notes)
+        doc = apply_overrides(cfgio.load(experiment), set_, notes)
         for note in notes:
             sys.stderr.write(f"simfed: note: {note}\n")
     if address is not None:
         if not isinstance(doc.setdefault("engine", {}), dict):
             raise SimfedError("[engine] must be a table")
         doc["engine"]["address"] = address
-    exp = cfgio.parse(doc, experiment or ("quickstart" if not resume else str(Path(resume) / "config.json")))
+    exp = expcfg.parse(doc, experiment or ("quickstart" if not resume else str(Path(resume) / "config.json")))
     restart = 0
     if resume:
         with rundir.hold(Path(resume)):  # a run still going (its owner alive) is refused first
@@ -214,9 +217,9 @@ def launch(
             raise SimfedError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another "
                               "--out")
         if not resume:
-            resolved = cfgio.to_dict(exp)
+            resolved = expcfg.to_dict(exp)
             for name, text in (("config.json", json.dumps(resolved, indent=2)),
-                               ("config.toml", cfgio.to_toml(resolved))):
+                               ("config.toml", expcfg.to_text(exp))):
                 tmp = run_dir / f".{name}.tmp"
                 tmp.write_text(text)
                 os.replace(tmp, run_dir / name)

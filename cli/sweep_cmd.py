@@ -18,8 +18,10 @@ from typing import Optional
 
 import typer
 
-from simfed.cli import config as cfgio
-from simfed.engine.errors import SimfedError
+from simfed.core.config import load_toml, to_toml
+from simfed.engine import config as expcfg
+from simfed.sweeps import config as sweep_config
+from simfed.core.errors import SimfedError
 
 MAX_TRIALS = 200  # larger sweeps need --yes: a typo in a grid should not start thousands of runs
 
@@ -31,15 +33,15 @@ def _write(path: Path, text: str) -> None:
 
 
 def _load_trials(sweep_dir: Path):
-    from simfed.cli.sweep_config import Trial
-    from simfed.engine.sweep import SchedulerConfig
+    from simfed.sweeps.config import Trial
+    from simfed.sweeps.sweep import SchedulerConfig
 
     info = load_record(sweep_dir)
     saved = sweep_dir / "sweep.json"
     check_trial_records(sweep_dir, info, with_state=True)
     try:
         trials = [Trial(id=t["id"], overrides=t["overrides"], doc=t["doc"],
-                        experiment=cfgio.parse(t["doc"], f"{saved} trial {t['id']}")) for t in info["trials"]]
+                        experiment=expcfg.parse(t["doc"], f"{saved} trial {t['id']}")) for t in info["trials"]]
         return trials, SchedulerConfig(**info["scheduler"])
     except (ValueError, KeyError, TypeError) as exc:
         raise SimfedError(f"{saved}: not a sweep record ({exc}); restore it or start the sweep again "
@@ -158,10 +160,9 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only finished/failed trials on the console."),
 ) -> None:
     """Run a grid of methods, hyperparameters and seeds as Ray Tune trials; prints the sweep directory."""
-    from simfed.cli import sweep_config
     from simfed.engine import cluster
     from simfed.engine.loop import check_experiment
-    from simfed.engine.sweep import TrialSpec, run_sweep
+    from simfed.sweeps.sweep import TrialSpec, run_sweep
 
     if max_concurrent is not None and max_concurrent < 1:
         raise SimfedError(f"--max-concurrent {max_concurrent}: give at least 1 (or leave it out: as many as fit)")
@@ -174,7 +175,7 @@ def sweep(
         if not sweep_file:
             raise SimfedError("give a sweep file (an experiment file plus [sweep]; see examples/table1_fmnist.toml) "
                               "or --resume SWEEP_DIR")
-        spec = sweep_config.parse_sweep(cfgio.load_toml(sweep_file), sweep_file)
+        spec = sweep_config.parse_sweep(load_toml(sweep_file), sweep_file)
         trials, scheduler = spec.trials, spec.scheduler
         if len(trials) > MAX_TRIALS and not yes:
             raise SimfedError(f"{sweep_file}: the sweep has {len(trials)} trials (more than {MAX_TRIALS}); "
@@ -192,7 +193,7 @@ def sweep(
             run_dir = sweep_dir / "trials" / t.id
             run_dir.mkdir(parents=True, exist_ok=True)
             _write(run_dir / "config.json", json.dumps(t.doc, indent=2))
-            _write(run_dir / "config.toml", cfgio.to_toml(t.doc))
+            _write(run_dir / "config.toml", to_toml(t.doc, expcfg.TOML_ORDER))
         shutil.copyfile(sweep_file, sweep_dir / ".sweep.toml.tmp")
         os.replace(sweep_dir / ".sweep.toml.tmp", sweep_dir / "sweep.toml")
         record = {"version": 1, "source": str(sweep_file), "scheduler": scheduler.__dict__,
@@ -228,7 +229,7 @@ def compare(
 ) -> None:
     """Per method: the configuration with the best mean validation accuracy over seeds, and its test
     accuracy per cohort as mean ± std over seeds; writes SWEEP_DIR/compare.parquet."""
-    from simfed.engine import compare as cmp
+    from simfed.sweeps import compare as cmp
 
     if select not in ("val", "test"):
         raise SimfedError(f"--select {select!r}: use val (choose on validation, the honest default) or test")

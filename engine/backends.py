@@ -27,7 +27,7 @@ from simfed.algorithms import registry
 from simfed.algorithms.base import Algorithm, RoundInfo
 from simfed.engine import resources
 from simfed.engine.config import EngineConfig
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from simfed.engine.sampling import plan_chunks
 from simfed.engine.server import Server
 from simfed.engine.worker import Worker, WorkerSpec

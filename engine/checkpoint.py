@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 FORMAT = 1
 NAME = "checkpoint.pt"
@@ -36,7 +36,7 @@ def save(run_dir: str | os.PathLike, completed_rounds: int, server_state: dict, 
 
 def load(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The checkpoint of a run directory (None if there is none), its fields checked."""
-    from simfed.partitions.safeio import regular_file
+    from simfed.core.safeio import regular_file
 
     path = Path(run_dir) / NAME
     if not os.path.lexists(path):

@@ -22,13 +22,13 @@ import pyarrow.fs as pafs
 import torch
 
 from simfed.engine.storage import resolve
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 _NAME = re.compile(r"^r(\d+)p(\d+)\.pt$")
 
 
 def _load(path: Path, mmap: bool = False) -> Any:
-    from simfed.partitions.safeio import regular_file
+    from simfed.core.safeio import regular_file
 
     regular_file(path, "client state file")  # a FIFO would block torch.load forever
     try:

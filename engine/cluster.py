@@ -20,14 +20,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 _REAPER: list[subprocess.Popen] = []  # held so its pipe stays open for the driver's lifetime
 
 
 def _probe(address: str, timeout: float | None = None) -> None:
     """Fail in seconds on an address where no Ray GCS answers (Ray itself retries for minutes)."""
-    from simfed.engine import probe, validate
+    from simfed.engine import probe
+    from simfed.core import validate
 
     probe.ray_gcs(validate.address("--address", address), timeout)
 

@@ -17,7 +17,7 @@ from simfed.engine import checkpoint, metrics, rundir, storage
 from simfed.engine.backends import ServerLost, make_backend
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.config import DataConfig, Experiment
-from simfed.engine.errors import RunFailed, SimfedError
+from simfed.core.errors import RunFailed, SimfedError
 from simfed.engine.sampling import sample_cohort, sample_eval
 from simfed.engine.worker import WorkerSpec
 

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 SCHEMA = pa.schema([
     ("run", pa.string()), ("round", pa.int32()), ("client_id", pa.int64()), ("cohort", pa.string()),
@@ -75,7 +75,7 @@ class MetricsWriter:
 
 def check_file(path: str | os.PathLike) -> None:
     """A metrics file is a regular Parquet file with SCHEMA's columns (reads only the footer)."""
-    from simfed.partitions.safeio import regular_file
+    from simfed.core.safeio import regular_file
 
     regular_file(path, "metrics file")
     try:
@@ -117,7 +117,7 @@ def load(run_dir: str | os.PathLike) -> pl.DataFrame:
 
 def _read_stats(path: Path) -> pl.DataFrame:
     """A per-round server-statistics file (long rows: run, round, stat, value), not a client-metrics one."""
-    from simfed.partitions.safeio import regular_file
+    from simfed.core.safeio import regular_file
 
     regular_file(path, "round statistics file")
     try:

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # length 0, type SETTINGS, no flags, stream 0

@@ -9,7 +9,7 @@ import math
 import os
 
 from simfed.engine.config import EngineConfig
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 
 def local_resources() -> dict[str, float]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 LOCK = ".lock"
 STATUS = "status.json"

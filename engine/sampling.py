@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from simfed.algorithms.base import derive_seed
+from simfed.core.seeds import derive_seed
 
 
 def sample_cohort(seed: int, round: int, client_ids: Sequence[int], k: int) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 MARKER = ".simfed-storage-marker"
 

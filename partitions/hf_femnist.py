@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from simfed.partitions.natural import Parts, check_labels, refuse_existing, write_by_writer
 from simfed.partitions.progress import progress_bar
 from simfed.partitions.synthetic import CLASSES as FEMNIST_CLASSES

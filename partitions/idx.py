@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from simfed.partitions import schemes
 from simfed.partitions.progress import progress_bar
-from simfed.partitions.safeio import check_output, regular_file
+from simfed.core.safeio import check_output, regular_file
 from simfed.partitions.writer import MAX_CLASSES, StoreWriter
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from simfed.engine import validate
-from simfed.engine.errors import SimfedError
+from simfed.core import validate
+from simfed.core.errors import SimfedError
 from simfed.partitions import schemes
 from simfed.partitions.natural import Parts, write_by_writer
 from simfed.partitions.progress import progress_bar
-from simfed.partitions.safeio import check_output, load_json, regular_file
+from simfed.core.safeio import check_output, load_json, regular_file
 from simfed.partitions.synthetic import CLASSES as FEMNIST_CLASSES
 
 PIXELS = 784

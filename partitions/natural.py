@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from simfed.partitions import schemes
 from simfed.partitions.writer import StoreWriter
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from simfed.engine import validate
-from simfed.engine.errors import SimfedError
+from simfed.core import validate
+from simfed.core.errors import SimfedError
 
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.15

@@ -34,9 +34,9 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from simfed.engine import validate
-from simfed.engine.errors import SimfedError
-from simfed.partitions.safeio import parse_json, read_bytes, regular_file
+from simfed.core import validate
+from simfed.core.errors import SimfedError
+from simfed.core.safeio import parse_json, read_bytes, regular_file
 from simfed.partitions.storecheck import CLIENTS_MAX_BYTES, MANIFEST_MAX_BYTES, check_clients, check_manifest
 from simfed.partitions.writer import (  # noqa: F401  (write_store is part of this module's API)
     CLIENTS, FORMAT_VERSION, MANIFEST, SPLIT_FILES, SPLITS, StoreWriter, choose_unseen,

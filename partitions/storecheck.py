@@ -14,8 +14,8 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from simfed.engine import validate
-from simfed.engine.errors import SimfedError
+from simfed.core import validate
+from simfed.core.errors import SimfedError
 from simfed.partitions.writer import CLIENTS, MAX_CLASSES, MAX_SAMPLE_BYTES, SPLIT_FILES, SPLITS
 
 MANIFEST_MAX_BYTES = 256 << 20  # names of 100k classes fit easily

@@ -36,10 +36,10 @@ import string
 
 import numpy as np
 
-from simfed.engine import validate
+from simfed.core import validate
 from simfed.partitions import schemes
 from simfed.partitions.progress import progress_bar
-from simfed.partitions.safeio import check_output
+from simfed.core.safeio import check_output
 from simfed.partitions.writer import StoreWriter
 
 CLASSES = list(string.digits + string.ascii_uppercase + string.ascii_lowercase)

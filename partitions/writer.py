@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from simfed.engine import validate
-from simfed.engine.errors import SimfedError
-from simfed.partitions.safeio import check_output, missing_parents
+from simfed.core import validate
+from simfed.core.errors import SimfedError
+from simfed.core.safeio import check_output, missing_parents
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")

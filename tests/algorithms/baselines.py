@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from simfed.algorithms.base import ClientContext, ClientData, Task
-from simfed.algorithms.models import LeNet, init_model
+from simfed.algorithms.kit.models import LeNet, init_model
 
 TASK = Task(input_shape=(1, 16, 16), num_classes=4)
 SEED = 5

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simfed.algorithms import analytic
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.kit import analytic
+from simfed.core.errors import SimfedError
 
 
 def slow_patches(h: torch.Tensor, k: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simfed.algorithms import hypernet as hn
+from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
 from simfed.algorithms.fmlh import FMLH, FMLHConfig
 from simfed.algorithms.pefll import PeFLL, PeFLLConfig

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simfed.algorithms import functional as fn
-from simfed.algorithms.base import RoundInfo, config_from_dict
+from simfed.algorithms.kit import functional as fn
+from simfed.algorithms.base import RoundInfo
+from simfed.core.config import config_from_dict
 from simfed.algorithms.ditto import Ditto, DittoConfig, proximal_grads
-from simfed.algorithms.models import flat_params, load_flat
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.kit.models import flat_params, load_flat
+from simfed.core.errors import SimfedError
 
 from baselines import SEED, TASK, client, tiny_lenet
 from clients import make_clients

@@ -9,8 +9,9 @@ import torch
 from torch.nn import functional as F
 
 from simfed.algorithms import registry
-from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task, config_from_dict
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
+from simfed.core.config import config_from_dict
+from simfed.core.errors import SimfedError
 from simfed.engine.worker import all_finite
 
 TASK = Task((1, 10, 10), 4)
@@ -250,7 +251,8 @@ def test_end_to_end_through_the_engine(tiny_store, tmp_path):
 def test_example_files_parse_and_validate():
     from pathlib import Path
 
-    from simfed.cli.config import load_toml, parse
+    from simfed.core.config import load_toml
+    from simfed.engine.config import parse
 
     files = sorted(Path(__file__).resolve().parents[2].glob("examples/*fedacnnl_*.toml"))
     assert len(files) >= 4
@@ -333,7 +335,7 @@ def test_client_fraction_solves_from_a_seeded_subset_of_clients():
 
 
 def test_forward_cache_hits_give_bitwise_the_same_solution(monkeypatch):
-    from simfed.algorithms import analytic
+    from simfed.algorithms.kit import analytic
 
     x, y = make_data(500, seed=10)
     cfg = cfg_of(patches_per_image=5)

@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from simfed.algorithms import training
-from simfed.algorithms.base import RoundInfo, config_from_dict
+from simfed.algorithms.kit import training
+from simfed.algorithms.base import RoundInfo
+from simfed.core.config import config_from_dict
 from simfed.algorithms.fedavg import FedAvg, FedAvgConfig, GlobalModelState
 from simfed.algorithms.fedrep import FedRep, FedRepConfig, head_size
-from simfed.algorithms.models import flat_params, lenet_for, load_flat
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.kit.models import flat_params, lenet_for, load_flat
+from simfed.core.errors import SimfedError
 
 from baselines import SEED, TASK, client
 from clients import make_clients

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from simfed.algorithms import hypernet as hn
+from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
 from simfed.algorithms.fmlh import FMLH, FMLHConfig, support_query
-from simfed.algorithms.models import lenet_for, load_flat
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.kit.models import lenet_for, load_flat
+from simfed.core.errors import SimfedError
 
 from clients import make_clients
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from simfed.algorithms import analytic, gram
+from simfed.algorithms.kit import analytic, gram
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

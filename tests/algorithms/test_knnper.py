@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from simfed.algorithms import training
-from simfed.algorithms.base import config_from_dict
+from simfed.algorithms.kit import training
+from simfed.core.config import config_from_dict
 from simfed.algorithms.knnper import KNNPer, KNNPerConfig, features_and_probs, knn_probs, personalized_probs
-from simfed.algorithms.models import load_flat
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.kit.models import load_flat
+from simfed.core.errors import SimfedError
 
 from baselines import SEED, TASK, client
 from clients import make_clients

@@ -7,11 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from simfed.algorithms import functional as fn
-from simfed.algorithms import registry, training
-from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task, config_from_dict
-from simfed.algorithms.models import LeNet, flat_params, init_model, load_flat
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.kit import functional as fn
+from simfed.algorithms import registry
+from simfed.algorithms.kit import training
+from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
+from simfed.core.config import config_from_dict
+from simfed.algorithms.kit.models import LeNet, flat_params, init_model, load_flat
+from simfed.core.errors import SimfedError
 
 TASK = Task(input_shape=(1, 16, 16), num_classes=5)
 
@@ -264,7 +266,7 @@ def small_store(tmp_path_factory):
 
 
 def run_engine(store, run_dir, name, rounds=2, **algo):
-    from simfed.cli.config import parse
+    from simfed.engine.config import parse
     from simfed.engine import metrics
     from simfed.engine.loop import run_experiment
 
@@ -294,7 +296,8 @@ def test_engine_drops_non_finite_meta_updates(small_store, tmp_path):
 def test_example_files_parse():
     from pathlib import Path
 
-    from simfed.cli.config import load_toml, parse
+    from simfed.core.config import load_toml
+    from simfed.engine.config import parse
 
     files = sorted(Path(__file__).parents[2].glob("examples/*.toml"))
     files = [f for f in files if f.name.startswith(("metafl_", "perfedavg_"))]

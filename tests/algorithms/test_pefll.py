@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from simfed.algorithms import hypernet as hn
-from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task, config_from_dict
+from simfed.algorithms.kit import hypernet as hn
+from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
+from simfed.core.config import config_from_dict
 from simfed.algorithms.pefll import PeFLL, PeFLLConfig, descriptor, descriptor_batch
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 from clients import make_clients as _make_clients
 

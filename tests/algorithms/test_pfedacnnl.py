@@ -8,11 +8,12 @@ import torch
 from torch.nn import functional as F
 
 from simfed.algorithms import registry
-from simfed.algorithms.base import ClientData, RoundInfo, config_from_dict
-from simfed.algorithms import analytic
+from simfed.algorithms.base import ClientData, RoundInfo
+from simfed.core.config import config_from_dict
+from simfed.algorithms.kit import analytic
 from simfed.algorithms.fedacnnl import geometry
 from simfed.algorithms.pfedacnnl import features, personal_head
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 from test_fedacnnl import SMALL, TASK, ctx, drive, make_data, one_thread  # noqa: F401 (fixture)
 

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from simfed.algorithms import hypernet as hn
+from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
-from simfed.algorithms.models import lenet_for
+from simfed.algorithms.kit.models import lenet_for
 from simfed.algorithms.pfedhn import PFedHN, PFedHNConfig
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 from clients import make_clients
 

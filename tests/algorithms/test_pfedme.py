@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simfed.algorithms import functional as fn
-from simfed.algorithms import training
-from simfed.algorithms.base import RoundInfo, config_from_dict
+from simfed.algorithms.kit import functional as fn
+from simfed.algorithms.kit import training
+from simfed.algorithms.base import RoundInfo
+from simfed.core.config import config_from_dict
 from simfed.algorithms.fedavg import GlobalModelState
-from simfed.algorithms.models import flat_params
+from simfed.algorithms.kit.models import flat_params
 from simfed.algorithms.pfedme import PFedMe, PFedMeConfig, pfedme_local
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 from baselines import SEED, TASK, client, tiny_lenet
 from clients import make_clients

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from simfed.algorithms import training
+from simfed.algorithms.kit import training
 
 
 def test_one_epoch_trains_every_sample_exactly_once_with_a_partial_last_batch():

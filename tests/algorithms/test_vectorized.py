@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 
-from simfed.algorithms import registry, training
+from simfed.algorithms import registry
+from simfed.algorithms.kit import training
 from simfed.algorithms.base import ClientContext, Task
-from simfed.algorithms.models import flat_params, init_model, lenet_for, load_flat
-from simfed.algorithms.vectorized import sgd_train_chunk
+from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.kit.vectorized import sgd_train_chunk
 
 SIZES = [7, 33, 64, 90]  # partial batches, a client smaller than one batch, unequal step counts
 

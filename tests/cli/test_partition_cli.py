@@ -207,7 +207,7 @@ def test_importers_create_missing_parents_of_the_output(tmp_path):
 
 def test_writer_removes_the_parents_it_made_when_the_import_fails(tmp_path):
     """A failure after writing started (here: rows of a client given twice) leaves no parent behind."""
-    from simfed.engine.errors import SimfedError
+    from simfed.core.errors import SimfedError
     from simfed.partitions.writer import StoreWriter
 
     out = tmp_path / "a" / "b" / "store"

@@ -14,7 +14,8 @@ import polars as pl
 import pytest
 import torch
 
-from simfed.cli import config as cfgio
+from simfed.core.config import apply_overrides, load_toml
+from simfed.engine.config import parse
 from simfed.engine import checkpoint, metrics
 from tests.cli.inproc import run
 from tests.cli.test_launch_cli import assert_user_error
@@ -211,7 +212,7 @@ def test_switching_method_drops_the_files_keys_and_says_so(engine_store, tmp_pat
     sets = ["algorithm.name=local", "algorithm.lr=0.1"]
     r = run("launch", exp, *(a for s in sets for a in ("--set", s)), "--set", "run.clients_per_round=500")
     assert "simfed: note: --set algorithm.name=local: dropped the file's fedavg settings (local_steps);" in r.stderr
-    resolved = cfgio.parse(cfgio.apply_overrides(cfgio.load_toml(str(exp)), sets))
+    resolved = parse(apply_overrides(load_toml(str(exp)), sets))
     assert resolved.algorithm == "local" and resolved.algorithm_config.lr == 0.1
     assert resolved.algorithm_config.local_steps == 20  # local's default, not the file's 3 for fedavg
 

@@ -273,7 +273,7 @@ def _sweep_dir(tmp_path, store) -> Path:
     (sweep.json, state.json, trials/ID/{status,trial}.json; no metrics)."""
     import tomllib
 
-    from simfed.cli.sweep_config import parse_sweep
+    from simfed.sweeps.config import parse_sweep
 
     spec = parse_sweep(tomllib.loads(SWEEP.format(store=store)), "sweep.toml")
     out = tmp_path / "sw"

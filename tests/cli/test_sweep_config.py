@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 
-from simfed.cli.sweep_config import parse_sweep
+from simfed.sweeps.config import parse_sweep
 
 BASE = """
 [data]

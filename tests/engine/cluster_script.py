@@ -10,7 +10,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from simfed.engine import metrics
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from simfed.engine.loop import run_experiment
 from tests.engine.conftest import make_exp, numbers
 

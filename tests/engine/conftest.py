@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from simfed.algorithms import registry
-from simfed.algorithms.base import config_from_dict
+from simfed.core.config import config_from_dict
 from simfed.engine import metrics
 from simfed.engine.config import DataConfig, EngineConfig, Experiment, RunConfig
 from simfed.engine.loop import run_experiment

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from simfed.engine import checkpoint, metrics
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from simfed.engine.loop import run_experiment
 from tests.engine.conftest import make_exp
 

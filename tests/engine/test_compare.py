@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from simfed.engine.compare import mean_std, table
+from simfed.sweeps.compare import mean_std, table
 
 
 def _row(trial, group, config, seed, cohort, select_acc, acc, state="finished"):

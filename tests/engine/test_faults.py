@@ -96,7 +96,7 @@ def test_killed_server_is_restarted_from_the_checkpoint_with_the_same_numbers(en
 
 
 def test_server_deaths_beyond_the_bound_fail_with_the_resume_command(engine_store, tmp_path):
-    from simfed.engine.errors import RunFailed
+    from simfed.core.errors import RunFailed
 
     state: dict = {}
     with pytest.raises(RunFailed) as err:
@@ -112,7 +112,7 @@ def test_user_error_inside_a_client_surfaces_as_one_line_and_marks_the_run_faile
                                                                                   request):
     import json
 
-    from simfed.engine.errors import SimfedError
+    from simfed.core.errors import SimfedError
 
     if backend == "ray":
         request.getfixturevalue("ray_session")

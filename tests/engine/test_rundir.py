@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from simfed.engine import rundir
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from tests.cli.test_launch_cli import assert_user_error, simfed, write_exp
 
 HOLDER = """

@@ -25,7 +25,7 @@ def test_chunk_size_ignores_the_pool():
 
 def test_equal_cost_clients_cost_the_same_whatever_their_size():
     from simfed.algorithms import registry
-    from simfed.algorithms.base import config_from_dict
+    from simfed.core.config import config_from_dict
 
     algo = registry.get("fedavg")
     cfg = config_from_dict(algo.Config, {"local_steps": 20})

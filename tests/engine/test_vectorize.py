@@ -10,7 +10,7 @@ import pytest
 from simfed.algorithms import registry
 
 from simfed.engine import checkpoint
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from simfed.engine.loop import check_experiment, run_experiment
 from tests.engine.conftest import make_exp
 from tests.engine.test_method_parity import SMALL, rows, same

@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from simfed.partitions.idx import import_idx, read_idx
 from simfed.partitions.store import PartitionStore
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 from simfed.partitions.leaf import import_leaf
 from simfed.partitions.store import PartitionStore
 

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simfed.algorithms import training, vectorized
-from simfed.algorithms.base import Reply, RoundInfo, derive_seed
-from simfed.algorithms.models import LeNet, flat_params, lenet_for, load_flat, param_shapes
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.kit import training, vectorized
+from simfed.algorithms.base import Reply, RoundInfo
+from simfed.core.seeds import derive_seed
+from simfed.algorithms.kit.models import LeNet, flat_params, lenet_for, load_flat, param_shapes
+from simfed.core.errors import SimfedError
 
 
 class HyperNet(nn.Module):

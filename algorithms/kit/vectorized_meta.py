@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from torch.func import grad, grad_and_value, vjp, vmap
 
-from simfed.algorithms.functional import BatchStream
-from simfed.algorithms.models import param_shapes
-from simfed.algorithms.vectorized import gather, masked_loss, stack_data
+from simfed.algorithms.kit.functional import BatchStream
+from simfed.algorithms.kit.models import param_shapes
+from simfed.algorithms.kit.vectorized import gather, masked_loss, stack_data
 
 
 def _draws(cfg, n: int, gen: torch.Generator) -> list[tuple[list, torch.Tensor, list | None]]:

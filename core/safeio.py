@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import Any, Iterable
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 JSON_MAX_BYTES = 4 << 30  # LEAF's largest all_data file is ~0.3 GB
 
@@ -92,7 +92,7 @@ def check_output(out: str | os.PathLike, overwrite: bool, sources: Iterable[str 
     cannot be created: its nearest existing ancestor must be a writable directory. Missing parents
     are not created here (StoreWriter does it, `missing_parents`): this runs before any input is
     read, and a command refused for bad input must leave nothing behind."""
-    from simfed.engine import validate
+    from simfed.core import validate
 
     validate.text("OUT", str(out))
     if "://" in str(out):

@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from simfed.engine.errors import SimfedError
+from simfed.core.errors import SimfedError
 
 INT64_MAX = 2**63 - 1
 SEED_MAX = INT64_MAX

@@ -23,8 +23,8 @@ from typing import Any
 import polars as pl
 
 from simfed.engine import metrics
-from simfed.engine.errors import SimfedError
-from simfed.engine.sweep import read_json, run_status
+from simfed.core.errors import SimfedError
+from simfed.sweeps.sweep import read_json, run_status
 
 STATS = ("acc_mean", "acc_weighted", "acc_p10", "acc_worst10")
 

@@ -13,7 +13,7 @@ clients' validation client-mean accuracy (`val_acc`) and the round to Tune, so A
 trial's state (pending, running, finished, stopped, failed) is kept in SWEEP/state.json (written
 atomically); a resumed sweep runs only trials that are neither finished nor stopped, continuing
 each from its last checkpoint when it has one. The grid itself is expanded by the CLI
-(`simfed.cli.sweep_config`); Tune gets one trial id per trial.
+(`simfed.sweeps.config`); Tune gets one trial id per trial.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def run_status(run_dir: Path) -> str:
 def one_line_reason(exc: BaseException) -> str:
     """What a failed trial prints: a SimfedError's message is already what, where and how to fix;
     anything else is a bug and is named by its type (its traceback stays in Tune's error file)."""
-    from simfed.engine.errors import SimfedError
+    from simfed.core.errors import SimfedError
 
     text = " ".join(str(exc).split())
     if isinstance(exc, SimfedError):
@@ -91,7 +91,7 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
 
     from simfed.engine import metrics
     from simfed.engine.backends import release_pool
-    from simfed.engine.errors import SimfedError
+    from simfed.core.errors import SimfedError
     from simfed.engine.loop import run_experiment
 
     spec: TrialSpec = specs[config["trial"]]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from simfed.algorithms.analytic import Layer
+    from simfed.algorithms.kit.analytic import Layer
 
 
 def gram_into(a: torch.Tensor, p: torch.Tensor) -> None:

@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import torch
 from torch.nn import functional as F
 
-from simfed.algorithms.gram import RowPairGram, gram_into, symmetrize
-from simfed.engine.errors import SimfedError
+from simfed.algorithms.kit.gram import RowPairGram, gram_into, symmetrize
+from simfed.core.errors import SimfedError
 
 LENET = ("conv5x16", "conv5x32", "fc120", "fc84", "fc")
 ACTIVATIONS = ("relu", "tanh", "identity")

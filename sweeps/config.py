@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 
 from simfed.algorithms import registry
-from simfed.algorithms.base import config_from_dict, derive_seed
-from simfed.cli import config as cfgio
+from simfed.core.config import config_from_dict
+from simfed.core.seeds import derive_seed
+from simfed.engine import config as expcfg
 from simfed.engine.config import Experiment
-from simfed.engine.errors import SimfedError
-from simfed.engine.sweep import SchedulerConfig
+from simfed.core.errors import SimfedError
+from simfed.sweeps.sweep import SchedulerConfig
 
 SWEEP_KEYS = {"scheduler", "grace_period", "reduction_factor", "samples", "seed", "grid", "method", "random"}
 SCHEDULERS = ("fifo", "asha")
@@ -54,7 +55,7 @@ FIXED = {"run.name": "trial directories are named by the sweep", "engine.address
 class Trial:
     id: str
     overrides: dict  # section.key -> value: what the sweep set for this trial
-    doc: dict  # the resolved experiment (cfgio.to_dict), as saved in the trial's config.json
+    doc: dict  # the resolved experiment (expcfg.to_dict), as saved in the trial's config.json
     experiment: Experiment
 
 
@@ -92,15 +93,15 @@ def _field(key: str, methods: list[str], where: str):
                                   " (put method-specific keys under [sweep.method.NAME])")
             out.append((registry.get(m).Config, fields[name]))
         return out
-    if section not in cfgio.SECTIONS or "." in name or not name:
+    if section not in expcfg.SECTIONS or "." in name or not name:
         raise SimfedError(f"{where}: unknown key {key!r}; keys are section.key with section one of "
                           "algorithm, data, engine, run")
-    fields = {f.name: f for f in dataclasses.fields(cfgio.SECTIONS[section])}
+    fields = {f.name: f for f in dataclasses.fields(expcfg.SECTIONS[section])}
     if name not in fields:
         raise SimfedError(f"{where}: unknown key {key!r}; valid [{section}] keys: {', '.join(sorted(fields))}")
     if key in FIXED:
         raise SimfedError(f"{where}: {key} cannot be swept ({FIXED[key]})")
-    return [(cfgio.SECTIONS[section], fields[name])]
+    return [(expcfg.SECTIONS[section], fields[name])]
 
 
 def _check_value(key: str, value: Any, fields, where: str) -> None:
@@ -243,8 +244,8 @@ def parse_sweep(doc: dict[str, Any], where: str) -> Sweep:
         data = trial_doc.setdefault("data", {})
         if data.get("path") and "://" not in str(data["path"]):
             data["path"] = str(Path(str(data["path"])).absolute())  # trials run in Ray Tune's own directories
-        exp = cfgio.parse(trial_doc, f"{where} trial {tid} ({_describe(point)})")
-        trials.append(Trial(id=tid, overrides=point, doc=cfgio.to_dict(exp), experiment=exp))
+        exp = expcfg.parse(trial_doc, f"{where} trial {tid} ({_describe(point)})")
+        trials.append(Trial(id=tid, overrides=point, doc=expcfg.to_dict(exp), experiment=exp))
     return Sweep(trials=trials, scheduler=sched)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from simfed.algorithms.models import param_shapes, unflatten
+from simfed.algorithms.kit.models import param_shapes, unflatten
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]

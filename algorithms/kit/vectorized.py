@@ -33,8 +33,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from simfed.algorithms import training
-from simfed.algorithms.models import param_shapes, unflatten
+from simfed.algorithms.kit import training
+from simfed.algorithms.kit.models import param_shapes, unflatten
 
 
 def stack_data(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
