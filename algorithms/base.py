@@ -19,23 +19,31 @@ A round is an ordered list of **phases** (one communication exchange each). For 
 the server, so memory is O(model), never O(cohort x model)); float64 stays float64, which is what
 the least-squares Gram accumulators need. Sums are added, and `absorb` is called, in one fixed
 order (chunk order, then client order within a chunk) that depends on the cohort alone, never
-on workers or timing, so a method's results are bit-identical on any backend and pool. `Reply.item` is a per-client message for methods whose
-server step is per client (a hypernetwork's vector-Jacobian product at that client's input).
-A reply whose tensors are not all finite is dropped by the engine and counted, never absorbed.
+on workers or timing, so a method's results are bit-identical on any backend and pool.
+`Reply.item` is a per-client message for methods whose server step is per client (a
+hypernetwork's vector-Jacobian product at that client's input). A reply whose tensors are not all
+finite is dropped by the engine and counted, never absorbed.
+
+A method declares what it does in `capabilities` (client state, per-client payloads, and which
+train phases have a chunk step): `chunk_replies` trains a chunk of clients at once and still
+answers per client; `chunk_sums` answers a whole chunk with summed statistics only.
 
 Evaluation is phases too (`eval_phases`): PeFLL needs a descriptor exchange before it can hand a
 client its zero-shot model, pFedHN fits an embedding for an unseen client, FedAvg needs one. The
 replies of the last eval phase carry `evals` (split -> Eval); the engine turns them into metric
 rows. `finish` runs after eval phases too (`info.mode == "eval"`), so a method that fitted
-something for evaluation (pFedHN's unseen embeddings) can clear it. Evaluation never changes client state (the engine ignores `state` in eval replies), so how
-often a run evaluates cannot change its training.
+something for evaluation (pFedHN's unseen embeddings) can clear it. Evaluation never changes
+client state (the engine ignores `state` in eval replies), so how often a run evaluates cannot
+change its training.
 
 Server state is any object with `state_dict()`/`load_state_dict()`; `ServerState` below gives
 that for attributes holding modules, optimizers, tensors and plain values. Attributes whose name
 starts with `_` are round scratch and are not checkpointed (checkpoints fall between rounds).
 
-Randomness comes only from `ClientContext.generator(...)` / `numpy_rng(...)` on clients and
-`RoundInfo.generator(...)` on the server, all derived from (run seed, round, client id, phase).
+Randomness comes only from seeds derived (simfed.core.seeds.derive_seed) from the run seed and
+the parts that identify a draw: `ClientContext.generator(...)` / `numpy_rng(...)` on clients and
+`RoundInfo.generator(...)` on the server add (round, client id, phase); a method's initial state
+derives its own from (run seed, a tag). Never a global generator.
 """
 
 from __future__ import annotations
@@ -71,7 +79,6 @@ class RoundInfo:
     mode: str = "train"  # "train" or "eval"
     cohort: str = "seen"  # which clients this pass is over: "seen" or "unseen"
     phase_index: int = 0
-    client_ids: tuple[int, ...] = ()
 
     def generator(self, *tags: Any) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.mode, "server", *tags))
@@ -100,8 +107,8 @@ class Reply:
 
 
 @dataclass
-class BatchReply:
-    """The replies of a whole chunk of clients computed together (`Algorithm.client_batch`):
+class ChunkSums:
+    """The replies of a whole chunk of clients computed together (`Algorithm.chunk_sums`):
     `sums`, the chunk's statistics summed over its clients; per client j, `n_train[j]` samples
     processed and `dropped[j]` True if its contribution was non-finite and left out of `sums`
     (the engine counts it as a dropped reply, as for `client`)."""
@@ -194,16 +201,28 @@ class ServerState:
                 setattr(self, k, v)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method does, declared once on its class. The engine reads this and nothing else about
+    a method's shape: never its class hierarchy, never which hooks it overrides."""
+
+    client_state: bool = False  # keeps per-client persistent state (engine-held, checkpointed)
+    payloads: bool = False  # `payloads` sends per-client messages (else only the broadcast)
+    # Train phases whose `chunk_replies` trains a whole chunk of clients at once and still returns
+    # one Reply per client (used when `engine.vectorize` is on for the worker).
+    chunk_replies: frozenset[str] = frozenset()
+    # `chunk_sums` may answer a train phase for a whole chunk with the chunk's summed statistics
+    # only (it returns None for a phase it does not cover); always used where it answers.
+    chunk_sums: bool = False
+
+
 class Algorithm:
-    """Base class of every method. Subclasses set `name`, `Config` and override the hooks."""
+    """Base class of every method. Subclasses set `name`, `Config`, `capabilities` and the hooks."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     summary: ClassVar[str] = ""
-    uses_client_state: ClassVar[bool] = False
-    # Train phases whose client step `client_chunk` can run for a whole chunk at once (a method
-    # declares it; the engine's `engine.vectorize` decides whether to use it).
-    vectorized_phases: ClassVar[frozenset[str]] = frozenset()
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     # --- server side -------------------------------------------------------------------
     def init(self, cfg: Any, task: Task, seed: int) -> ServerState:
@@ -235,30 +254,23 @@ class Algorithm:
                ctx: ClientContext) -> Reply:
         raise NotImplementedError
 
-    def client_batch(self, phase: str, cfg: Any, bcast: Any, clients: Sequence[tuple["ClientData", "ClientContext"]],
-                     ) -> BatchReply | None:
-        """Optional: one training phase for a whole chunk of clients at once, for methods whose
-        training replies are only summable `sums` (no payloads, items or client state). The result
-        must equal, up to round-off, the sum of the `client` replies of the same clients; it may
-        depend on the chunk's clients and their order (a chunk is fixed by the engine). Return
-        None to have the engine call `client` per client (the default)."""
-        return None
-
-    def chunk_phases(self) -> frozenset[str]:
-        """`vectorized_phases`, but only when the class that defines `client` also defines
-        `client_chunk`: a method that inherits FedAvg's chunk step but has its own client step
-        (meta-FL, Ditto, ...) must never be trained by FedAvg's batched SGD."""
-        owner = lambda name: next(c for c in type(self).__mro__ if name in vars(c))  # noqa: E731
-        return self.vectorized_phases if owner("client") is owner("client_chunk") else frozenset()
-
-    def client_chunk(self, phase: str, cfg: Any, bcast: Any, payloads: Sequence[Any], datas: Sequence[ClientData],
-                     cstates: Sequence[Any], ctxs: Sequence[ClientContext]) -> list[Reply]:
-        """The client step for a chunk of clients, one Reply per client (same order in, same order
-        out), used when `engine.vectorize` is on for a phase in `vectorized_phases`. Unlike
-        `client_batch` (only summed statistics), every client keeps its own reply, state and metric
-        row. Default: one `client` call each. A method overrides it with a batched computation equal
-        to the loop up to round-off (algorithms/vectorized.py)."""
+    def chunk_replies(self, phase: str, cfg: Any, bcast: Any, payloads: Sequence[Any], datas: Sequence[ClientData],
+                      cstates: Sequence[Any], ctxs: Sequence[ClientContext]) -> list[Reply]:
+        """The client step for a whole chunk of clients, one Reply per client (same order in, same
+        order out): each client keeps its own reply, state and metric row. Called for the phases in
+        `capabilities.chunk_replies` when `engine.vectorize` is on for the worker; a method overrides
+        it with a batched computation equal to the loop up to round-off (kit/vectorized.py).
+        Default: one `client` call each."""
         return [self.client(phase, cfg, bcast, p, d, s, c) for p, d, s, c in zip(payloads, datas, cstates, ctxs)]
+
+    def chunk_sums(self, phase: str, cfg: Any, bcast: Any, clients: Sequence[tuple[ClientData, ClientContext]],
+                   ) -> ChunkSums | None:
+        """A training phase for a whole chunk of clients, answered with the chunk's summed
+        statistics only (no payloads, items or client state), for methods declaring
+        `capabilities.chunk_sums`. The sums must equal, up to round-off, the sum of the `client`
+        replies of the same clients; they may depend on the chunk's clients and their order (a
+        chunk is fixed by the engine). None: the engine calls `client` per client instead."""
+        return None
 
     # --- helpers -------------------------------------------------------------------------
     def cost(self, cfg: Any, n_train: int) -> float:

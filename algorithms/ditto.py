@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Reply
+from simfed.algorithms.base import Capabilities, Reply
 from simfed.algorithms.fedavg import FedAvg, client_model, local_sgd
 from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.registry import register
@@ -94,7 +94,7 @@ class Ditto(FedAvg):
     name = "ditto"
     Config = DittoConfig
     summary = "Ditto: FedAvg global model plus proximal personal models (Li et al. 2021)"
-    uses_client_state = True
+    capabilities = Capabilities(client_state=True)
 
     def cost(self, cfg, n_train: int) -> float:
         glob = math.ceil(cfg.local_epochs * n_train / cfg.batch_size) if cfg.local_epochs > 0 else cfg.local_steps

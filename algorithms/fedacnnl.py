@@ -41,7 +41,7 @@ No row of data ever leaves a client.
   that bench/analytic_claims.py prints.
 - `gamma = 1` (AFL's default). gamma = 0 is allowed; a singular Gram matrix is then an error.
 - speed (ours; the paper gives no implementation): a worker stacks the training samples of all
-  the clients of its chunk and accumulates them as one sample set (`client_batch`): blocks of
+  the clients of its chunk and accumulates them as one sample set (`chunk_sums`): blocks of
   at most 2^22 design elements, each a few large GEMMs (upper block triangle only, the bias as a
   column of ones, X^T T from per-sample row sums); with every patch position a convolution's
   Gram is assembled from products of image rows instead (gram.RowPairGram, 2.5x fewer
@@ -66,7 +66,7 @@ import torch
 from torch.nn import functional as F
 
 from simfed.algorithms.kit import analytic
-from simfed.algorithms.base import Algorithm, BatchReply, ClientContext, ClientData, Eval, Reply, RoundInfo, ServerState, Task
+from simfed.algorithms.base import Algorithm, Capabilities, ChunkSums, ClientContext, ClientData, Eval, Reply, RoundInfo, ServerState, Task
 from simfed.core.seeds import derive_seed
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
@@ -152,6 +152,7 @@ class FedACnnL(Algorithm):
     name = "fedacnnl"
     Config = FedACnnLConfig
     summary = "FedACnnL: layer-wise closed-form least squares, summed Gram matrices (Gu et al. 2025)"
+    capabilities = Capabilities(chunk_sums=True)  # its layer phases: one stacked Gram per chunk
 
     # --- server ------------------------------------------------------------------------------
     def init(self, cfg, task: Task, seed: int) -> AnalyticState:
@@ -219,7 +220,7 @@ class FedACnnL(Algorithm):
         a, b = self.layer_statistics(cfg, layers, i, bcast, x, y, ctx, ids=(ctx.client_id,))
         return Reply(sums={"A": a, "b": b, "n": torch.tensor(float(n), dtype=torch.float64)}, n_train=n)
 
-    def client_batch(self, phase, cfg, bcast, clients) -> BatchReply | None:
+    def chunk_sums(self, phase, cfg, bcast, clients) -> ChunkSums | None:
         """A layer phase for a whole chunk: the selected clients' training samples stacked (in
         the chunk's order) and accumulated as one sample set, i.e. a few large GEMMs. A client
         whose samples are not all finite is left out and reported dropped, as `client` would be."""
@@ -239,10 +240,10 @@ class FedACnnL(Algorithm):
             n_train.append(n)
             dropped.append(bad)
         if not xs:
-            return BatchReply(sums=None, n_train=n_train, dropped=dropped)
+            return ChunkSums(sums=None, n_train=n_train, dropped=dropped)
         x, y = (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
         a, b = self.layer_statistics(cfg, layers, layer_index(phase), bcast, x, y, ctx0, ids=tuple(ids))
-        return BatchReply(sums={"A": a, "b": b, "n": torch.tensor(float(y.shape[0]), dtype=torch.float64)},
+        return ChunkSums(sums={"A": a, "b": b, "n": torch.tensor(float(y.shape[0]), dtype=torch.float64)},
                           n_train=n_train, dropped=dropped)
 
     @staticmethod

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from simfed.algorithms.kit import training, vectorized
-from simfed.algorithms.base import Algorithm, ClientContext, ClientData, Reply, RoundInfo, ServerState, Task
+from simfed.algorithms.base import Algorithm, Capabilities, ClientContext, ClientData, Reply, RoundInfo, ServerState, Task
 from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
@@ -77,7 +77,7 @@ class FedAvg(Algorithm):
     name = "fedavg"
     Config = FedAvgConfig
     summary = "FedAvg: weighted average of local SGD updates (McMahan et al. 2017)"
-    vectorized_phases = frozenset({"update"})
+    capabilities = Capabilities(chunk_replies=frozenset({"update"}))
 
     def init(self, cfg, task: Task, seed: int) -> GlobalModelState:
         model = init_model(lenet_for(task.input_shape, task.num_classes), seed)
@@ -111,7 +111,7 @@ class FedAvg(Algorithm):
         return Reply(sums={"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)}, n_train=seen,
                      train_loss=loss)
 
-    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+    def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
         model = client_model(ctxs[0])
         start = bcast.to(ctxs[0].device)
         new, seen, losses = local_sgd_chunk(model, start.expand(len(datas), -1), datas, cfg,

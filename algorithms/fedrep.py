@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Algorithm, Reply, Task
+from simfed.algorithms.base import Algorithm, Capabilities, Reply, Task
 from simfed.algorithms.fedavg import GlobalModelState, client_model
 from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
 from simfed.algorithms.registry import register
@@ -127,7 +127,7 @@ class FedRep(Algorithm):
     name = "fedrep"
     Config = FedRepConfig
     summary = "FedRep: global body, per-client heads trained first (Collins et al. 2021)"
-    uses_client_state = True
+    capabilities = Capabilities(client_state=True)
 
     def init(self, cfg, task: Task, seed: int) -> FedRepState:
         model = init_model(lenet_for(task.input_shape, task.num_classes), seed)

@@ -67,7 +67,7 @@ from torch.nn import functional as F
 
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Algorithm, Reply, ServerState, Task
+from simfed.algorithms.base import Algorithm, Capabilities, Reply, ServerState, Task
 from simfed.core.seeds import derive_seed
 from simfed.algorithms.fedavg import client_model
 from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
@@ -179,6 +179,7 @@ class FMLH(Algorithm):
     name = "fmlh"
     Config = FMLHConfig
     summary = "FMLH: federated meta-learning with a norm-constrained hypernetwork offset (Wu et al. 2025)"
+    capabilities = Capabilities(payloads=True)
 
     def validate(self, cfg, task: Task) -> None:
         hn.check_targets(cfg.target_shapes, task, self.name)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from simfed.algorithms.base import Eval, Reply
+from simfed.algorithms.base import Capabilities, Eval, Reply
 from simfed.algorithms.fedavg import FedAvg, client_model
 from simfed.algorithms.kit.models import load_flat
 from simfed.algorithms.registry import register
@@ -109,6 +109,7 @@ class KNNPer(FedAvg):
     name = "knnper"
     Config = KNNPerConfig
     summary = "kNN-Per: FedAvg model interpolated with a local kNN on its features (Marfoq et al. 2022)"
+    capabilities = Capabilities()
 
     def check_clients(self, cfg, n_train) -> None:
         if cfg.strict_k and n_train:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Algorithm, Reply
+from simfed.algorithms.base import Algorithm, Capabilities, Reply
 from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate, local_sgd, local_sgd_chunk
 from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.registry import register
@@ -38,8 +38,7 @@ class Local(Algorithm):
     name = "local"
     Config = LocalConfig
     summary = "Local: each client trains its own model, no federation"
-    uses_client_state = True
-    vectorized_phases = frozenset({"train"})
+    capabilities = Capabilities(client_state=True, chunk_replies=frozenset({"train"}))
 
     init = FedAvg.init  # the shared, seeded initial model; it never changes
 
@@ -62,7 +61,7 @@ class Local(Algorithm):
         seen, loss = local_sgd(model, data, cfg, ctx.generator("sgd"))
         return Reply(state=flat_params(model), n_train=seen, train_loss=loss)
 
-    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+    def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
         device = ctxs[0].device
         starts = torch.stack([(bcast if s is None else s).to(device) for s in cstates])
         new, seen, losses = local_sgd_chunk(client_model(ctxs[0]), starts, datas, cfg,

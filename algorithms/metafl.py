@@ -28,7 +28,7 @@ Reconstructed choices (each a config option; defaults in brackets):
 - A meta-step whose gradient is not finite ends the client's local loop; the client still returns
   its (non-finite) update, which the engine drops and counts.
 
-Vectorized client step (ours; `engine.vectorize`): `client_chunk` runs the tau meta-steps of a whole
+Vectorized client step (ours; `engine.vectorize`): `chunk_replies` runs the tau meta-steps of a whole
 chunk of clients at once (`vectorized_meta.meta_chunk_step`), for every `gradient` (exact,
 first_order, hessian_free) and `hessian_batch`; its replies equal `client`'s to rounding (float64
 tests: 1e-10). See that module for how each variant is expressed with torch.func.
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Algorithm, ClientContext, Reply
+from simfed.algorithms.base import Algorithm, Capabilities, ClientContext, Reply
 from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate
 from simfed.algorithms.kit.functional import BatchStream, loss_fn, meta_gradient
 from simfed.algorithms.kit.models import load_flat
@@ -147,7 +147,7 @@ class MetaFL(FedAvg):
     name = "metafl"
     Config = MetaFLConfig
     summary = "Generalized meta-FL: FedAvg on the loss after nu fine-tuning steps (Jamali et al. 2025)"
-    vectorized_phases = frozenset({"update"})  # the tau local meta-steps (client_chunk), every variant
+    capabilities = Capabilities(chunk_replies=frozenset({"update"}))  # the tau local meta-steps, every variant
 
     def cost(self, cfg, n_train: int) -> float:
         return float(cfg.tau)  # tau meta-steps of fixed-size batches, whatever the client's size
@@ -180,11 +180,11 @@ class MetaFL(FedAvg):
                               "to reuse samples across batches")
         return n
 
-    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+    def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
         """The training step for a chunk of clients as one vectorized meta-step loop
         (vectorized_meta.meta_chunk_step, every gradient variant); equal to `client` to rounding."""
         if ctxs[0].mode == "eval":  # the per-client loop (not FedAvg's chunk step, which trains plain SGD)
-            return Algorithm.client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs)
+            return Algorithm.chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs)
         ns = [self._check(cfg, d) for d in datas]
         model = client_model(ctxs[0])
         p = next(model.parameters())

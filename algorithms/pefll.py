@@ -22,7 +22,7 @@ one Adam step (no weight decay inside Adam), then the decoupled decay of `decay`
 is a descent step (old - new), the server descends along it: Algorithm 2's eta += mean(Delta eta)
 with Delta theta = new - old.
 
-Vectorized client step (ours; `engine.vectorize`): in the model phase `client_chunk` trains a
+Vectorized client step (ours; `engine.vectorize`): in the model phase `chunk_replies` trains a
 whole chunk of clients in one `vectorized.sgd_train_chunk` run, each from its own theta_i (stacked
 [C, P], rows differ), with the same seeded batches, momentum, weight decay and clip; the reply
 (delta_i as item, samples, mean train loss) equals `client`'s to rounding (float64 tests: 1e-10).
@@ -85,7 +85,7 @@ import torch
 
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Algorithm, Reply, ServerState, Task
+from simfed.algorithms.base import Algorithm, Capabilities, Reply, ServerState, Task
 from simfed.core.seeds import derive_seed
 from simfed.algorithms.fedavg import client_model
 from simfed.algorithms.kit.models import flat_params, init_model, load_flat
@@ -193,7 +193,7 @@ class PeFLL(Algorithm):
     name = "pefll"
     Config = PeFLLConfig
     summary = "PeFLL: embedding net + hypernetwork learn to produce client models (Scott et al. 2024)"
-    vectorized_phases = frozenset({"model"})  # the k local SGD steps from h(v_i) (client_chunk)
+    capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"model"}))  # k SGD steps from h(v_i)
 
     def validate(self, cfg, task: Task) -> None:
         hn.check_targets(cfg.target_shapes, task, self.name)
@@ -341,11 +341,11 @@ class PeFLL(Algorithm):
                                            gen=ctx.generator("sgd"))
         return Reply(item=delta, n_train=seen, train_loss=loss)
 
-    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+    def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
         """The model phase for a chunk of clients in one vectorized SGD run (hypernet.train_delta_chunk),
         each from its own theta_i = h(v_i); the replies equal `client`'s to rounding."""
         if phase != "model":
-            return super().client_chunk(phase, cfg, bcast, payloads, datas, cstates, ctxs)
+            return super().chunk_replies(phase, cfg, bcast, payloads, datas, cstates, ctxs)
         replies = [Reply() for _ in payloads]  # no payload: its descriptor was dropped
         model = client_model(ctxs[0])
         for j, (delta, s, loss) in hn.train_payload_clients(model, cfg, payloads, datas, ctxs).items():

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from simfed.algorithms.kit import analytic
-from simfed.algorithms.base import ClientData, Eval, Reply, Task
+from simfed.algorithms.base import Capabilities, ClientData, Eval, Reply, Task
 from simfed.algorithms.fedacnnl import FedACnnL, FedACnnLConfig, geometry, outputs_eval, selected
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
@@ -69,6 +69,7 @@ class PFedACnnL(FedACnnL):
     name = "pfedacnnl"
     Config = PFedACnnLConfig
     summary = "pFedACnnL: FedACnnL + per-client closed-form head toward the global one (Gu et al. 2025)"
+    capabilities = Capabilities(chunk_sums=True)  # the shared layers; group and head phases per client
 
     def init(self, cfg, task: Task, seed: int):
         state = super().init(cfg, task, seed)
@@ -121,10 +122,10 @@ class PFedACnnL(FedACnnL):
                                "n": torch.tensor(float(n), dtype=torch.float64)}, n_train=n)
         return super().client(phase, cfg, bcast, payload, data, cstate, ctx)
 
-    def client_batch(self, phase, cfg, bcast, clients):
+    def chunk_sums(self, phase, cfg, bcast, clients):
         if self._head_phase(cfg, phase):
             return None  # per-group sums need each client's group: one client at a time
-        return super().client_batch(phase, cfg, bcast, clients)
+        return super().chunk_sums(phase, cfg, bcast, clients)
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         if info.mode == "eval":

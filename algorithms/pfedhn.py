@@ -37,7 +37,7 @@ Differences from the authors' code, and why:
 - embed_dim [0 = int(1 + n/4)]: n is the store's seen + unseen clients when the task says, else
   the seen ones, else 100.
 
-Vectorized client step (ours; `engine.vectorize`): `client_chunk` trains a whole chunk of clients
+Vectorized client step (ours; `engine.vectorize`): `chunk_replies` trains a whole chunk of clients
 in one `vectorized.sgd_train_chunk` run, each from its own theta_i (stacked [C, P], rows differ),
 with the same seeded batches, momentum, weight decay and clip; its replies equal `client`'s to
 rounding (float64 tests: 1e-10). Only the "train" phase: the unseen-embedding fits are evaluation,
@@ -56,7 +56,7 @@ import torch
 
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Algorithm, Reply, ServerState, Task
+from simfed.algorithms.base import Algorithm, Capabilities, Reply, ServerState, Task
 from simfed.algorithms.fedavg import client_model
 from simfed.algorithms.kit.models import init_model, load_flat
 from simfed.algorithms.registry import register
@@ -114,7 +114,7 @@ class PFedHN(Algorithm):
     name = "pfedhn"
     Config = PFedHNConfig
     summary = "pFedHN: server hypernetwork maps per-client embeddings to client models (Shamsian et al. 2021)"
-    vectorized_phases = frozenset({"train"})  # the k local SGD steps from h(e_i) (client_chunk)
+    capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"train"}))  # k SGD steps from h(e_i)
 
     def validate(self, cfg, task: Task) -> None:
         hn.check_targets(cfg.target_shapes, task, self.name)
@@ -170,11 +170,11 @@ class PFedHN(Algorithm):
             return Reply(item=delta)
         return Reply(item=delta, n_train=seen, train_loss=loss)
 
-    def client_chunk(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
+    def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
         """`client` for a chunk of clients in one vectorized SGD run (hypernet.train_delta_chunk),
         each from its own generated theta_i; the replies equal `client`'s to rounding."""
         if phase == "evaluate":
-            return super().client_chunk(phase, cfg, bcast, payloads, datas, cstates, ctxs)
+            return super().chunk_replies(phase, cfg, bcast, payloads, datas, cstates, ctxs)
         todo = [j for j, p in enumerate(payloads) if p is not None]  # None: an earlier reply was dropped
         for j in todo:
             if datas[j].n("train") < 1:

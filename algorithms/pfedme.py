@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Reply
+from simfed.algorithms.base import Capabilities, Reply
 from simfed.algorithms.ditto import proximal_grads
 from simfed.algorithms.fedavg import FedAvg, client_model
 from simfed.algorithms.kit.models import flat_params, load_flat
@@ -90,7 +90,7 @@ class PFedMe(FedAvg):
     name = "pfedme"
     Config = PFedMeConfig
     summary = "pFedMe: Moreau-envelope personal models, K-step inner solve (Dinh et al. 2020)"
-    uses_client_state = True
+    capabilities = Capabilities(client_state=True)
 
     def cost(self, cfg, n_train: int) -> float:
         return float(cfg.K) * super().cost(cfg, n_train)

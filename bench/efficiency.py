@@ -70,7 +70,7 @@ def profile_serial(store: str, cfg, n_clients: int, top: int = 25) -> str:
     with tempfile.TemporaryDirectory() as d:
         spec = WorkerSpec(store_path=store, algorithm="fedavg", cfg=cfg, task=task, seed=0, state_dir=d, threads=1)
         server, worker = Server("fedavg", cfg, task, 0), Worker(spec, 0)
-        info = RoundInfo(round=0, seed=0, client_ids=tuple(ids))
+        info = RoundInfo(round=0, seed=0)
         bcast = server.begin("update", info)
         worker.run("update", info, bcast, None, ids[:1])  # warm-up
         prof = cProfile.Profile()

@@ -201,7 +201,7 @@ def launch(
         started = cluster.connect(exp.engine.address)  # an unreachable cluster fails before anything is written
         try:
             resources.check(exp.engine, ray.cluster_resources(), f"the Ray cluster at {exp.engine.address or 'this machine'}")
-            if (not exp.engine.storage and registry.get(exp.algorithm).uses_client_state
+            if (not exp.engine.storage and registry.get(exp.algorithm).capabilities.client_state
                     and cluster.alive_nodes() > 1):
                 raise SimfedError(storage.unshared_message("", ""))
         except SimfedError:

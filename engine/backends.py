@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from simfed.algorithms import registry
-from simfed.algorithms.base import Algorithm, RoundInfo
+from simfed.algorithms.base import RoundInfo
 from simfed.engine import resources
 from simfed.engine.config import EngineConfig
 from simfed.core.errors import SimfedError
@@ -272,7 +272,7 @@ class RayBackend:
         server = self.server.call
         bcast_ref = server.remote("begin", phase, info)
         # Methods without per-client payloads (FedAvg) skip one server round trip per chunk.
-        per_client = type(registry.get(self.spec.algorithm)).payloads is not Algorithm.payloads
+        per_client = registry.get(self.spec.algorithm).capabilities.payloads
         chunks = plan_chunks(client_ids, sizes, self.engine.chunk_clients)
         window = 2 * self.n_workers * max(1, self.engine.inflight_per_worker)
         inflight: dict = {}  # meta ref -> (worker, chunk index, data ref, payload ref, attempt, generation)

@@ -88,8 +88,8 @@ def check_experiment(exp: Experiment, on_event: Event | None = None, resume_dir:
     table = store.clients
     algo.check_clients(exp.algorithm_config, dict(zip((int(c) for c in table.column("client_id").to_pylist()),
                                                       (int(n) for n in table.column("n_train").to_pylist()))))
-    if exp.engine.vectorize == "on" and not algo.chunk_phases():
-        with_support = [n for n in registry.names() if registry.get(n).chunk_phases()]
+    if exp.engine.vectorize == "on" and not algo.capabilities.chunk_replies:
+        with_support = [n for n in registry.names() if registry.get(n).capabilities.chunk_replies]
         raise SimfedError(f"[engine] vectorize = \"on\" but {exp.algorithm} has no vectorized client step; "
                           f"use \"auto\" or \"off\" (methods with one: {', '.join(with_support)})")
     if run.clients_per_round < 1 or run.clients_per_round > len(seen):
@@ -159,7 +159,7 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
     server_args = dict(algorithm=exp.algorithm, cfg=exp.algorithm_config, task=task, seed=run.seed,
                        state_dict=ckpt["server"] if ckpt else None, threads=spec.threads)
     be = make_backend(backend or eng.backend, spec, server_args, eng)
-    if algo.uses_client_state:
+    if algo.capabilities.client_state:
         try:
             be.check_storage(state_root, eng.storage)
         except BaseException:
@@ -185,8 +185,7 @@ def _run(exp: Experiment, run_dir: Path, resume: bool, on_event: Event | None, b
                 emit({"type": "chunk", "round": r + 1, "clients": meta["n_clients"], "samples": meta["n_train"]})
 
             for pi, phase in enumerate(be.call("phases", "train", r)):
-                info = RoundInfo(round=r, seed=run.seed, mode="train", cohort="seen", phase_index=pi,
-                                 client_ids=tuple(cohort))
+                info = RoundInfo(round=r, seed=run.seed, mode="train", cohort="seen", phase_index=pi)
                 stats = be.run_phase(phase, info, cohort, sizes, on_chunk, last_ckpt)
                 round_stats.update({f"{phase}.{k}": v for k, v in stats.items()})
             writer.write(rows, r + 1, "train")
@@ -234,8 +233,7 @@ def _evaluate(be, writer, run, r: int, seen, unseen, sizes, last_ckpt: int, emit
         phases = be.call("phases", "eval", cohort)
         emit({"type": "eval_start", "round": r + 1, "cohort": cohort, "clients": len(chosen), "phases": len(phases)})
         for pi, phase in enumerate(phases):
-            info = RoundInfo(round=r, seed=run.seed, mode="eval", cohort=cohort, phase_index=pi,
-                             client_ids=tuple(chosen))
+            info = RoundInfo(round=r, seed=run.seed, mode="eval", cohort=cohort, phase_index=pi)
 
             def on_chunk(meta: dict, cohort: str = cohort, phase: str = phase) -> None:
                 rows.extend(meta["rows"])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from simfed.algorithms import registry
-from simfed.algorithms.base import KEEP, BatchReply, ClientContext, ClientData, RoundInfo, Task
+from simfed.algorithms.base import KEEP, ChunkSums, ClientContext, ClientData, RoundInfo, Task
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.server import ChunkResult, add_into, compact
 from simfed.partitions.store import PartitionStore
@@ -166,8 +166,8 @@ class Worker:
             # so a method's client step sees its broadcast, payload and state on its own device.
             bcast = to_device(bcast, self.device)
             payloads = {k: to_device(v, self.device) for k, v in payloads.items()} if payloads else payloads
-        if info.mode == "train" and not payloads and not algo.uses_client_state:
-            batched = self.run_batch(phase, info, bcast, client_ids)
+        if info.mode == "train" and algo.capabilities.chunk_sums:
+            batched = self.run_sums(phase, info, bcast, client_ids)
             if batched is not None:
                 return batched
         result = ChunkResult()
@@ -179,7 +179,7 @@ class Worker:
             counts = {s: self.counts[s][cid] for s in ("train", "val", "test")}
             data = ClientData(cid, cohort, self.store.read, self.device, counts)
             cstate = None
-            if algo.uses_client_state:
+            if algo.capabilities.client_state:
                 # Evaluation after round r sees every state written up to and including round r.
                 at = (info.round + 1, 0) if info.mode == "eval" else (info.round, info.phase_index)
                 cstate = self.states.get(cid, *at)
@@ -201,7 +201,7 @@ class Worker:
                 if reply.item is not None:
                     result.items.append((cid, compact(reply.item)))
                 result.n_clients += 1
-                if info.mode == "train" and algo.uses_client_state and not (
+                if info.mode == "train" and algo.capabilities.client_state and not (
                         isinstance(reply.state, str) and reply.state == KEEP):
                     self.states.put(cid, info.round, info.phase_index, reply.state, checkpointed_round)
             n_train += reply.n_train
@@ -220,10 +220,10 @@ class Worker:
             elif not ok:
                 rows.append({**base, "split": "eval", "n": 0, "seconds": seconds, "dropped": True})
 
-        if self.vectorize and info.mode == "train" and phase in algo.chunk_phases():
+        if self.vectorize and info.mode == "train" and phase in algo.capabilities.chunk_replies:
             # One batched step for the whole chunk; its time is shared evenly among the clients.
             t0 = time.perf_counter()
-            replies = algo.client_chunk(phase, spec.cfg, bcast, [c[5] for c in clients], [c[2] for c in clients],
+            replies = algo.chunk_replies(phase, spec.cfg, bcast, [c[5] for c in clients], [c[2] for c in clients],
                                         [c[3] for c in clients], [c[4] for c in clients])
             seconds = (time.perf_counter() - t0) / max(len(clients), 1)
             for client, reply in zip(clients, replies):
@@ -243,8 +243,8 @@ class Worker:
                 "dropped": sum(1 for r in rows if r.get("dropped"))}
         return meta, result
 
-    def run_batch(self, phase: str, info: RoundInfo, bcast: Any, client_ids: list[int]) -> tuple[dict, ChunkResult] | None:
-        """The whole chunk in one `Algorithm.client_batch` call, or None (the method has none, or
+    def run_sums(self, phase: str, info: RoundInfo, bcast: Any, client_ids: list[int]) -> tuple[dict, ChunkResult] | None:
+        """The whole chunk in one `Algorithm.chunk_sums` call, or None (the method has none, or
         its sums are not finite: then the per-client path finds and drops the culprits)."""
         spec = self.spec
         t0 = time.perf_counter()
@@ -255,7 +255,7 @@ class Worker:
             clients.append((ClientData(cid, cohort, self.store.read, self.device, counts),
                             ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
                                           mode=info.mode, task=spec.task, device=self.device, cache=self.cache)))
-        reply: BatchReply | None = self.algo.client_batch(phase, spec.cfg, bcast, clients)
+        reply: ChunkSums | None = self.algo.chunk_sums(phase, spec.cfg, bcast, clients)
         if reply is None or not all_finite(reply.sums):
             return None
         seconds = time.perf_counter() - t0

@@ -53,13 +53,13 @@ def train_and_measure(algo, cfg):
     ids = [0, 1, 2, 3]
     state = algo.init(cfg, TASK, SEED)
     for r in range(ROUNDS):
-        info = RoundInfo(round=r, seed=SEED, client_ids=tuple(ids))
+        info = RoundInfo(round=r, seed=SEED)
         stats = {}
         for phase in algo.train_phases(cfg, state, r):
             out, _ = hn.serial_phase(algo, phase, cfg, state, ids, info, maker(clients, r))
             stats.update({f"{phase}.{k}": v for k, v in out.items()})
     # the models the seen clients get at evaluation (PeFLL: zero-shot from the train descriptor)
-    info = RoundInfo(round=ROUNDS, seed=SEED, mode="eval", client_ids=tuple(ids))
+    info = RoundInfo(round=ROUNDS, seed=SEED, mode="eval")
     if algo.name == "pefll":
         hn.serial_phase(algo, "describe", cfg, state, ids, info, maker(clients, ROUNDS, "eval"))
     th = algo.payloads("evaluate", cfg, state, ids, info)

@@ -263,7 +263,7 @@ def test_example_files_parse_and_validate():
 
 
 def batch_drive(cfg, clients, chunk=4, cache=None):
-    """`drive` through `client_batch`: the chunks' stacked statistics summed in chunk order; with
+    """`drive` through `chunk_sums`: the chunks' stacked statistics summed in chunk order; with
     `cache`, one worker-lived dict as the engine's worker passes (else a fresh one per call)."""
     algo = registry.get("fedacnnl")
     state = algo.init(cfg, TASK, 0)
@@ -277,7 +277,7 @@ def batch_drive(cfg, clients, chunk=4, cache=None):
             if cache is not None:
                 for _, c in cs:
                     c.cache = cache
-            r = algo.client_batch(phase, cfg, bcast, cs)
+            r = algo.chunk_sums(phase, cfg, bcast, cs)
             replies.append(r)
             for k, v in (r.sums or {}).items():
                 acc[k] = acc[k] + v if k in acc else v.clone()

@@ -43,7 +43,7 @@ def test_server_fits_h_to_the_fine_tuned_differences_exactly():
     clients = make_clients([30, 25, 40])
     state = algo.init(c, TASK, SEED)
     ids = [0, 1, 2]
-    info = RoundInfo(round=0, seed=SEED, client_ids=tuple(ids))
+    info = RoundInfo(round=0, seed=SEED)
     per = algo.payloads("meta", c, state, ids, info)
     state0 = copy.deepcopy(state)
     make, items, u = maker(clients), {}, 0
@@ -137,7 +137,7 @@ def test_unseen_client_fits_a_new_embedding_with_h_and_w_frozen():
     h0 = [p.detach().clone() for p in state.hnet.parameters()]
     phases = algo.eval_phases(c, state, "unseen")
     assert phases == ("fit0", "fit1", "evaluate") and algo.eval_phases(c, state, "seen") == ("evaluate",)
-    info = RoundInfo(round=3, seed=SEED, mode="eval", cohort="unseen", client_ids=(2,))
+    info = RoundInfo(round=3, seed=SEED, mode="eval", cohort="unseen")
     make = maker(clients, "eval", "unseen")
     start = (emb0[0] + emb0[1]) / 2
     radius = c.rho * float(w0.norm())

@@ -47,7 +47,7 @@ def small_cfg(**kw):
 
 def run_exchanges(algo, cfg, state, clients, ids, round_=0, drop=()):
     """Describe and model phases through the protocol; returns recorded deltas and the embed sums."""
-    info = RoundInfo(round=round_, seed=SEED, client_ids=tuple(ids))
+    info = RoundInfo(round=round_, seed=SEED)
     make = maker(clients, round_)
     deltas = {}
     orig_client = algo.client
@@ -167,7 +167,7 @@ def test_zero_shot_evaluation_for_seen_and_unseen_with_label_mask():
     clients = make_clients([40, 25, 30, 33])
     state = algo.init(cfg, TASK, SEED)
     for cohort, ids in (("seen", [0, 1]), ("unseen", [2, 3])):
-        info = RoundInfo(round=0, seed=SEED, mode="eval", cohort=cohort, client_ids=tuple(ids))
+        info = RoundInfo(round=0, seed=SEED, mode="eval", cohort=cohort)
         make = maker(clients, 0, mode="eval", cohort=cohort)
         evals = {}
         for phase in algo.eval_phases(cfg, state, cohort):
@@ -185,7 +185,7 @@ def test_model_payloads_own_their_storage():
     algo, cfg = PeFLL(), small_cfg()
     state = algo.init(cfg, TASK, SEED)
     state._v = {c: torch.randn(3) for c in (0, 1, 2)}
-    per = algo.payloads("model", cfg, state, [0, 1, 2], RoundInfo(round=0, seed=SEED, client_ids=(0, 1, 2)))
+    per = algo.payloads("model", cfg, state, [0, 1, 2], RoundInfo(round=0, seed=SEED))
     assert sorted(per) == [0, 1, 2]
     for t in per.values():
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
@@ -195,7 +195,7 @@ def test_eval_descriptor_averages_the_whole_train_split():
     algo, cfg = PeFLL(), small_cfg()
     clients = make_clients([300])
     state = algo.init(cfg, TASK, SEED)
-    info = RoundInfo(round=0, seed=SEED, mode="eval", client_ids=(0,))
+    info = RoundInfo(round=0, seed=SEED, mode="eval")
     hn.serial_phase(algo, "describe", cfg, state, [0], info, maker(clients, 0, mode="eval"))
     data, _ = maker(clients, 0)(0, "x")
     x, y = data.split("train")
@@ -251,7 +251,7 @@ def test_normalization_is_fixed_once_from_the_lowest_client_and_checkpointed():
     fresh.load_state_dict(copy.deepcopy(state.state_dict()))
     assert torch.equal(fresh.norm[0], m) and torch.equal(fresh.norm[1], s)
     # evaluation feeds h the normalized descriptor too
-    ev_info = RoundInfo(round=2, seed=SEED, mode="eval", client_ids=(0,))
+    ev_info = RoundInfo(round=2, seed=SEED, mode="eval")
     hn.serial_phase(algo, "describe", cfg, state, [0], ev_info, maker(clients, 2, mode="eval"))
     per = algo.payloads("evaluate", cfg, state, [0], ev_info)
     with torch.no_grad():

@@ -35,7 +35,7 @@ CFG = PFedHNConfig(embed_dim=5, hidden=16, n_hidden=2, local_steps=3, batch_size
 
 
 def train_round(algo, state, clients, ids, drop=()):
-    info = RoundInfo(round=0, seed=SEED, client_ids=tuple(ids))
+    info = RoundInfo(round=0, seed=SEED)
     make = maker(clients)
     per = algo.payloads("train", CFG, state, ids, info)
     deltas = {}
@@ -106,7 +106,7 @@ def test_unseen_clients_fit_a_new_embedding_with_h_frozen():
     clients = make_clients([30, 20])
     state = algo.init(CFG, TASK, SEED)
     h0 = [p.detach().clone() for p in state.hnet.parameters()]
-    info = RoundInfo(round=5, seed=SEED, mode="eval", cohort="unseen", client_ids=(0, 1))
+    info = RoundInfo(round=5, seed=SEED, mode="eval", cohort="unseen")
     make = maker(clients, 5, mode="eval", cohort="unseen")
     phases = algo.eval_phases(CFG, state, "unseen")
     assert phases == ("fit0", "fit1", "fit2", "evaluate")

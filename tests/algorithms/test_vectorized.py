@@ -1,4 +1,4 @@
-"""The vectorized chunk trainer, and every method's `client_chunk`, equal the per-client loop (float64,
+"""The vectorized chunk trainer, and every method's `chunk_replies`, equal the per-client loop (float64,
 1e-10), unequal sizes included."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_chunk_on_cuda_equals_the_cpu_loop_float64():
         assert (flat_params(ref) - vec[c].cpu()).abs().max().item() < 1e-8
 
 
-# --- the methods' client_chunk against their per-client `client`, float64 ---------------------------
+# --- the methods' chunk_replies against their per-client `client`, float64 ---------------------------
 
 CHUNK_SIZES = [5, 21, 40, 64]  # a client smaller than one batch, partial batches, unequal sizes
 TASK = Task((1, 16, 16), 4)
@@ -132,7 +132,7 @@ def _close(a, b, tol=1e-10):
 
 
 def _assert_chunk_equals_loop(algo, cfg, phase, bcast, payloads, datas, ctxs):
-    vec = algo.client_chunk(phase, cfg, bcast, payloads, datas, [None] * len(datas), ctxs)
+    vec = algo.chunk_replies(phase, cfg, bcast, payloads, datas, [None] * len(datas), ctxs)
     assert len(vec) == len(datas)
     for p, d, c, r in zip(payloads, datas, ctxs, vec):
         ref = algo.client(phase, cfg, bcast, p, d, None, c)
@@ -143,12 +143,12 @@ def _assert_chunk_equals_loop(algo, cfg, phase, bcast, payloads, datas, ctxs):
 
 
 @pytest.mark.parametrize("method", ["pfedhn", "pefll"])
-def test_hypernet_client_chunk_equals_client_float64(method):
+def test_hypernet_chunk_replies_equals_client_float64(method):
     """Each client from ITS OWN generated theta (the stacked rows differ); unequal sizes, a chunk
     of 1, and a client without a payload (its earlier reply was dropped) in the middle."""
     algo = registry.get(method)
     phase = {"pfedhn": "train", "pefll": "model"}[method]
-    assert phase in algo.chunk_phases()
+    assert phase in algo.capabilities.chunk_replies
     # clip = 0.3 bites (LeNet's gradient norm is about 1 here): per-client clipping is exercised
     cfg = algo.Config(local_steps=4, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-3, clip=0.3)
     datas, ctxs = _method_clients(phase)
@@ -170,11 +170,11 @@ META = [("metafl", dict(nu=2, gradient="exact", hessian_batch="inner")),
 
 
 @pytest.mark.parametrize("method,kw", META, ids=[f"{m}-{'-'.join(map(str, k.values()))}" for m, k in META])
-def test_meta_client_chunk_equals_client_float64(method, kw):
+def test_meta_chunk_replies_equals_client_float64(method, kw):
     """Every meta-gradient variant; a 5-sample client is smaller than one batch (batches cut to
     its size, samples reused within a meta-step); a chunk of 1."""
     algo = registry.get(method)
-    assert "update" in algo.chunk_phases()
+    assert "update" in algo.capabilities.chunk_replies
     cfg = algo.Config(tau=3, batch_size=8, outer_batch_size=12, alpha=0.1, beta=0.1, **kw)
     datas, ctxs = _method_clients("update", seed=1)
     w0 = _thetas(1, seed=1)[0]
@@ -184,7 +184,7 @@ def test_meta_client_chunk_equals_client_float64(method, kw):
     _assert_chunk_equals_loop(algo, cfg, "update", w0, none[:1], datas[:1], ctxs[:1])
 
 
-def test_meta_client_chunk_freezes_a_diverged_client_as_the_loop_stops_it():
+def test_meta_chunk_replies_freezes_a_diverged_client_as_the_loop_stops_it():
     """A client whose meta-gradient is not finite stops after that step (seen, loss), as in the loop;
     the other clients of its chunk are untouched by its NaNs."""
     algo = registry.get("metafl")
@@ -193,7 +193,7 @@ def test_meta_client_chunk_freezes_a_diverged_client_as_the_loop_stops_it():
     datas[1].x = datas[1].x.clone()
     datas[1].x[:] = float("nan")  # every batch of client 1 gives a NaN gradient
     w0 = _thetas(1, seed=2)[0]
-    vec = algo.client_chunk("update", cfg, w0, [None] * 4, datas, [None] * 4, ctxs)
+    vec = algo.chunk_replies("update", cfg, w0, [None] * 4, datas, [None] * 4, ctxs)
     for j, (d, c, r) in enumerate(zip(datas, ctxs, vec)):
         ref = algo.client("update", cfg, w0, None, d, None, c)
         assert r.n_train == ref.n_train

@@ -53,11 +53,11 @@ def test_vectorize_on_for_a_method_without_a_chunk_step_is_a_config_error(engine
 @pytest.mark.parametrize("algorithm", ["pfedhn", "pefll", "metafl", "perfedavg"])
 def test_vectorized_client_step_of_each_method_runs_a_round_close_to_the_loop(engine_store, tmp_path,
                                                                             monkeypatch, algorithm):
-    """engine.vectorize = "on" trains a round of each method through its `client_chunk` (counted),
+    """engine.vectorize = "on" trains a round of each method through its `chunk_replies` (counted),
     end to end on the serial backend; float32, so close to the loop's numbers, not equal."""
     algo = registry.get(algorithm)
-    owner = next(c for c in type(algo).__mro__ if "client_chunk" in vars(c))
-    original, calls = vars(owner)["client_chunk"], []
+    owner = next(c for c in type(algo).__mro__ if "chunk_replies" in vars(c))
+    original, calls = vars(owner)["chunk_replies"], []
 
     def counted(self, phase, *args):
         calls.append(phase)
@@ -66,9 +66,9 @@ def test_vectorized_client_step_of_each_method_runs_a_round_close_to_the_loop(en
     kw = dict(rounds=1, clients_per_round=5, eval_every=1, eval_clients=3, **SMALL[algorithm])
     on = _with(make_exp(engine_store, algorithm, **kw), vectorize="on")
     with monkeypatch.context() as m:
-        m.setattr(owner, "client_chunk", counted)
+        m.setattr(owner, "chunk_replies", counted)
         run_experiment(on, tmp_path / "on")
-    assert calls and set(calls) == set(algo.chunk_phases())
+    assert calls and set(calls) == set(algo.capabilities.chunk_replies)
     run_experiment(_with(on, vectorize="off"), tmp_path / "loop")
     a, b = rows(tmp_path / "on"), rows(tmp_path / "loop")
     assert a.select(["round", "cohort", "phase", "split", "client_id", "n"]).equals(

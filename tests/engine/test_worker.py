@@ -41,7 +41,7 @@ def test_a_chunk_holds_one_clients_data_at_a_time(engine_store, tmp_path, monkey
     spec = WorkerSpec(store_path=engine_store, algorithm="fedavg", cfg=cfg, task=task, seed=0,
                       state_dir=str(tmp_path / "state"), threads=1)
     worker = Worker(spec, 0)
-    info = RoundInfo(round=0, seed=0, client_ids=tuple(ids))
+    info = RoundInfo(round=0, seed=0)
     bcast = Server("fedavg", cfg, task, 0).begin("update", info)
     meta, res = worker.run("update", info, bcast, None, ids)
     assert res.n_clients == len(ids) and len(held_at_split) >= len(ids)
