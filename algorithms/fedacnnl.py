@@ -1,5 +1,6 @@
-"""FedACnnL (Gu et al., 2025, "Analytic Personalized Federated Meta-Learning"; seed 003), the
-layer-wise extension of AFL (Zhuang et al., 2024, arXiv 2405.16240) to convolutional networks.
+"""FedACnnL (Gu, You, Guo, Qu, Ren, Xie, Luo, 2025, "Analytic Personalized Federated Meta-Learning",
+arXiv 2502.06915), the layer-wise extension of AFL (Zhuang et al., 2024, arXiv 2405.16240) to
+convolutional networks.
 
 Gradient-free: every layer is a ridge least-squares problem whose sufficient statistics add up
 over clients. One phase per layer, bottom-up, all within one round: client i forms the layer's
@@ -10,6 +11,11 @@ the server solves W = (sum A_i + gamma I)^{-1} sum b_i by Cholesky and broadcast
 next phase. The result equals the centralized ridge solution on the pooled data and does not
 depend on how the data are split; the server holds O(d^2) per layer, whatever the cohort.
 No row of data ever leaves a client.
+
+From the paper: each layer as a distributed least-squares problem whose Gram sums add up over
+clients, solved bottom-up in closed form (gradient-free). The choices the paper leaves open are
+ours, marked below. The layer phases are the shared kit/acnnl.py (pFedACnnL builds on them); this
+module adds the evaluation of the global network.
 
 [reconstructed] choices (config options, default first):
 - `hidden = "projection"`: a hidden layer's target is act(Y P_l), P_l a fixed seeded Gaussian
@@ -58,211 +64,24 @@ No row of data ever leaves a client.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 
-import torch
-from torch.nn import functional as F
-
-from simfed.algorithms.kit import analytic
-from simfed.algorithms.base import Algorithm, Capabilities, ChunkSums, ClientContext, ClientData, Eval, Reply, RoundInfo, ServerState, Task
-from simfed.core.seeds import derive_seed
+from simfed.algorithms.base import Capabilities, ClientData, Eval
+from simfed.algorithms.kit.acnnl import AnalyticFields, LayerwiseMethod, outputs_eval, predict
 from simfed.algorithms.registry import register
-from simfed.core.errors import SimfedError
-
-MAX_D = 8192  # a d x d float64 Gram of 512 MiB; larger layers would not fit a worker comfortably
 
 
 @dataclass(frozen=True)
-class FedACnnLConfig:
-    layers: tuple[str, ...] = analytic.LENET
-    gamma: float = 1.0
-    hidden: str = "projection"
-    activation: str = "relu"
-    pool: int = 2
-    patches_per_image: int = 0
-    forward_dtype: str = "float64"
-    gram_dtype: str = "float64"
-    client_fraction: float = 1.0
-
-    def __post_init__(self):
-        if isinstance(self.layers, str):
-            raise ValueError(f"layers must be a list of layer names such as {list(analytic.LENET)}, got {self.layers!r}")
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        analytic.check_tokens(self.layers)
-        if not (self.gamma >= 0 and math.isfinite(self.gamma)):
-            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
-        if self.hidden not in ("projection", "frozen"):
-            raise ValueError(f"hidden must be 'projection' or 'frozen', got {self.hidden!r}")
-        if self.activation not in analytic.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(analytic.ACTIVATIONS)}, got {self.activation!r}")
-        if self.forward_dtype not in ("float64", "float32"):
-            raise ValueError(f"forward_dtype must be 'float64' or 'float32', got {self.forward_dtype!r}")
-        if self.gram_dtype not in ("float64", "float32"):
-            raise ValueError(f"gram_dtype must be 'float64' or 'float32', got {self.gram_dtype!r}")
-        if not 0.0 < self.client_fraction <= 1.0:
-            raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
-        if self.pool < 1 or self.patches_per_image < 0:
-            raise ValueError("pool must be >= 1 and patches_per_image >= 0")
-
-
-@functools.lru_cache(maxsize=64)
-def _geometry(layers: tuple[str, ...], input_shape: tuple[int, ...], num_classes: int, pool: int):
-    return tuple(analytic.build_layers(layers, input_shape, num_classes, pool))
-
-
-def geometry(cfg, task: Task) -> tuple[analytic.Layer, ...]:
-    return _geometry(tuple(cfg.layers), tuple(task.input_shape), int(task.num_classes), int(cfg.pool))
-
-
-class AnalyticState(ServerState):
-    def __init__(self, task: Task, weights: list[torch.Tensor], projections: list[torch.Tensor | None]):
-        self.input_shape = tuple(task.input_shape)
-        self.num_classes = int(task.num_classes)
-        self.weights = weights  # float64 (d, width) per layer, bias in the last row
-        self.projections = projections  # hidden-layer label projections (num_classes, width)
-
-
-def layer_index(phase: str) -> int:
-    return int(phase[len("layer"):])
-
-
-def outputs_eval(out: torch.Tensor, y: torch.Tensor) -> Eval:
-    out = out.to(torch.float32)
-    return Eval(n=int(y.shape[0]), loss_sum=float(F.cross_entropy(out, y, reduction="sum")),
-                correct=int((out.argmax(1) == y).sum()))
-
-
-def selected(cfg, seed: int, round: int, client_id: int) -> bool:
-    """Whether a client contributes statistics this round (`client_fraction`): a Bernoulli draw
-    from (run seed, round, client id) alone, the same for every layer phase of the round."""
-    return cfg.client_fraction >= 1.0 or derive_seed(seed, round, client_id, "client-fraction") < cfg.client_fraction * 2.0 ** 63
-
-
-def predict(layers, weights, x: torch.Tensor, cfg, chunk: int = 1024) -> torch.Tensor:
-    ws = [w.to(device=x.device, dtype=torch.float32) for w in weights]
-    return torch.cat([analytic.forward(layers, ws, x[s:s + chunk], cfg.activation, cfg.pool)
-                      for s in range(0, x.shape[0], chunk)]) if x.shape[0] else x.new_zeros(0, layers[-1].width)
+class FedACnnLConfig(AnalyticFields):
+    """The layer-wise solve's keys (kit/acnnl.py), nothing more."""
 
 
 @register
-class FedACnnL(Algorithm):
+class FedACnnL(LayerwiseMethod):
     name = "fedacnnl"
     Config = FedACnnLConfig
     summary = "FedACnnL: layer-wise closed-form least squares, summed Gram matrices (Gu et al. 2025)"
     capabilities = Capabilities(chunk_sums=True)  # its layer phases: one stacked Gram per chunk
-
-    # --- server ------------------------------------------------------------------------------
-    def init(self, cfg, task: Task, seed: int) -> AnalyticState:
-        layers = geometry(cfg, task)
-        gen = torch.Generator().manual_seed(derive_seed(seed, "analytic-init"))
-        weights, projections = [], []
-        for layer in layers:
-            if layer.head:
-                weights.append(torch.zeros(layer.d, layer.width, dtype=torch.float64))
-                projections.append(None)
-                continue
-            bound = 1.0 / math.sqrt(layer.d - 1)  # PyTorch's default init, used by the frozen regime
-            weights.append(torch.empty(layer.d, layer.width, dtype=torch.float64).uniform_(-bound, bound, generator=gen))
-            projections.append(torch.randn(task.num_classes, layer.width, dtype=torch.float64, generator=gen))
-        return AnalyticState(task, weights, projections)
-
-    def train_phases(self, cfg, state, round):
-        n = len(cfg.layers)
-        if cfg.hidden == "frozen":
-            return (f"layer{n - 1}",)
-        return tuple(f"layer{i}" for i in range(n))
-
-    def eval_phases(self, cfg, state, cohort):
-        return ("evaluate",)
-
-    def positions(self, cfg, layer: analytic.Layer, info: RoundInfo) -> torch.Tensor | None:
-        if layer.kind != "conv" or cfg.patches_per_image == 0 or cfg.patches_per_image >= layer.positions:
-            return None
-        perm = torch.randperm(layer.positions, generator=info.generator("patches", layer.index))
-        return perm[:cfg.patches_per_image].sort().values
-
-    def broadcast(self, phase, cfg, state, info: RoundInfo):
-        if info.mode == "eval":
-            return {"weights": state.weights}
-        i = layer_index(phase)
-        layers = geometry(cfg, Task(tuple(state.input_shape), int(state.num_classes)))
-        return {"weights": state.weights[:i], "projection": state.projections[i],
-                "positions": self.positions(cfg, layers[i], info)}
-
-    def finish(self, phase, cfg, state, sums, n_clients, info):
-        if info.mode == "eval":
-            return None  # evaluation never changes the model
-        i = layer_index(phase)
-        token = cfg.layers[i]
-        if n_clients == 0 or "A" not in sums:
-            raise SimfedError(
-                f"{self.name} layer {i} ({token}): statistics arrived from 0 clients (empty cohort, clients without "
-                "training samples, or every reply dropped as non-finite), so the layer cannot be solved; check the "
-                "data for NaN/inf and that run.clients_per_round selects clients with training data")
-        state.weights[i] = analytic.solve(sums["A"], sums["b"], cfg.gamma, f"{self.name} layer {i} ({token})")
-        return {"layer": float(i), "clients": float(n_clients), "samples": float(sums["n"])}
-
-    # --- client ------------------------------------------------------------------------------
-    def client(self, phase, cfg, bcast, payload, data: ClientData, cstate, ctx: ClientContext) -> Reply:
-        layers = geometry(cfg, ctx.task)
-        if ctx.mode == "eval":
-            return Reply(evals=self.evaluate(cfg, layers, bcast, data, ctx))
-        if not selected(cfg, ctx.seed, ctx.round, ctx.client_id):
-            return Reply()  # not in this round's fraction: sends nothing, like a client without data
-        i = layer_index(phase)
-        x, y = data.split("train")
-        n = int(y.shape[0])
-        if n == 0:
-            return Reply()  # nothing to add; the server counts only clients that sent statistics
-        a, b = self.layer_statistics(cfg, layers, i, bcast, x, y, ctx, ids=(ctx.client_id,))
-        return Reply(sums={"A": a, "b": b, "n": torch.tensor(float(n), dtype=torch.float64)}, n_train=n)
-
-    def chunk_sums(self, phase, cfg, bcast, clients) -> ChunkSums | None:
-        """A layer phase for a whole chunk: the selected clients' training samples stacked (in
-        the chunk's order) and accumulated as one sample set, i.e. a few large GEMMs. A client
-        whose samples are not all finite is left out and reported dropped, as `client` would be."""
-        if not clients or clients[0][1].mode != "train" or not phase.startswith("layer"):
-            return None
-        ctx0 = clients[0][1]
-        layers = geometry(cfg, ctx0.task)
-        xs, ys, ids, n_train, dropped = [], [], [], [], []
-        for data, ctx in clients:
-            n = data.n("train") if selected(cfg, ctx.seed, ctx.round, ctx.client_id) else 0
-            x, y = data.split("train") if n else (None, None)
-            bad = n > 0 and not bool(torch.isfinite(x).all())
-            if n and not bad:
-                xs.append(x)
-                ys.append(y)
-                ids.append(ctx.client_id)
-            n_train.append(n)
-            dropped.append(bad)
-        if not xs:
-            return ChunkSums(sums=None, n_train=n_train, dropped=dropped)
-        x, y = (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
-        a, b = self.layer_statistics(cfg, layers, layer_index(phase), bcast, x, y, ctx0, ids=tuple(ids))
-        return ChunkSums(sums={"A": a, "b": b, "n": torch.tensor(float(y.shape[0]), dtype=torch.float64)},
-                          n_train=n_train, dropped=dropped)
-
-    @staticmethod
-    def layer_statistics(cfg, layers, i, bcast, x, y, ctx, ids: tuple | None = None):
-        """A and b of layer i over the samples x; with `ids` (the clients whose samples x stacks),
-        the worker's ForwardCache carries layer inputs from this phase to the next."""
-        layer, k = layers[i], ctx.task.num_classes
-        proj = bcast["projection"]
-        proj = None if proj is None else proj.to(x.device)
-
-        def t_of(start, stop):
-            return analytic.targets(layer, y[start:stop], k, proj, cfg.activation)
-
-        a, b = analytic.statistics(layers, i, bcast["weights"], x, t_of, cfg.activation, cfg.pool, bcast["positions"],
-                                   forward_dtype=getattr(torch, cfg.forward_dtype),
-                                   gram_dtype=getattr(torch, cfg.gram_dtype),
-                                   cache=None if ids is None else analytic.ForwardCache(
-                                       ctx.cache, (ctx.seed, ctx.round, ids), bcast["weights"]))
-        return a.cpu(), b.cpu()  # replies travel through the engine on the CPU
 
     def evaluate(self, cfg, layers, bcast, data: ClientData, ctx) -> dict[str, Eval]:
         out = {}
@@ -271,15 +90,3 @@ class FedACnnL(Algorithm):
                 x, y = data.split(split)
                 out[split] = outputs_eval(predict(layers, bcast["weights"], x, cfg), y)
         return out
-
-    def validate(self, cfg, task: Task) -> None:
-        try:
-            analytic.check_tokens(cfg.layers)
-        except ValueError as exc:
-            raise SimfedError(f"[algorithm] layers: {exc}") from None
-        layers = geometry(cfg, task)
-        big = max(layers, key=lambda layer: layer.d)
-        if big.d > MAX_D:
-            raise SimfedError(f"[algorithm] layers: layer {big.index} {big.token!r} has {big.d} inputs per output; "
-                              f"its {big.d}x{big.d} Gram matrix is too large (limit d <= {MAX_D}); use fewer "
-                              "channels, a smaller kernel, or a convolution/pooling before it")

@@ -13,8 +13,8 @@ PeFLL's settings (after the FedRep paper). From PeFLL's appendix: a new client g
 initialized head trained for 20 epochs with the body frozen (`unseen_head_epochs`). Ours:
 - A seen client's first head is the server's initial head (the authors start every head from the
   same initial model); a seen client that was never sampled is evaluated like a new client.
-- The random head of a new client uses PyTorch's default Linear initialization, seeded from
-  (run seed, round, client).
+- The random head of a new client uses PyTorch's default Linear initialization, drawn from
+  `ClientContext.generator("head")` (run seed, round, mode, client, phase).
 - The split is by parameter order: LeNet's parameters end with its classifier, so the head is a
   suffix of the flat vector. A model whose trailing parameterized layers are not `head_layers`
   linear layers, or whose body would be empty, has no separable head: a config error.
@@ -23,6 +23,7 @@ initialized head trained for 20 epochs with the body frozen (`unseen_head_epochs
   by samples: (head samples x head mean loss + body samples x body mean loss) / all samples. Each
   value is the minibatch loss before its step, as for FedAvg; with 5 head epochs and 1 body epoch
   the head pass weighs five times the body pass.
+The body's server state and step are the kit's global model (kit/globalmodel.py).
 """
 
 from __future__ import annotations
@@ -33,20 +34,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from simfed.algorithms.base import Capabilities, Reply, Task
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Algorithm, Capabilities, Reply, Task
-from simfed.algorithms.fedavg import GlobalModelState, client_model
+from simfed.algorithms.kit.globalmodel import GlobalModelMethod, GlobalModelState, SGDFields, client_model, update_sums
 from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
 
 @dataclass(frozen=True)
-class FedRepConfig:
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
+class FedRepConfig(SGDFields):
     head_epochs: float = 5.0
     body_epochs: float = 1.0
     head_layers: int = 1
@@ -54,8 +51,9 @@ class FedRepConfig:
     unseen_head_epochs: float = 20.0
 
     def __post_init__(self):
-        if self.lr <= 0 or self.server_lr <= 0 or self.batch_size < 1:
-            raise ValueError("lr and server_lr must be > 0, batch_size >= 1")
+        super().__post_init__()
+        if self.server_lr <= 0:
+            raise ValueError("server_lr must be > 0")
         if self.head_epochs < 0 or self.body_epochs <= 0 or self.unseen_head_epochs < 0:
             raise ValueError("body_epochs must be > 0, head_epochs and unseen_head_epochs >= 0")
         if self.head_layers < 1:
@@ -123,7 +121,9 @@ class FedRepState(GlobalModelState):
 
 
 @register
-class FedRep(Algorithm):
+class FedRep(GlobalModelMethod):
+    """The kit's global model, phases and server step, on the body alone."""
+
     name = "fedrep"
     Config = FedRepConfig
     summary = "FedRep: global body, per-client heads trained first (Collins et al. 2021)"
@@ -142,12 +142,6 @@ class FedRep(Algorithm):
 
     def cost(self, cfg, n_train: int) -> float:
         return float((cfg.head_epochs + cfg.body_epochs) * n_train / cfg.batch_size)
-
-    def train_phases(self, cfg, state, round):
-        return ("update",)
-
-    def eval_phases(self, cfg, state, cohort):
-        return ("evaluate",)
 
     def broadcast(self, phase, cfg, state, info):
         return state.theta, state.head0
@@ -175,14 +169,6 @@ class FedRep(Algorithm):
         parts.append(train_part(model, cfg.head_layers, "body", x, y, epochs=cfg.body_epochs, cfg=cfg,
                                 gen=ctx.generator("body")))
         seen = sum(s for s, _ in parts)
-        flat, n = flat_params(model), float(data.n("train"))
-        delta = body - flat[:-n_head]
-        return Reply(sums={"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)},
-                     state=flat[-n_head:].clone(), n_train=seen, train_loss=combined_loss(parts))
-
-    def finish(self, phase, cfg, state, sums, n_clients, info):
-        if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:
-            return {"clients": 0.0}
-        step = sums["delta"] / float(sums["n"])
-        state.theta = state.theta - cfg.server_lr * step.to(state.theta.dtype)
-        return {"update_norm": float(step.norm())}
+        flat = flat_params(model)
+        return Reply(sums=update_sums(body - flat[:-n_head], float(data.n("train"))), state=flat[-n_head:].clone(),
+                     n_train=seen, train_loss=combined_loss(parts))

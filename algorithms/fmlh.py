@@ -1,7 +1,8 @@
 """FMLH: federated meta-learning with a constrained hypernetwork (Wu, Wang, Lin, Yang, Shu, Yi,
-Khalil, Zomaya, 2025; shared/seeds/000). Only the abstract is available and the authors' code is
-incomplete, so the method is the reconstruction in shared/ALGORITHMS.md; every choice below that
-the abstract does not state is [reconstructed] and a config option (default in brackets).
+Khalil, Zomaya, "Toward Personalized Federated Meta-Learning With Constrained Hypernetwork on
+Non-IID Data", IEEE Transactions on Computers, 2026; no arXiv version). We worked from the abstract,
+and the authors' code is incomplete, so the method below is our reconstruction; every choice the
+abstract does not state is [reconstructed] and a config option (default in brackets).
 
 Server state: global meta-model w, per-client embeddings e_i, hypernetwork h (pFedHN's MLP) whose
 output is a personalization offset delta_i = P(h(e_i)), the personalized meta-model w_i = w +
@@ -12,7 +13,8 @@ delta_i. One phase per round:
           steps of `inner_lr` (alpha) [0.01] on support batches, then w_i -= `outer_lr` (beta)
           [0.01] * grad L_query(phi). Sends the meta-update u_i = w_i_start - w_i_end (summable)
           and the fine-tuned difference d_i = phi_last - w (item).
-  server: w -= `server_lr` [1] * mean u_i (unweighted mean over the clients that replied);
+  server: w -= `server_lr` [1] * mean u_i (unweighted mean over the clients that replied; the
+          kit's server step, kit/globalmodel.descend);
           h and e_i fit d_i by least squares, i.e. the VJP at e_i with grad_outputs delta_i - d_i
           (straight-through the projection: delta_i is the projected output), h's gradient
           averaged over the cohort, clipped at `server_clip` [50], Adam [hn_lr 1e-3]; each e_i by
@@ -24,10 +26,13 @@ projection, deterministic, rather than power-iteration spectral normalization, w
 start would need global RNG): a Lipschitz bound on h.
 h's output heads start at `head_init_scale` [0.1] x the default init, so delta_i starts small and
 the first rounds are close to FO-MAML on w.
-Embedding rows: lazily created N(0, 1) from (run seed, client id); embed_dim [0 = int(1 + n/4),
-n all the clients].
+Embedding rows: lazily created N(0, 1) from derive_seed(run seed, "fmlh-embed", client id);
+embed_dim [0 = int(1 + n/4), n all the clients]. Other seeds: w from the run seed, h from
+derive_seed(run seed, "fmlh-hnet"), a client's support/query split from derive_seed(run seed,
+"fmlh-split", client id) (fixed across rounds, hence not `ClientContext.generator`, which adds the
+round), its batches from `ClientContext.generator` ("meta", "finetune").
 Evaluation: from w_i (seen), `finetune_steps` (nu) [5] SGD steps of `finetune_lr` [0.01] on the
-client's whole train split, then val/test. Report mean, max and p10 (the paper's lowest decile)
+client's whole train split, then val/test (the kit's `finetune_reply`). Report mean, max and p10 (the paper's lowest decile)
 with `simfed metrics`.
 New clients (`unseen` ["fit"]; ours: neither the paper nor the authors' code has a path for a
 client that never trained): with h and w frozen, the client gets a new embedding e_new, started at
@@ -65,21 +70,18 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from simfed.algorithms.base import Capabilities, Reply, ServerState, Task
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Algorithm, Capabilities, Reply, ServerState, Task
-from simfed.core.seeds import derive_seed
-from simfed.algorithms.fedavg import client_model
-from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.kit.globalmodel import client_model, descend, finetune_reply, initial_model
+from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
+from simfed.core.seeds import derive_seed
 
 
 @dataclass(frozen=True)
-class FMLHConfig:
-    embed_dim: int = 0
-    hidden: int = 100
-    n_hidden: int = 3
+class FMLHConfig(hn.HyperNetFields):
     head_init_scale: float = 0.1
     rho: float = 0.5
     spectral_norm: bool = False
@@ -100,14 +102,11 @@ class FMLHConfig:
     unseen_exchanges: int = 5
     unseen_steps: int = 20
     unseen_lr: float = 0.1
-    target_shapes: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "target_shapes", hn.normalize_shapes(self.target_shapes))
-        if self.embed_dim < 0 or self.hidden < 1 or self.n_hidden < 0 or self.head_init_scale < 0:
-            raise ValueError("embed_dim >= 0 (0 = 1 + n/4), hidden >= 1, n_hidden >= 0, head_init_scale >= 0")
-        if self.rho < 0 or self.spectral_bound <= 0:
-            raise ValueError("rho must be >= 0 (a fraction of ||w||) and spectral_bound > 0")
+        super().__post_init__()
+        if self.head_init_scale < 0 or self.rho < 0 or self.spectral_bound <= 0:
+            raise ValueError("head_init_scale must be >= 0, rho >= 0 (a fraction of ||w||) and spectral_bound > 0")
         if not 0 < self.support_fraction < 1:
             raise ValueError(f"support_fraction must be in (0, 1), got {self.support_fraction}")
         if self.meta_steps < 1 or self.inner_steps < 0 or self.batch_size < 1 or self.finetune_steps < 0:
@@ -175,20 +174,15 @@ def fo_maml(model, w_i: torch.Tensor, x, y, sup, qry, cfg, gen) -> tuple[torch.T
 
 
 @register
-class FMLH(Algorithm):
+class FMLH(hn.HyperNetMethod):
     name = "fmlh"
     Config = FMLHConfig
     summary = "FMLH: federated meta-learning with a norm-constrained hypernetwork offset (Wu et al. 2025)"
     capabilities = Capabilities(payloads=True)
 
-    def validate(self, cfg, task: Task) -> None:
-        hn.check_targets(cfg.target_shapes, task, self.name)
-
     def init(self, cfg, task: Task, seed: int) -> FMLHState:
-        shapes = hn.check_targets(cfg.target_shapes, task, self.name)
-        dim = hn.default_embed_dim(task, cfg.embed_dim)
-        w = flat_params(init_model(lenet_for(task.input_shape, task.num_classes), seed))
-        hnet = init_model(hn.HyperNet(dim, shapes, cfg.hidden, cfg.n_hidden), derive_seed(seed, "fmlh-hnet"))
+        hnet, dim = hn.build(cfg, task, derive_seed(seed, "fmlh-hnet"), self.name)
+        w = initial_model(task, seed)
         with torch.no_grad():
             for head in hnet.heads:
                 head.weight.mul_(cfg.head_init_scale)
@@ -239,14 +233,9 @@ class FMLH(Algorithm):
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
         if payload is None:
             return Reply()
-        model = client_model(ctx)
-        load_flat(model, payload)
         if ctx.mode == "eval" and not phase.startswith("fit"):
-            if cfg.finetune_steps > 0 and data.n("train") > 0:
-                x, y = data.split("train")
-                training.sgd_train(model, x, y, steps=cfg.finetune_steps, batch_size=cfg.batch_size,
-                                   lr=cfg.finetune_lr, gen=ctx.generator("finetune"))
-            return Reply(evals=training.evaluate_splits(model, data))
+            return finetune_reply(payload, data, ctx, cfg.finetune_steps, cfg.finetune_lr, cfg.batch_size)
+        model = client_model(ctx)
         n = data.n("train")
         if n < 1:
             raise SimfedError(f"fmlh: client {ctx.client_id} has no training samples; every client needs >= 1")
@@ -317,8 +306,7 @@ class FMLH(Algorithm):
             out["embedding_spread"] = hn.spread(rows)
             out["model_spread"] = hn.model_spread(lambda x: state.w + project(state.hnet(x), radius), rows)
         if n_w > 0:
-            step = sums["u"].to(state.w.dtype) / n_w
-            state.w = state.w - cfg.server_lr * step
+            state.w, step = descend(state.w, sums["u"], n_w, cfg.server_lr)
             out["meta_update_norm"] = float(step.norm())
         params = list(state.hnet.parameters())
         if n_h > 0:

@@ -1,6 +1,6 @@
 """kNN-Per (Marfoq, Neglia, Vidal, Kameni, ICML 2022, arXiv 2111.09360): FedAvg model + local kNN.
 
-Training is FedAvg (the same client and server steps). At evaluation every client, seen or new,
+Training is FedAvg (the kit's global model: the same client and server steps). At evaluation every client, seen or new,
 embeds its own train split with the global model (the features are the input of the last linear
 layer) and predicts
     p(y | x) = lam * p_kNN(y | x) + (1 - lam) * softmax(model(x)),
@@ -33,7 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from simfed.algorithms.base import Capabilities, Eval, Reply
-from simfed.algorithms.fedavg import FedAvg, client_model
+from simfed.algorithms.kit.globalmodel import GlobalModelMethod, GlobalSGDFields, client_model, sgd_reply
 from simfed.algorithms.kit.models import load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
@@ -42,14 +42,7 @@ LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 @dataclass(frozen=True)
-class KNNPerConfig:
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    local_steps: int = 20
-    local_epochs: float = 0.0
-    server_lr: float = 1.0
+class KNNPerConfig(GlobalSGDFields):
     ks: tuple[int, ...] = (5, 10)
     lambdas: tuple[float, ...] = LAMBDAS
     scale: float = 100.0
@@ -57,10 +50,7 @@ class KNNPerConfig:
     fallback_lambda: float = 0.5
 
     def __post_init__(self):
-        if self.lr <= 0 or self.batch_size < 1 or self.local_steps < 1 or self.server_lr <= 0:
-            raise ValueError("lr and server_lr must be > 0, batch_size and local_steps >= 1")
-        if self.local_epochs < 0:
-            raise ValueError("local_epochs must be >= 0")
+        super().__post_init__()
         if not self.ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in self.ks):
             raise ValueError(f"ks must be a non-empty list of integers >= 1, got {list(self.ks)}")
         lambdas = list(self.lambdas) + [self.fallback_lambda]
@@ -105,7 +95,7 @@ def mixture_eval(p: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
 
 
 @register
-class KNNPer(FedAvg):
+class KNNPer(GlobalModelMethod):
     name = "knnper"
     Config = KNNPerConfig
     summary = "kNN-Per: FedAvg model interpolated with a local kNN on its features (Marfoq et al. 2022)"
@@ -133,7 +123,7 @@ class KNNPer(FedAvg):
                               "kNN datastore (re-partition with a minimum client size)")
         ks = self._check_k(cfg, data, n)
         if ctx.mode != "eval":
-            return super().client(phase, cfg, bcast, payload, data, cstate, ctx)
+            return sgd_reply(cfg, bcast, data, ctx)
         model = client_model(ctx)
         load_flat(model, bcast)
         return Reply(evals=self.evaluate(cfg, model, data, ks, ctx.task.num_classes))

@@ -1,9 +1,11 @@
 """Local: every client trains only its own model; nothing is communicated after the start.
 
-Each seen client keeps its model as engine-held client state, starting from the same seeded
-initial model, and runs k SGD steps whenever it is sampled. [reconstructed] An unseen client has
-no state: at evaluation it trains from the initial model for `unseen_steps` steps on its own train
-split, which is what "Local" means for a newcomer.
+The usual lower baseline of the personalized-FL papers (no single paper). Each seen client keeps
+its model as engine-held client state, starting from the same seeded initial model (the kit's
+`initial_model`, from the run seed), and runs k SGD steps whenever it is sampled, with FedAvg's
+local optimizer keys. Ours: an unseen client has no state, so at evaluation it trains from the
+initial model for `unseen_steps` [200] steps on its own train split, which is what "Local" means
+for a newcomer. Batches come from `ClientContext.generator` (tags "sgd" and "unseen").
 """
 
 from __future__ import annotations
@@ -12,44 +14,37 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Algorithm, Capabilities, Reply
-from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate, local_sgd, local_sgd_chunk
+from simfed.algorithms.base import Capabilities, Reply
+from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, LocalSGDFields, client_model, finetune_and_evaluate,
+                                               local_sgd, local_sgd_chunk)
 from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.registry import register
 
 
 @dataclass(frozen=True)
-class LocalConfig:
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    local_steps: int = 20
-    local_epochs: float = 0.0  # > 0 overrides local_steps: passes over the train split, as in FedAvg
+class LocalConfig(LocalSGDFields):
     unseen_steps: int = 200
 
     def __post_init__(self):
-        if self.lr <= 0 or self.batch_size < 1 or self.local_steps < 1 or self.unseen_steps < 0:
-            raise ValueError("lr must be > 0, batch_size and local_steps >= 1, unseen_steps >= 0")
+        super().__post_init__()
+        if self.unseen_steps < 0:
+            raise ValueError("unseen_steps must be >= 0")
 
 
 @register
-class Local(Algorithm):
+class Local(GlobalModelMethod):
+    """The kit's global model is every client's start; it never moves."""
+
     name = "local"
     Config = LocalConfig
     summary = "Local: each client trains its own model, no federation"
     capabilities = Capabilities(client_state=True, chunk_replies=frozenset({"train"}))
 
-    init = FedAvg.init  # the shared, seeded initial model; it never changes
-
     def train_phases(self, cfg, state, round):
         return ("train",)
 
-    def eval_phases(self, cfg, state, cohort):
-        return ("evaluate",)
-
-    def broadcast(self, phase, cfg, state, info):
-        return state.theta
+    def finish(self, phase, cfg, state, sums, n_clients, info):
+        return None  # clients send nothing back: no server step
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
         model = client_model(ctx)

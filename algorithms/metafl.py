@@ -1,13 +1,18 @@
-"""Generalized meta-FL with nu-step fine-tuning (Jamali et al. 2025, shared/seeds/001) and Per-FedAvg.
+"""Generalized meta-FL with nu-step fine-tuning (Jamali, Saber, Bae 2025, "A Generalized Meta Federated
+Learning Framework with Theoretical Convergence Guarantees", arXiv 2504.21327) and Per-FedAvg.
 
 Objective F(w) = mean_i f_i(phi_i^nu(w)) with phi^0 = w, phi^{k+1} = phi^k - alpha grad f_i(phi^k; D_k),
 i.e. the loss of each client after nu plain SGD steps of size alpha from the shared model. The
 training loop is the paper's FedAvg variant: each client runs `tau` local meta-steps
 w <- w - beta g_i(w) and the server takes the sample-weighted average of the w_i (as a weighted
 mean change applied with `server_lr`, which is the plain average at the default 1.0).
-`perfedavg` is the nu = 1 case (Fallah, Mokhtari, Ozdaglar 2020, arXiv 2002.07948).
+`perfedavg` is the nu = 1 case (Fallah, Mokhtari, Ozdaglar, NeurIPS 2020, arXiv 2002.07948).
 
-Reconstructed choices (each a config option; defaults in brackets):
+From the papers: the nu-step meta-objective and the tau local meta-steps with the server average
+(Jamali et al.'s FedAvg variant); first-order and Hessian-free approximations and the independent
+Hessian batches (Per-FedAvg's Algorithm 1). The global model and the server step are the kit's
+(kit/globalmodel.py). Ours, where the papers leave a choice open (config options, defaults in
+brackets):
 - `gradient` ["exact"]: exact = autograd Hessian-vector products applied right to left over the
   stored iterates, g <- g - alpha H(phi^k; D_k) g for k = nu-1..0 (functional.meta_gradient; memory
   linear in nu, no Hessian formed); "first_order" = grad f(phi^nu; D'); "hessian_free" = the same
@@ -16,15 +21,16 @@ Reconstructed choices (each a config option; defaults in brackets):
   of that inner step (then "exact" is the true derivative of the sampled unrolled steps), or on an
   independent fresh batch D''_k, as in Per-FedAvg's Algorithm 1.
 - Batches: every inner step, the outer gradient (and fresh Hessian batches) get their own batch of
-  one seeded stream per client and round, drawn without replacement and reshuffled after each full
-  pass over the client's train split. A client with fewer samples than one meta-step draws
-  (samples_per_meta_step) thus reuses samples across the batches of that meta-step, and a batch
-  larger than the client is cut to the client's size; `strict_batches` [false] makes such a client
-  a SimfedError instead. A client with
-  no train samples is always a SimfedError.
+  one stream per client and round (`ClientContext.generator("meta")`), drawn without replacement
+  and reshuffled after each full pass over the client's train split. A client with fewer samples
+  than one meta-step draws (samples_per_meta_step) thus reuses samples across the batches of that
+  meta-step, and a batch larger than the client is cut to the client's size; `strict_batches`
+  [false] makes such a client a SimfedError instead. A client with no train samples is always a
+  SimfedError.
 - Evaluation (seen and unseen clients alike): `eval_steps` [-1 = nu] SGD steps of size `eval_lr`
   [0 = alpha] and batch `eval_batch_size` [0 = batch_size] from the global model on the client's
-  train split, then val/test. Separate from nu so a nu = 1 model can be evaluated after 5 steps.
+  train split, then val/test (batches from `ClientContext.generator("finetune")`). Separate from
+  nu so a nu = 1 model can be evaluated after 5 steps.
 - A meta-step whose gradient is not finite ends the client's local loop; the client still returns
   its (non-finite) update, which the engine drops and counts.
 
@@ -40,12 +46,11 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Algorithm, Capabilities, ClientContext, Reply
-from simfed.algorithms.fedavg import FedAvg, client_model, finetune_and_evaluate
+from simfed.algorithms.base import Capabilities, ClientContext, Reply
 from simfed.algorithms.kit.functional import BatchStream, loss_fn, meta_gradient
-from simfed.algorithms.kit.models import load_flat
-from simfed.algorithms.registry import register
+from simfed.algorithms.kit.globalmodel import GlobalModelMethod, client_model, finetune_reply, update_sums
 from simfed.algorithms.kit.vectorized_meta import meta_chunk_step
+from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
 GRADIENTS = ("exact", "first_order", "hessian_free")
@@ -141,8 +146,9 @@ def meta_client_step(cfg, w: torch.Tensor, f, x: torch.Tensor, y: torch.Tensor,
     return w, seen, sum(losses) / max(len(losses), 1)
 
 
-class MetaFL(FedAvg):
-    """FedAvg's server side (global model, weighted mean change); the client runs meta-steps."""
+@register
+class MetaFL(GlobalModelMethod):
+    """The kit's global model and server step (weighted mean change); the client runs meta-steps."""
 
     name = "metafl"
     Config = MetaFLConfig
@@ -153,19 +159,16 @@ class MetaFL(FedAvg):
         return float(cfg.tau)  # tau meta-steps of fixed-size batches, whatever the client's size
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx: ClientContext) -> Reply:
-        model = client_model(ctx)
         if ctx.mode == "eval":
-            load_flat(model, bcast)
-            return Reply(evals=finetune_and_evaluate(model, data, cfg.ft_steps, cfg.ft_lr, cfg.ft_batch_size,
-                                                     ctx.generator("finetune")))
+            return finetune_reply(bcast, data, ctx, cfg.ft_steps, cfg.ft_lr, cfg.ft_batch_size)
+        model = client_model(ctx)
         n = self._check(cfg, data)
         x, y = data.split("train")
         p = next(model.parameters())
         w0 = bcast.to(p.device, p.dtype)
         w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), x.to(p.dtype), y, ctx.generator("meta"))
         delta = (w0 - w).to(bcast.device, bcast.dtype)
-        return Reply(sums={"delta": delta * float(n), "n": torch.tensor(float(n), dtype=torch.float64)},
-                     n_train=seen, train_loss=loss)
+        return Reply(sums=update_sums(delta, float(n)), n_train=seen, train_loss=loss)
 
     def _check(self, cfg, data) -> int:
         """The client's train size, or a SimfedError for a client this config cannot train."""
@@ -183,8 +186,8 @@ class MetaFL(FedAvg):
     def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
         """The training step for a chunk of clients as one vectorized meta-step loop
         (vectorized_meta.meta_chunk_step, every gradient variant); equal to `client` to rounding."""
-        if ctxs[0].mode == "eval":  # the per-client loop (not FedAvg's chunk step, which trains plain SGD)
-            return Algorithm.chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs)
+        if ctxs[0].mode == "eval":  # fine-tuning is not vectorized: the per-client loop
+            return super().chunk_replies(phase, cfg, bcast, payloads, datas, cstates, ctxs)
         ns = [self._check(cfg, d) for d in datas]
         model = client_model(ctxs[0])
         p = next(model.parameters())
@@ -192,15 +195,8 @@ class MetaFL(FedAvg):
         splits = [d.split("train") for d in datas]
         w, seen, losses = meta_chunk_step(cfg, model, w0, [x.to(p.dtype) for x, _ in splits], [y for _, y in splits],
                                           [c.generator("meta") for c in ctxs])
-        replies = []
-        for n, row, s, loss in zip(ns, w, seen, losses):
-            delta = (w0 - row).to(bcast.device, bcast.dtype)
-            replies.append(Reply(sums={"delta": delta * float(n), "n": torch.tensor(float(n), dtype=torch.float64)},
-                                 n_train=s, train_loss=loss))
-        return replies
-
-
-register(MetaFL)
+        return [Reply(sums=update_sums((w0 - row).to(bcast.device, bcast.dtype), float(n)), n_train=s, train_loss=loss)
+                for n, row, s, loss in zip(ns, w, seen, losses)]
 
 
 @register

@@ -1,6 +1,6 @@
 """PeFLL: personalized federated learning by learning to learn (Scott, Zakerinia, Lampert;
 ICLR 2024, arXiv 2306.05515), Algorithms 1 and 2 of the paper, checked against the authors' code
-(github.com/jonnyascott/PeFLL, train.py and models.py) and shared/ALGORITHMS.md.
+(github.com/jonnyascott/PeFLL, train.py and models.py).
 
 Server: hypernetwork h (eta_h; Table 5) and embedding network phi (eta_v; Table 4: the client
 LeNet with C + num_classes input channels, the one-hot label as constant planes, output l).
@@ -33,7 +33,7 @@ Descriptor normalization (`descriptor_norm` ["first"]; [code]): the authors stan
 descriptor by the mean m and the (unbiased, torch.std) standard deviation s over the components
 of the FIRST descriptor computed in training, fixed afterwards and reused at evaluation. Without it
 the raw descriptors of different clients differ by ~1% of their norm, h's input barely varies and
-h hands every client the same model (issue 10: PeFLL degenerated to FedAvg). Here m and s come
+h hands every client the same model (PeFLL then degenerates to FedAvg). Here m and s come
 from the descriptor of the lowest client id that replied in the first training round (the authors
 take their first sampled client; ours is the same rule on serial and Ray), are server state
 (checkpointed) and are applied before h in training and evaluation. "none" feeds u to h as is.
@@ -44,7 +44,7 @@ objective (1) act as eta <- (1 - 2 server_lr lambda) eta after the Adam step, as
 Algorithm 2 writes the step; "none" is the authors' default run (their Adam has no weight decay;
 their `--wd` only reaches the SGD optimizer). Never added to the gradient before Adam: Adam
 rescales per coordinate, so a coupled 2 lambda eta pulls every weight whose data gradient is
-smaller to zero at one learning-rate step per round (issue 10).
+smaller to zero at one learning-rate step per round.
 
 Evaluation (seen and unseen alike, zero-shot, Algorithm 1): describe then evaluate with
 theta = h((u(S_train) - m) / s). Options: `label_free` (phi sees x only; paper Table 2),
@@ -71,6 +71,10 @@ Differences from the authors' code, and why:
 - short_clients ["all"]: a client with fewer train samples than descriptor_batch uses all of
   them (v is a mean; their DataLoader also yields a short batch); "error" raises a SimfedError.
   A client with no train samples is always an error.
+- Seeds: h from the run seed, phi from derive_seed(run seed, "pefll-embed"); the descriptor batch
+  B from derive_seed(run seed, round, mode, client id, "pefll-batch"), not from
+  `ClientContext.generator`, which would add the phase: describe and embed must draw the same B;
+  local batches from `ClientContext.generator("sgd")`.
 
 Collapse gauge (every round, in the round's stats, persisted in RUN_DIR/metrics/rounds/):
 `model.descriptor_spread` (spread of the normalized descriptors of the cohort) and
@@ -83,28 +87,22 @@ from dataclasses import dataclass
 
 import torch
 
+from simfed.algorithms.base import Capabilities, Reply, ServerState, Task
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Algorithm, Capabilities, Reply, ServerState, Task
-from simfed.core.seeds import derive_seed
-from simfed.algorithms.fedavg import client_model
+from simfed.algorithms.kit.globalmodel import client_model
 from simfed.algorithms.kit.models import flat_params, init_model, load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
+from simfed.core.seeds import derive_seed
 
 
 @dataclass(frozen=True)
-class PeFLLConfig:
-    embed_dim: int = 0
-    hidden: int = 100
-    n_hidden: int = 3
-    descriptor_batch: int = 32
-    local_steps: int = 50
+class PeFLLConfig(hn.GeneratedSGDFields):
+    # PeFLL's code trains clients with pFedHN's local SGD settings but for these two
     batch_size: int = 32
     lr: float = 2e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    clip: float = 50.0
+    descriptor_batch: int = 32
     server_lr: float = 2e-4
     lambda_h: float = 1e-3
     lambda_v: float = 1e-3
@@ -116,16 +114,13 @@ class PeFLLConfig:
     short_clients: str = "all"
     descriptor_norm: str = "first"
     decay: str = "decoupled"
-    target_shapes: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "target_shapes", hn.normalize_shapes(self.target_shapes))
-        if self.embed_dim < 0 or self.hidden < 1 or self.n_hidden < 0:
-            raise ValueError("embed_dim must be >= 0 (0 = 1 + n/4), hidden >= 1, n_hidden >= 0")
-        if self.descriptor_batch < 1 or self.local_steps < 1 or self.batch_size < 1:
-            raise ValueError("descriptor_batch, local_steps and batch_size must be >= 1")
-        if self.lr <= 0 or self.server_lr <= 0 or min(self.lambda_h, self.lambda_v, self.lambda_theta) < 0:
-            raise ValueError("lr and server_lr must be > 0, lambda_h, lambda_v, lambda_theta >= 0")
+        super().__post_init__()
+        if self.descriptor_batch < 1:
+            raise ValueError("descriptor_batch must be >= 1")
+        if self.server_lr <= 0 or min(self.lambda_h, self.lambda_v, self.lambda_theta) < 0:
+            raise ValueError("server_lr must be > 0, lambda_h, lambda_v, lambda_theta >= 0")
         if self.eval_descriptor not in ("train", "batch"):
             raise ValueError(f"eval_descriptor must be 'train' or 'batch', got {self.eval_descriptor!r}")
         if self.short_clients not in ("all", "error"):
@@ -189,19 +184,14 @@ def descriptor(net, cfg, x, y, num_classes) -> torch.Tensor:
 
 
 @register
-class PeFLL(Algorithm):
+class PeFLL(hn.HyperNetMethod):
     name = "pefll"
     Config = PeFLLConfig
     summary = "PeFLL: embedding net + hypernetwork learn to produce client models (Scott et al. 2024)"
     capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"model"}))  # k SGD steps from h(v_i)
 
-    def validate(self, cfg, task: Task) -> None:
-        hn.check_targets(cfg.target_shapes, task, self.name)
-
     def init(self, cfg, task: Task, seed: int) -> PeFLLState:
-        shapes = hn.check_targets(cfg.target_shapes, task, self.name)
-        dim = hn.default_embed_dim(task, cfg.embed_dim)
-        hnet = init_model(hn.HyperNet(dim, shapes, cfg.hidden, cfg.n_hidden), seed)
+        hnet, dim = hn.build(cfg, task, seed, self.name)
         embed = init_model(hn.embed_net(task.input_shape, task.num_classes, dim, not cfg.label_free),
                            derive_seed(seed, "pefll-embed"))
         opt = torch.optim.Adam(list(hnet.parameters()) + list(embed.parameters()), lr=cfg.server_lr)
@@ -225,11 +215,7 @@ class PeFLL(Algorithm):
             ids = [int(c) for c in client_ids if int(c) in store]
             if not ids:
                 return {}
-            with torch.no_grad():
-                th = state.hnet(torch.stack([normalized(state, store[c]) for c in ids]))
-            # clone: a row view would pickle th's whole storage, i.e. every client of the chunk's
-            # theta in each client's payload (chunk-size times the bytes through the object store)
-            return {c: th[j].clone() for j, c in enumerate(ids)}
+            return hn.generate(state.hnet, ids, [normalized(state, store[c]) for c in ids])
         if phase == "embed":
             return {int(c): state._dv[int(c)] for c in client_ids if int(c) in state._dv}
         return None
@@ -334,11 +320,7 @@ class PeFLL(Algorithm):
             if cfg.label_mask:
                 mask = torch.bincount(data.split("train")[1], minlength=K)[:K] > 0
             return Reply(evals=training.evaluate_splits(model, data, class_mask=mask))
-        x, y = data.split("train")
-        delta, seen, loss = hn.train_delta(model, payload, x, y, steps=cfg.local_steps,
-                                           batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                                           weight_decay=cfg.weight_decay, clip=cfg.clip,
-                                           gen=ctx.generator("sgd"))
+        delta, seen, loss = hn.train_payload(model, cfg, payload, data, ctx)
         return Reply(item=delta, n_train=seen, train_loss=loss)
 
     def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:

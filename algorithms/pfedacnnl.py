@@ -1,12 +1,15 @@
-"""pFedACnnL (Gu et al., 2025, "Analytic Personalized Federated Meta-Learning"; seed 003):
-FedACnnL's global layer-wise solve, then a closed-form personal head per client.
+"""pFedACnnL (Gu, You, Guo, Qu, Ren, Xie, Luo, 2025, "Analytic Personalized Federated
+Meta-Learning", arXiv 2502.06915): FedACnnL's global layer-wise solve (kit/acnnl.py), then a
+closed-form personal head per client.
 
 Client i with head inputs H_i (its train split through the solved hidden layers, plus the bias
 column) and one-hot labels Y_i solves
     W_i = argmin ||H_i W - Y_i||^2 + lambda ||W - W_ref||^2 = (H_i^T H_i + lambda I)^{-1}(H_i^T Y_i + lambda W_ref)
 with W_ref the global head. It is a function of the global model and the client's own data only.
+From the paper: the personal model as the analytic solution of a local objective that pulls the
+global model toward the client's data, and grouping clients with similar data distributions.
 
-[reconstructed] choices (config options, default first), on top of FedACnnL's:
+[reconstructed] choices (config options, default first), on top of FedACnnL's (fedacnnl.py):
 - `lambdas = (1, 10, 100, 1000, 10000, 100000)`: lambda is picked per client by accuracy on its
   validation split (ties go to the larger lambda, i.e. closer to the global head);
   `include_global = true` also lets the client keep W_ref itself (lambda -> infinity), so a client
@@ -31,15 +34,15 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.kit import analytic
 from simfed.algorithms.base import Capabilities, ClientData, Eval, Reply, Task
-from simfed.algorithms.fedacnnl import FedACnnL, FedACnnLConfig, geometry, outputs_eval, selected
+from simfed.algorithms.kit import analytic
+from simfed.algorithms.kit.acnnl import AnalyticFields, LayerwiseMethod, geometry, layer_statistics, outputs_eval, selected
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
 
 @dataclass(frozen=True)
-class PFedACnnLConfig(FedACnnLConfig):
+class PFedACnnLConfig(AnalyticFields):
     lambdas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0)
     include_global: bool = True
     groups: int = 0
@@ -65,7 +68,7 @@ def nearest(hist: torch.Tensor, centroids: torch.Tensor) -> int:
 
 
 @register
-class PFedACnnL(FedACnnL):
+class PFedACnnL(LayerwiseMethod):
     name = "pfedacnnl"
     Config = PFedACnnLConfig
     summary = "pFedACnnL: FedACnnL + per-client closed-form head toward the global one (Gu et al. 2025)"
@@ -116,7 +119,7 @@ class PFedACnnL(FedACnnL):
             if phase.startswith("cluster"):
                 return Reply(sums={"S": onehot[:, None] * hist[None, :], "cnt": onehot}, n_train=n)
             layers = geometry(cfg, ctx.task)
-            a, b = self.layer_statistics(cfg, layers, len(layers) - 1, bcast, x, y, ctx)
+            a, b = layer_statistics(cfg, layers, len(layers) - 1, bcast, x, y, ctx)
             # One-hot over groups: summing these gives every group's Gram sums at O(G d^2).
             return Reply(sums={"Ag": onehot[:, None, None] * a, "bg": onehot[:, None, None] * b,
                                "n": torch.tensor(float(n), dtype=torch.float64)}, n_train=n)

@@ -1,6 +1,6 @@
 """pFedHN: personalized federated hypernetworks (Shamsian, Navon, Fetaya, Chechik; ICML 2021,
 arXiv 2103.04628), checked against the authors' code (github.com/AvivSham/pFedHN,
-experiments/pfedhn/trainer.py and models.py) and shared/ALGORITHMS.md.
+experiments/pfedhn/trainer.py and models.py).
 
 The server holds a per-client embedding e_i and a hypernetwork h (Linear(d, 100), 3 x [ReLU,
 Linear(100, 100)], one linear head per LeNet tensor). One phase per round: the server produces
@@ -36,6 +36,9 @@ Differences from the authors' code, and why:
   final phase evaluates h(e_new). The fitted embeddings are evaluation scratch (`_unseen`).
 - embed_dim [0 = int(1 + n/4)]: n is the store's seen + unseen clients when the task says, else
   the seen ones, else 100.
+- Seeds: h from the run seed; embedding rows from derive_seed(run seed, "pfedhn-embed", client
+  id) ("pfedhn-unseen" for a new client's), by client id so that a row does not depend on when
+  its client is first sampled; local batches from `ClientContext.generator("sgd")`.
 
 Vectorized client step (ours; `engine.vectorize`): `chunk_replies` trains a whole chunk of clients
 in one `vectorized.sgd_train_chunk` run, each from its own theta_i (stacked [C, P], rows differ),
@@ -54,26 +57,17 @@ from dataclasses import dataclass
 
 import torch
 
+from simfed.algorithms.base import Capabilities, Reply, ServerState, Task
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
-from simfed.algorithms.base import Algorithm, Capabilities, Reply, ServerState, Task
-from simfed.algorithms.fedavg import client_model
-from simfed.algorithms.kit.models import init_model, load_flat
+from simfed.algorithms.kit.globalmodel import client_model
+from simfed.algorithms.kit.models import load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
 
 @dataclass(frozen=True)
-class PFedHNConfig:
-    embed_dim: int = 0
-    hidden: int = 100
-    n_hidden: int = 3
-    local_steps: int = 50
-    batch_size: int = 64
-    lr: float = 5e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    clip: float = 50.0
+class PFedHNConfig(hn.GeneratedSGDFields):
     server_lr: float = 1e-2
     server_momentum: float = 0.9
     server_weight_decay: float = 1e-3
@@ -83,16 +77,13 @@ class PFedHNConfig:
     embed_weight_decay: float = 1e-3
     unseen_exchanges: int = 10
     unseen_lr: float = 5e-2
-    target_shapes: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "target_shapes", hn.normalize_shapes(self.target_shapes))
-        if self.embed_dim < 0 or self.hidden < 1 or self.n_hidden < 0:
-            raise ValueError("embed_dim must be >= 0 (0 = 1 + n/4), hidden >= 1, n_hidden >= 0")
-        if self.local_steps < 1 or self.batch_size < 1 or self.unseen_exchanges < 0:
-            raise ValueError("local_steps and batch_size must be >= 1, unseen_exchanges >= 0")
-        if min(self.lr, self.server_lr, self.embed_lr, self.unseen_lr) <= 0:
-            raise ValueError("lr, server_lr, embed_lr and unseen_lr must be > 0")
+        super().__post_init__()
+        if self.unseen_exchanges < 0:
+            raise ValueError("unseen_exchanges must be >= 0")
+        if min(self.server_lr, self.embed_lr, self.unseen_lr) <= 0:
+            raise ValueError("server_lr, embed_lr and unseen_lr must be > 0")
 
 
 class PFedHNState(ServerState):
@@ -104,25 +95,15 @@ class PFedHNState(ServerState):
         self._unseen: dict = {}  # eval scratch: fitted embeddings of unseen clients
 
 
-def thetas(state, rows: list[torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return state.hnet(torch.stack(rows))
-
-
 @register
-class PFedHN(Algorithm):
+class PFedHN(hn.HyperNetMethod):
     name = "pfedhn"
     Config = PFedHNConfig
     summary = "pFedHN: server hypernetwork maps per-client embeddings to client models (Shamsian et al. 2021)"
     capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"train"}))  # k SGD steps from h(e_i)
 
-    def validate(self, cfg, task: Task) -> None:
-        hn.check_targets(cfg.target_shapes, task, self.name)
-
     def init(self, cfg, task: Task, seed: int) -> PFedHNState:
-        shapes = hn.check_targets(cfg.target_shapes, task, self.name)
-        dim = hn.default_embed_dim(task, cfg.embed_dim)
-        hnet = init_model(hn.HyperNet(dim, shapes, cfg.hidden, cfg.n_hidden), seed)
+        hnet, dim = hn.build(cfg, task, seed, self.name)
         opt = torch.optim.SGD(hnet.parameters(), lr=cfg.server_lr, momentum=cfg.server_momentum,
                               weight_decay=cfg.server_weight_decay)
         return PFedHNState(hnet, opt, {}, dim, seed)
@@ -147,10 +128,7 @@ class PFedHN(Algorithm):
             for cid in client_ids:
                 state._unseen.pop(int(cid), None)
         ids = [int(c) for c in client_ids]
-        th = thetas(state, [self._row(state, c, info) for c in ids])
-        # clone: a row view would pickle th's whole storage, i.e. every client of the chunk's
-        # theta in each client's payload (chunk-size times the bytes through the object store)
-        return {c: th[j].clone() for j, c in enumerate(ids)}
+        return hn.generate(state.hnet, ids, [self._row(state, c, info) for c in ids])
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
         if payload is None:
@@ -161,11 +139,7 @@ class PFedHN(Algorithm):
             return Reply(evals=training.evaluate_splits(model, data))
         if data.n("train") < 1:
             raise SimfedError(f"pfedhn: client {ctx.client_id} has no training samples; every client needs >= 1")
-        x, y = data.split("train")
-        delta, seen, loss = hn.train_delta(model, payload, x, y, steps=cfg.local_steps,
-                                           batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                                           weight_decay=cfg.weight_decay, clip=cfg.clip,
-                                           gen=ctx.generator("sgd"))
+        delta, seen, loss = hn.train_payload(model, cfg, payload, data, ctx)
         if ctx.mode != "train":  # fitting an unseen client's embedding is evaluation, not training
             return Reply(item=delta)
         return Reply(item=delta, n_train=seen, train_loss=loss)

@@ -20,6 +20,7 @@ is weighted by train samples; personal_lr = 0.01 and lr = 0.005 are the authors'
 - New clients (PeFLL's appendix): theta = w_i = w, then `unseen_epochs` [20] epochs of the same
   local procedure (the pFedMe loss) on the client's train split; theta is evaluated. A seen client
   that has never been sampled is evaluated the same way.
+- Batches come from `ClientContext.generator` ("local" in training, "unseen" for a new client).
 - The reported training loss (`Reply.train_loss`, the train rows' `loss`) is the personalized
   model's inner-objective loss f_i(theta) (cross-entropy only, without the lam/2 ||theta - w_i||^2
   term) on the minibatches, evaluated at each of the K inner steps before that step's update and
@@ -32,11 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.kit import training
 from simfed.algorithms.base import Capabilities, Reply
-from simfed.algorithms.ditto import proximal_grads
-from simfed.algorithms.fedavg import FedAvg, client_model
+from simfed.algorithms.kit import training
+from simfed.algorithms.kit.globalmodel import GlobalModelMethod, client_model, server_step, update_sums
 from simfed.algorithms.kit.models import flat_params, load_flat
+from simfed.algorithms.kit.proximal import evaluate_personal, proximal_grads
 from simfed.algorithms.registry import register
 
 
@@ -85,8 +86,16 @@ def pfedme_local(model, w: torch.Tensor, lam: float, K: int, lr: float, personal
     return wi, seen, float(loss_sum) / max(seen, 1)
 
 
+def local_rounds(cfg, model, w, data, steps_epochs: tuple[int, float], gen):
+    """`pfedme_local` on the client's train split with the config's settings."""
+    x, y = data.split("train")
+    steps, epochs = steps_epochs
+    return pfedme_local(model, w, cfg.lam, cfg.K, cfg.lr, cfg.personal_lr, x, y, steps=steps,
+                        batch_size=cfg.batch_size, gen=gen, epochs=epochs)
+
+
 @register
-class PFedMe(FedAvg):
+class PFedMe(GlobalModelMethod):
     name = "pfedme"
     Config = PFedMeConfig
     summary = "pFedMe: Moreau-envelope personal models, K-step inner solve (Dinh et al. 2020)"
@@ -95,29 +104,16 @@ class PFedMe(FedAvg):
     def cost(self, cfg, n_train: int) -> float:
         return float(cfg.K) * super().cost(cfg, n_train)
 
-    def _local(self, cfg, model, w, data, steps_epochs, gen):
-        x, y = data.split("train")
-        steps, epochs = steps_epochs
-        return pfedme_local(model, w, cfg.lam, cfg.K, cfg.lr, cfg.personal_lr, x, y, steps=steps,
-                            batch_size=cfg.batch_size, gen=gen, epochs=epochs)
-
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
         model = client_model(ctx)
         if ctx.mode == "eval":
-            load_flat(model, bcast if cstate is None else cstate)
-            if cstate is None and cfg.unseen_epochs > 0 and data.n("train") > 0:
-                self._local(cfg, model, bcast, data, (1, cfg.unseen_epochs), ctx.generator("unseen"))
-            return Reply(evals=training.evaluate_splits(model, data))
-        wi, seen, loss = self._local(cfg, model, bcast, data, (cfg.local_steps, cfg.local_epochs),
-                                     ctx.generator("local"))
-        n = float(data.n("train"))
-        return Reply(sums={"delta": (bcast - wi) * n, "n": torch.tensor(n, dtype=torch.float64)},
-                     state=flat_params(model), n_train=seen, train_loss=loss)
+            return evaluate_personal(model, bcast, cstate, data, cfg.unseen_epochs, lambda: local_rounds(
+                cfg, model, bcast, data, (1, cfg.unseen_epochs), ctx.generator("unseen")))
+        wi, seen, loss = local_rounds(cfg, model, bcast, data, (cfg.local_steps, cfg.local_epochs),
+                                      ctx.generator("local"))
+        return Reply(sums=update_sums(bcast - wi, float(data.n("train"))), state=flat_params(model), n_train=seen,
+                     train_loss=loss)
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
-        if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:
-            return {"clients": 0.0}
-        # (1 - beta) w + beta * mean(w_i) = w - beta * mean(w - w_i)
-        step = sums["delta"] / float(sums["n"])
-        state.theta = state.theta - cfg.beta * step.to(state.theta.dtype)
-        return {"update_norm": float(step.norm())}
+        # (1 - beta) w + beta * mean(w_i) = w - beta * mean(w - w_i): the FedAvg step at rate beta
+        return server_step(state, sums, n_clients, cfg.beta)

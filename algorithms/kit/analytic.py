@@ -222,13 +222,10 @@ def statistics(layers: Sequence[Layer], index: int, weights: Sequence[torch.Tens
     `chunk` samples and BLOCK_ELEMS design elements, so memory is bounded whatever x holds.
     Everything runs on x's device.
 
-    With the float64 forward and `gram_dtype` float64 a sample's contribution does not depend on
-    its block or client beyond float64 summation order. `gram_dtype` float32 forms each block's
-    rows and products in float32 (~3x the GEMM throughput on CPU) and adds them into the float64
-    sums; a float32 forward is ~3x faster but per-sample results may depend on the batch it ran
-    in (~1e-7 relative). The bias column is a column of ones inside the rows (so the GEMM also
-    gives the column sums and the row count), and because all patches of a sample share one target
-    row, X^T T = (per-sample row sums)^T T, never T repeated per patch.
+    In float64 (both dtypes) a sample's contribution does not depend on its block or client beyond
+    summation order; what the float32 options trade is in FedACnnL's docstring. The bias column is
+    a column of ones inside the rows (so the GEMM also gives the column sums and the row count),
+    and all patches of a sample share one target row: X^T T = (per-sample row sums)^T T.
 
     A convolution with every patch position takes X^T X and the patch sums from image-row products
     (RowPairGram, ~2.5x fewer products for LeNet's second convolution); a subset of positions and

@@ -1,40 +1,81 @@
-"""Shared pieces of the hypernetwork methods (pFedHN, PeFLL, FMLH); not a method itself.
+"""The hypernetwork pieces of pFedHN, PeFLL and FMLH; not a method itself.
 
+- `HyperNetFields` (embed_dim, hidden, n_hidden, target_shapes) and `GeneratedSGDFields` (local SGD
+  from a generated model, pFedHN's and PeFLL's client step): config field groups.
 - `HyperNet`: the pFedHN/PeFLL fully connected hypernetwork (PeFLL Table 5, arXiv 2306.05515):
   Linear(d, 100), then `n_hidden` x [ReLU, Linear(100, 100)], then one linear head per target
   tensor of the client model. It maps a batch of inputs (B, d) to a batch of flat parameter
   vectors (B, D) in one forward pass, which is how a chunk of clients gets its models.
+- `build`: a config's hypernetwork on a task (target shapes checked against the client model,
+  the embedding size, the seeded initialization); `HyperNetMethod` validates the target shapes
+  before any work; `generate`: the models of a chunk of clients.
 - `vjp_`: the server's backward pass at one client: accumulates J_h(x)^T g into the
   hypernetwork's `.grad` (streaming, O(model) memory) and returns the input gradient.
 - `embed_net` / `embed_input`: PeFLL's embedding network (Table 4): the client LeNet with
   C + num_classes input channels (the one-hot label broadcast as constant planes) and output l.
-- `train_delta`: k local SGD steps from a given flat model; returns theta - theta' (a gradient-like
-  step: the server descends along it).
-- `train_delta_chunk`: `train_delta` for a chunk of clients at once, each from its own theta
-  (`vectorized.sgd_train_chunk`; pFedHN's and PeFLL's vectorized client step).
+- `train_delta` / `train_payload`: k local SGD steps from a given flat model; returns
+  theta - theta' (a gradient-like step: the server descends along it).
+- `train_delta_chunk` / `train_payload_clients`: the same for a chunk of clients at once, each
+  from its own theta (`vectorized.sgd_train_chunk`; pFedHN's and PeFLL's vectorized client step).
+- `embedding_row`: a client's embedding, created on first use from derive_seed(run seed, tag,
+  client id), so that it does not depend on when the client is first sampled.
 - `sgd_rows_`: per-client embedding rows updated only for the clients that took part
   (an optimizer with momentum or weight decay on the whole table would keep moving absent rows).
 - `spread` / `model_spread`: the collapse gauge every hypernetwork method logs each round
   (0 = all clients of the cohort get the same descriptor/embedding or model).
-- `serial_phase`: a tiny in-process reference driver of the protocol (used by the tests and
-  the benches; the engine's serial backend is the production path).
+- `serial_phase`: a tiny in-process reference driver of the protocol (used by the tests; the
+  engine's serial backend is the production path).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from simfed.algorithms.base import Algorithm, Reply, RoundInfo, Task
 from simfed.algorithms.kit import training, vectorized
-from simfed.algorithms.base import Reply, RoundInfo
-from simfed.core.seeds import derive_seed
-from simfed.algorithms.kit.models import LeNet, flat_params, lenet_for, load_flat, param_shapes
+from simfed.algorithms.kit.models import LeNet, flat_params, init_model, lenet_for, load_flat, param_shapes
 from simfed.core.errors import SimfedError
+from simfed.core.seeds import derive_seed
+
+
+@dataclass(frozen=True)
+class HyperNetFields:
+    """The hypernetwork's shape. embed_dim 0 = int(1 + n/4) (`default_embed_dim`); target_shapes
+    () = the client model's (a configured list is checked against it)."""
+
+    embed_dim: int = 0
+    hidden: int = 100
+    n_hidden: int = 3
+    target_shapes: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_shapes", normalize_shapes(self.target_shapes))
+        if self.embed_dim < 0 or self.hidden < 1 or self.n_hidden < 0:
+            raise ValueError("embed_dim must be >= 0 (0 = 1 + n/4), hidden >= 1, n_hidden >= 0")
+
+
+@dataclass(frozen=True)
+class GeneratedSGDFields(HyperNetFields):
+    """Local SGD from a generated model (`train_payload`), with gradient-norm clipping. The defaults
+    are pFedHN's code's; a method whose authors use others overrides them."""
+
+    local_steps: int = 50
+    batch_size: int = 64
+    lr: float = 5e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    clip: float = 50.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.local_steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("local_steps and batch_size must be >= 1, lr > 0")
 
 
 class HyperNet(nn.Module):
@@ -47,10 +88,6 @@ class HyperNet(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.shapes = [(str(n), tuple(int(v) for v in s)) for n, s in shapes]
         self.heads = nn.ModuleList(nn.Linear(hidden, math.prod(s)) for _, s in self.shapes)
-
-    @property
-    def out_dim(self) -> int:
-        return sum(math.prod(s) for _, s in self.shapes)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         f = self.mlp(e)
@@ -80,6 +117,30 @@ def check_targets(target_shapes: tuple, task, method: str) -> list[tuple[str, tu
                 f"{tuple(task.input_shape)} and {task.num_classes} classes, which needs "
                 f"{[s for _, s in want]}; remove target_shapes to derive them from the model")
     return want
+
+
+def build(cfg, task: Task, seed: int, method: str) -> tuple[HyperNet, int]:
+    """The hypernetwork of a config (`HyperNetFields`) on a task, initialized from `seed`, and its
+    input dimension."""
+    shapes = check_targets(cfg.target_shapes, task, method)
+    dim = default_embed_dim(task, cfg.embed_dim)
+    return init_model(HyperNet(dim, shapes, cfg.hidden, cfg.n_hidden), seed), dim
+
+
+class HyperNetMethod(Algorithm):
+    """A method whose config has `HyperNetFields`: its target shapes are checked before any work."""
+
+    def validate(self, cfg, task: Task) -> None:
+        check_targets(cfg.target_shapes, task, self.name)
+
+
+def generate(hnet: nn.Module, ids: Sequence[int], rows: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """{client id: h(row)} for a chunk of clients, in one batched forward pass."""
+    with torch.no_grad():
+        th = hnet(torch.stack(list(rows)))
+    # clone: a row view would pickle th's whole storage, i.e. every client of the chunk's
+    # theta in each client's payload (chunk-size times the bytes through the object store)
+    return {c: th[j].clone() for j, c in enumerate(ids)}
 
 
 def vjp_(module: nn.Module, x: torch.Tensor, grad_out, *, params: bool = True) -> torch.Tensor:
@@ -133,6 +194,14 @@ def train_delta(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch
     return theta - flat_params(model), seen, loss
 
 
+def train_payload(model: nn.Module, cfg, payload: torch.Tensor, data, ctx) -> tuple[torch.Tensor, int, float]:
+    """`train_delta` from a client's generated model with the config's `GeneratedSGDFields`, its
+    batches from `ctx.generator("sgd")`."""
+    x, y = data.split("train")
+    return train_delta(model, payload, x, y, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip, gen=ctx.generator("sgd"))
+
+
 def train_delta_chunk(model: nn.Module, thetas: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
                       ys: Sequence[torch.Tensor], *, steps: int, batch_size: int, lr: float, momentum: float,
                       weight_decay: float, clip: float, gens: Sequence[torch.Generator],
@@ -152,9 +221,9 @@ def train_delta_chunk(model: nn.Module, thetas: Sequence[torch.Tensor], xs: Sequ
 
 def train_payload_clients(model: nn.Module, cfg, payloads: Sequence, datas: Sequence, ctxs: Sequence,
                           ) -> dict[int, tuple[torch.Tensor, int, float]]:
-    """The client step of pFedHN and PeFLL for a chunk: {j: (delta, samples, loss)} for every
-    client j that has a generated model (payloads[j] is None when its earlier reply was dropped),
-    trained in one `train_delta_chunk` with the method's local SGD settings."""
+    """`train_payload` for a chunk: {j: (delta, samples, loss)} for every client j that has a
+    generated model (payloads[j] is None when its earlier reply was dropped), trained in one
+    `train_delta_chunk`."""
     todo = [j for j, p in enumerate(payloads) if p is not None]
     if not todo:
         return {}
@@ -233,16 +302,6 @@ def model_spread(module: nn.Module, inputs: Sequence[torch.Tensor], chunk: int =
     # mean ||x - m||^2 = mean ||x||^2 - ||m||^2; float64 keeps a collapse-sized spread (1e-4) exact enough
     centred = max(s2 / n - float(mean.pow(2).sum()), 0.0)
     return math.sqrt(centred / (s2 / n)) if s2 > 0 else 0.0
-
-
-def summary(accs: Sequence[float]) -> dict[str, float]:
-    """Client-mean accuracy, 10th percentile and mean of the worst 10% (at least one client)."""
-    a = np.sort(np.asarray(accs, dtype=np.float64))
-    if a.size == 0:
-        return {"clients": 0, "mean": float("nan"), "p10": float("nan"), "worst10": float("nan")}
-    k = max(1, int(math.ceil(0.1 * a.size)))
-    return {"clients": int(a.size), "mean": float(a.mean()), "p10": float(np.percentile(a, 10)),
-            "worst10": float(a[:k].mean())}
 
 
 def _finite(r: Reply) -> bool:

@@ -1,7 +1,8 @@
 """Client networks shared by several methods, and flat-parameter helpers.
 
-LeNet follows shared/ALGORITHMS.md (and PeFLL's Table 3, arXiv 2306.05515): two 5x5 convolutions
-without padding (16 and 32 channels), ReLU and 2x2 max-pooling after each, then 120 -> 84 -> C.
+LeNet follows PeFLL's Table 3 (arXiv 2306.05515), the client network of the personalized-FL
+benchmarks we compare with: two 5x5 convolutions without padding (16 and 32 channels), ReLU and
+2x2 max-pooling after each, then 120 -> 84 -> C.
 For 28x28 inputs the flattened size is 32*4*4 = 512; for 32x32 it is 32*5*5 = 800.
 """
 

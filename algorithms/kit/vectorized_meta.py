@@ -1,6 +1,6 @@
 """Meta-FL and Per-FedAvg local meta-steps for a chunk of clients at once (torch.func.vmap).
 
-Ours (no paper; issue 15). The per-client step is `metafl.meta_client_step`: tau meta-steps
+Ours (no paper). The per-client step is `metafl.meta_client_step`: tau meta-steps
 w <- w - beta g(w), g the gradient of f(phi^nu(w); D') computed by `functional.meta_gradient`.
 Here the C clients' flat parameters are stacked [C, P] and every piece of one meta-step is one
 vmap over the chunk of a torch.func transform of the masked loss (`vectorized.masked_loss`):

@@ -8,7 +8,8 @@ import torch
 from simfed.algorithms.kit import functional as fn
 from simfed.algorithms.base import RoundInfo
 from simfed.core.config import config_from_dict
-from simfed.algorithms.ditto import Ditto, DittoConfig, proximal_grads
+from simfed.algorithms.ditto import Ditto, DittoConfig
+from simfed.algorithms.kit.proximal import proximal_grads
 from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.core.errors import SimfedError
 

@@ -307,7 +307,7 @@ def test_float32_gram_stays_close_to_the_float64_solution():
     # float32 products over blocks of <= 2^22 elements: ~1e-6 relative on the Gram sums, amplified
     # by the conditioning of each layer's system (measured 8e-7, 3.5e-4, 3.7e-5 here)
     assert all(0 < d < 2e-3 for d in diffs), diffs
-    from simfed.algorithms.fedacnnl import geometry, predict
+    from simfed.algorithms.kit.acnnl import geometry, predict
 
     xs = torch.from_numpy(x).float() / 255
     out_fast, out_exact = (predict(geometry(cfg_of(), TASK), s.weights, xs, cfg_of()) for s in (fast, exact))
@@ -315,7 +315,7 @@ def test_float32_gram_stays_close_to_the_float64_solution():
 
 
 def test_client_fraction_solves_from_a_seeded_subset_of_clients():
-    from simfed.algorithms.fedacnnl import selected
+    from simfed.algorithms.kit.acnnl import selected
 
     x, y = make_data(900, seed=9)
     cfg = cfg_of(client_fraction=0.3)

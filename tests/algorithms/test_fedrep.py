@@ -9,7 +9,8 @@ from torch import nn
 from simfed.algorithms.kit import training
 from simfed.algorithms.base import RoundInfo
 from simfed.core.config import config_from_dict
-from simfed.algorithms.fedavg import FedAvg, FedAvgConfig, GlobalModelState
+from simfed.algorithms.fedavg import FedAvg, FedAvgConfig
+from simfed.algorithms.kit.globalmodel import GlobalModelState
 from simfed.algorithms.fedrep import FedRep, FedRepConfig, head_size
 from simfed.algorithms.kit.models import flat_params, lenet_for, load_flat
 from simfed.core.errors import SimfedError

@@ -38,7 +38,7 @@ def test_knn_probs_equal_brute_force():
 
 
 def _global_model(algo, cfg, cache):
-    from simfed.algorithms.fedavg import client_model
+    from simfed.algorithms.kit.globalmodel import client_model
 
     state = algo.init(cfg, TASK, SEED)
     data, ctx = client(make_clients([1]), 0, cache=cache)

@@ -11,7 +11,7 @@ from simfed.algorithms import registry
 from simfed.algorithms.base import ClientData, RoundInfo
 from simfed.core.config import config_from_dict
 from simfed.algorithms.kit import analytic
-from simfed.algorithms.fedacnnl import geometry
+from simfed.algorithms.kit.acnnl import geometry
 from simfed.algorithms.pfedacnnl import features, personal_head
 from simfed.core.errors import SimfedError
 

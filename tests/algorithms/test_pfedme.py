@@ -9,7 +9,7 @@ from simfed.algorithms.kit import functional as fn
 from simfed.algorithms.kit import training
 from simfed.algorithms.base import RoundInfo
 from simfed.core.config import config_from_dict
-from simfed.algorithms.fedavg import GlobalModelState
+from simfed.algorithms.kit.globalmodel import GlobalModelState
 from simfed.algorithms.kit.models import flat_params
 from simfed.algorithms.pfedme import PFedMe, PFedMeConfig, pfedme_local
 from simfed.core.errors import SimfedError

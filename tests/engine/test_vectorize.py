@@ -44,7 +44,7 @@ def test_vectorized_runs_are_bit_identical_across_backends_and_close_to_the_loop
 
 
 def test_vectorize_on_for_a_method_without_a_chunk_step_is_a_config_error(engine_store):
-    # Ditto inherits FedAvg's chunk step but trains with its own client step: never vectorized
+    # Ditto's client step (global and personal SGD) has no chunk step: never vectorized
     exp = _with(make_exp(engine_store, "ditto", **SMALL["ditto"]), vectorize="on")
     with pytest.raises(SimfedError, match="vectorize"):
         check_experiment(exp)
