@@ -14,8 +14,8 @@ No row of data ever leaves a client.
 
 From the paper: each layer as a distributed least-squares problem whose Gram sums add up over
 clients, solved bottom-up in closed form (gradient-free). The choices the paper leaves open are
-ours, marked below. The layer phases are the shared kit/acnnl.py (pFedACnnL builds on them); this
-module adds the evaluation of the global network.
+ours, marked below. The layer phases are the shared kit/acnnl.py (pFedACnnL builds on them; its
+docstring says where each seed comes from); this module adds the evaluation of the global network.
 
 [reconstructed] choices (config options, default first):
 - `hidden = "projection"`: a hidden layer's target is act(Y P_l), P_l a fixed seeded Gaussian

@@ -1,20 +1,19 @@
-"""FedAvg (McMahan, Moore, Ramage, Hampson, Agüera y Arcas, AISTATS 2017, arXiv 1602.05629).
+"""FedAvg (McMahan, Moore, Ramage, Hampson, Aguera y Arcas, AISTATS 2017, arXiv 1602.05629).
 
 Broadcast theta; each client runs k SGD steps (momentum 0.9 by default) from it and returns its
 sample-weighted change; the server moves theta by server_lr times the weighted mean change.
 
 From the paper: the client step (local SGD from the global model) and the sample-weighted
-average of the client models, which is the mean change applied with server_lr = 1. Ours (config
-keys, defaults in brackets):
+average of the client models, i.e. the mean change applied with server_lr = 1. No code of the
+authors is involved. Ours (config keys, defaults in brackets):
 - `local_steps` [20] batches of `batch_size` [32] drawn without replacement, or `local_epochs`
-  [0; > 0 overrides] whole passes; momentum [0.9] and weight decay [0] (the paper's SGD has none,
-  the later baselines use momentum).
+  [0; > 0 overrides] whole passes; `momentum` [0.9] and `weight_decay` [0] (the paper's client SGD
+  has neither).
 - `server_lr` [1.0] scales the server step (1 = the paper's average).
 - `finetune_steps` [0] > 0 evaluates after that many local SGD steps of `finetune_lr` [0.01] from
   theta (the "FedAvg + FT" baseline the meta-learning papers compare with); 0 evaluates the global
   model as is.
-- The batches, and the fine-tuning batches, come from `ClientContext.generator` (tags "sgd" and
-  "finetune"), i.e. from (run seed, round, mode, client, phase).
+- Batches come from `ClientContext.generator` ("sgd" in training, "finetune" at evaluation).
 - Vectorized client step (`engine.vectorize`): `chunk_replies` trains a whole chunk of clients at
   once (kit/vectorized.py), equal to the per-client loop to rounding.
 The global model, the client step and the server step are the shared kit/globalmodel.py.

@@ -1,9 +1,9 @@
-"""Collapse guard for the methods that personalize through a hypernetwork (issue 10).
+"""Collapse guard for the methods that personalize through a hypernetwork (pFedHN, PeFLL, FMLH).
 
 On a small store where half the clients hold classes {0, 1} and half {2, 3}, a few training
 rounds must leave clients of different classes with clearly different generated models, and the
 spread gauge the server logs each round must say so. PeFLL without its descriptor normalization
-(the code before issue 10) is caught by the same criterion.
+(`descriptor_norm = "none"`, which collapses) is caught by the same criterion.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_clients_with_different_classes_get_different_models(name):
 
 
 def test_the_guard_catches_pefll_without_descriptor_normalization():
-    # issue 10's bug: raw descriptors of different clients are nearly equal, so h hands out one model
+    # raw descriptors of different clients are nearly equal, so h hands out one model
     algo, cfg, key = CASES["pefll"]
     diff, stats = train_and_measure(algo, PeFLLConfig(**{**cfg.__dict__, "descriptor_norm": "none"}))
     assert diff < MIN_REL_DIFF and stats[key] < MIN_SPREAD, (diff, stats)
