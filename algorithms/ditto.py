@@ -27,7 +27,8 @@ import math
 from dataclasses import dataclass
 
 from simfed.algorithms.base import Capabilities, Reply
-from simfed.algorithms.kit.globalmodel import GlobalModelMethod, GlobalSGDFields, client_model, local_update, update_sums
+from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, GlobalSGDFields, client_model, local_update,
+                                               update_sums)
 from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.kit.proximal import evaluate_personal, proximal_sgd
 from simfed.algorithms.registry import register

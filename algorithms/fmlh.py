@@ -32,8 +32,8 @@ derive_seed(run seed, "fmlh-hnet"), a client's support/query split from derive_s
 "fmlh-split", client id) (fixed across rounds, hence not `ClientContext.generator`, which adds the
 round), its batches from `ClientContext.generator` ("meta", "finetune").
 Evaluation: from w_i (seen), `finetune_steps` (nu) [5] SGD steps of `finetune_lr` [0.01] on the
-client's whole train split, then val/test (the kit's `finetune_reply`). Report mean, max and p10 (the paper's lowest decile)
-with `simfed metrics`.
+client's whole train split, then val/test (the kit's `finetune_reply`). Report mean, max and p10
+(the paper's lowest decile) with `simfed metrics`.
 New clients (`unseen` ["fit"]; ours: neither the paper nor the authors' code has a path for a
 client that never trained): with h and w frozen, the client gets a new embedding e_new, started at
 the mean of the trained embeddings (the "average client"; N(0, 1) seeded by client id when there

@@ -36,7 +36,8 @@ import torch
 
 from simfed.algorithms.base import Capabilities, ClientData, Eval, Reply, Task
 from simfed.algorithms.kit import analytic
-from simfed.algorithms.kit.acnnl import AnalyticFields, LayerwiseMethod, geometry, layer_statistics, outputs_eval, selected
+from simfed.algorithms.kit.acnnl import (AnalyticFields, LayerwiseMethod, geometry, layer_statistics, outputs_eval,
+                                         selected)
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
