@@ -62,12 +62,21 @@ KEEP = "__simfed_keep_state__"  # Reply.state default: leave the client's persis
 
 @dataclass(frozen=True)
 class Task:
-    """What the data look like: input shape (C, H, W), number of classes, number of training clients."""
+    """What the data look like: input shape, number of classes, number of training clients, and how
+    inputs reach the model (`PartitionStore.task_fields()` gives the data half).
 
-    input_shape: tuple[int, int, int]
+    `input_shape` is one sample's shape: (C, H, W) for images, (L,) for a token sequence, (D,) for
+    features. `dtype` is how the store keeps it ("uint8", "int32", "float32"); `input` is what
+    `ClientData` hands the model: "unit" float32 x / 255 (images), "raw" float32 values, "tokens"
+    int64 ids in 0..len(vocab)-1 (for an embedding); `vocab` lists the token strings."""
+
+    input_shape: tuple[int, ...]
     num_classes: int
     num_clients: int = 0  # seen (training) clients; sizes per-client tables such as embeddings
     total_clients: int = 0  # seen + unseen clients of the store (PeFLL/pFedHN size embeddings by it)
+    dtype: str = "uint8"
+    input: str = "unit"
+    vocab: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,13 +128,17 @@ class ChunkSums:
 
 
 class ClientData:
-    """One client's data, loaded lazily per split as float tensors in [0, 1] on the device."""
+    """One client's data, loaded lazily per split onto the device, as `input` (Task.input) says:
+    "unit" float32 x / 255 in [0, 1] (images), "raw" float32 values, "tokens" int64 ids."""
 
     def __init__(self, client_id: int, cohort: str, reader: Callable[[int, str], tuple[np.ndarray, np.ndarray]],
-                 device: torch.device | str = "cpu", counts: Mapping[str, int] | None = None):
+                 device: torch.device | str = "cpu", counts: Mapping[str, int] | None = None, input: str = "unit"):
+        if input not in ("unit", "raw", "tokens"):
+            raise ValueError(f"ClientData: input must be 'unit', 'raw' or 'tokens', got {input!r}")
         self.client_id = client_id
         self.cohort = cohort
         self.device = torch.device(device)
+        self.input = input
         self._reader = reader
         self._counts = dict(counts or {})
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -133,8 +146,14 @@ class ClientData:
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self._cache:
             x, y = self._reader(self.client_id, name)
-            # uint8 -> float once per client and split; the store hands out memory-mapped views.
-            xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self.device).div_(255.0)
+            # Converted once per client and split; the store hands out read-only memory-mapped views,
+            # so each path copies (np.asarray of uint8 to float32 does; np.array always does).
+            if self.input == "unit":
+                xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self.device).div_(255.0)
+            elif self.input == "raw":
+                xt = torch.from_numpy(np.array(x, dtype=np.float32)).to(self.device)
+            else:
+                xt = torch.from_numpy(np.array(x, dtype=np.int64)).to(self.device)
             yt = torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device)
             self._cache[name] = (xt, yt)
         return self._cache[name]

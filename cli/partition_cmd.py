@@ -139,6 +139,87 @@ def idx(
                      test_fraction=test_fraction, overwrite=overwrite, progress=_progress()))
 
 
+@partition_app.command("cifar")
+def cifar(
+    src: Path = typer.Argument(..., help="cifar-10-python.tar.gz or cifar-100-python.tar.gz, or the extracted folder."),
+    out: Path = typer.Argument(..., help=OUT_HELP),
+    scheme: str = typer.Option(..., "--scheme", help="classes | dirichlet | iid"),
+    clients: int = typer.Option(..., "--clients"),
+    classes_per_client: Optional[int] = typer.Option(None, "--classes-per-client"),
+    alpha: Optional[float] = typer.Option(None, "--alpha"),
+    label: str = typer.Option("fine", "--label", help="CIFAR-100's labels: fine (100 classes) | coarse (20)."),
+    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    val_fraction: float = typer.Option(0.15, "--val-fraction"),
+    test_fraction: float = typer.Option(0.15, "--test-fraction"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Import CIFAR-10 / CIFAR-100 (python version) and split it over clients; train and test pooled."""
+    from simfed.partitions.cifar import import_cifar
+
+    if scheme not in ("classes", "dirichlet", "iid"):
+        raise SimfedError(f"--scheme must be classes, dirichlet or iid, got {scheme!r}")
+    _done(import_cifar(str(src), str(out), scheme=scheme, clients=clients, classes_per_client=classes_per_client,
+                       alpha=alpha, label=label, unseen_fraction=unseen_fraction, seed=seed,
+                       val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
+                       progress=_progress()))
+
+
+@partition_app.command("shakespeare")
+def shakespeare(
+    src: Path = typer.Argument(..., help="LEAF Shakespeare: all_data*.json, or train/ and test/."),
+    out: Path = typer.Argument(..., help=OUT_HELP),
+    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
+                                                 help="Default 0 with LEAF's split, else 0.15."),
+    test_fraction: Optional[float] = typer.Option(None, "--test-fraction",
+                                                  help="Only without LEAF's split; default 0.15."),
+    unknown_char: Optional[str] = typer.Option(None, "--unknown-char",
+                                               help="Map characters outside LEAF's 80 to this one "
+                                                    "(default: refuse them)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Import LEAF Shakespeare (next character from 80); one client per speaking role."""
+    from simfed.partitions.shakespeare import import_shakespeare
+
+    _done(import_shakespeare(str(src), str(out), unseen_fraction=unseen_fraction, seed=seed,
+                             val_fraction=val_fraction, test_fraction=test_fraction, unknown=unknown_char,
+                             overwrite=overwrite, progress=_progress()))
+
+
+@partition_app.command("arrays")
+def arrays(
+    src: Path = typer.Argument(..., help="An .npz with x (N, ...), y (N,) and optionally client, classes, vocab."),
+    out: Path = typer.Argument(..., help=OUT_HELP),
+    scheme: Optional[str] = typer.Option(None, "--scheme",
+                                         help="natural (by the client array; the default when present) | "
+                                              "classes | dirichlet | iid"),
+    clients: Optional[int] = typer.Option(None, "--clients", help="Needed by classes, dirichlet and iid."),
+    classes_per_client: Optional[int] = typer.Option(None, "--classes-per-client"),
+    alpha: Optional[float] = typer.Option(None, "--alpha"),
+    input_kind: Optional[str] = typer.Option(None, "--input",
+                                             help="unit (uint8 / 255) | raw (float32) | tokens (ids); default: "
+                                                  "tokens with a vocab, unit for uint8, else raw."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size",
+                                             help="x holds token ids 0..V-1 (when the file has no vocab array)."),
+    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    val_fraction: float = typer.Option(0.15, "--val-fraction"),
+    test_fraction: float = typer.Option(0.15, "--test-fraction"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Import your own arrays (.npz): any fixed sample shape of uint8, int32 or float32."""
+    from simfed.partitions.arrays import import_arrays
+
+    if scheme is not None and scheme not in ("natural", "classes", "dirichlet", "iid"):
+        raise SimfedError(f"--scheme must be natural, classes, dirichlet or iid, got {scheme!r}")
+    _done(import_arrays(str(src), str(out), scheme=scheme, clients=clients, classes_per_client=classes_per_client,
+                        alpha=alpha, input=input_kind, vocab_size=vocab_size, unseen_fraction=unseen_fraction,
+                        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
+                        progress=_progress()))
+
+
 def store_summary(path: str, verify: bool = True) -> dict:
     """The numbers `simfed info` prints (also used by tests and the benchmark)."""
     from simfed.partitions.store import PartitionStore
@@ -157,6 +238,9 @@ def store_summary(path: str, verify: bool = True) -> dict:
         "num_classes": store.num_classes,
         "classes": list(m["classes"]),
         "sample_shape": list(store.sample_shape),
+        "dtype": store.dtype,
+        "input": store.input,
+        "vocab_size": len(store.vocab),
         "samples": {s: int(t.column(f"n_{s}").to_numpy().sum()) for s in ("train", "val", "test")}
         | {"total": int(sum(t.column(f"n_{s}").to_numpy().sum()
                             for s in ("train", "val", "test")))},
@@ -169,13 +253,22 @@ def store_summary(path: str, verify: bool = True) -> dict:
     }
 
 
+INPUT_TEXT = {"unit": "unit (x / 255, float32 in [0, 1])", "raw": "raw (values as float32)",
+              "tokens": "tokens (int64 ids)"}
+
+
+def _shown(name: str) -> str:
+    """A class name as printed: repr when it is blank or unprintable (Shakespeare's "\\n", " ")."""
+    return name if name.isprintable() and name.strip() == name and name else repr(name)
+
+
 def info(
     store_dir: str = typer.Argument(..., metavar="DIR", help="Partition store directory or URI."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     verify: bool = typer.Option(True, "--verify/--no-verify",
                                 help="Check every file's sha256 (reads the whole store)."),
 ) -> None:
-    """Describe a partition store: clients, cohorts, samples, classes, size."""
+    """Describe a partition store: clients, cohorts, samples, classes, sample shape and type, size."""
     s = store_summary(store_dir, verify=verify)
     if as_json:
         typer.echo(json.dumps(s))
@@ -188,9 +281,11 @@ def info(
     rows = [
         ("clients", f"{s['clients']} ({s['seen']} seen, {s['unseen']} unseen)"),
         ("samples", ", ".join(f"{k} {v:,}" for k, v in s["samples"].items())),
-        ("classes", f"{s['num_classes']}: " + " ".join(classes[:12])
+        ("classes", f"{s['num_classes']}: " + " ".join(_shown(c) for c in classes[:12])
          + (" ..." if len(classes) > 12 else "")),
-        ("sample shape", "x".join(map(str, s["sample_shape"])) + " uint8"),
+        ("sample shape", "x".join(map(str, s["sample_shape"])) + f" {s['dtype']}"),
+        ("input", INPUT_TEXT.get(s["input"], s["input"])
+         + (f", vocabulary of {s['vocab_size']:,} tokens" if s["input"] == "tokens" else "")),
         ("train per client", "min {min}, median {median:g}, max {max}".format(**s["per_client"])),
         ("size", f"{s['size_bytes'] / 2**20:.1f} MiB"),
         ("checksums", "verified" if verify else "not checked (--no-verify)"),

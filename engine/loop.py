@@ -81,8 +81,7 @@ def check_experiment(exp: Experiment, on_event: Event | None = None, resume_dir:
     run = exp.run
     store = open_store(exp.data, on_event)
     seen, unseen = [int(c) for c in store.client_ids("seen")], [int(c) for c in store.client_ids("unseen")]
-    task = Task(tuple(int(v) for v in store.sample_shape), int(store.num_classes), num_clients=len(seen),
-                total_clients=len(seen) + len(unseen))
+    task = Task(**store.task_fields(), num_clients=len(seen), total_clients=len(seen) + len(unseen))
     algo = registry.get(exp.algorithm)
     algo.validate(exp.algorithm_config, task)
     table = store.clients

@@ -177,7 +177,7 @@ class Worker:
         for cid in client_ids:
             cohort = self.cohort[cid]
             counts = {s: self.counts[s][cid] for s in ("train", "val", "test")}
-            data = ClientData(cid, cohort, self.store.read, self.device, counts)
+            data = ClientData(cid, cohort, self.store.read, self.device, counts, input=spec.task.input)
             cstate = None
             if algo.capabilities.client_state:
                 # Evaluation after round r sees every state written up to and including round r.
@@ -252,7 +252,7 @@ class Worker:
         for cid in client_ids:
             cohort = self.cohort[cid]
             counts = {s: self.counts[s][cid] for s in ("train", "val", "test")}
-            clients.append((ClientData(cid, cohort, self.store.read, self.device, counts),
+            clients.append((ClientData(cid, cohort, self.store.read, self.device, counts, input=spec.task.input),
                             ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
                                           mode=info.mode, task=spec.task, device=self.device, cache=self.cache)))
         reply: ChunkSums | None = self.algo.chunk_sums(phase, spec.cfg, bcast, clients)

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from simfed.core.errors import SimfedError
-from simfed.partitions import schemes
-from simfed.partitions.progress import progress_bar
-from simfed.core.safeio import check_output, regular_file
-from simfed.partitions.writer import MAX_CLASSES, StoreWriter
+from simfed.core.safeio import regular_file
+from simfed.partitions import pooled, schemes
+from simfed.partitions.writer import MAX_CLASSES
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -160,12 +159,10 @@ def import_idx(src, out: str, *, scheme: str = "iid", clients: int = 100,
     """Partition an IDX dataset into a store at OUT; returns OUT."""
     if scheme == "natural":
         raise SimfedError("IDX files have no writers: use --scheme classes, dirichlet or iid")
-    # Every argument is checked before the (possibly large) files are read.
-    schemes.check_assign_args(scheme, clients=clients, seed=seed, alpha=alpha,
-                              classes_per_client=classes_per_client)
-    schemes.check_fractions(val_fraction, test_fraction, unseen_fraction)
     srcs = list(src) if isinstance(src, (tuple, list)) else [src]
-    check_output(out, overwrite, srcs)
+    pooled.check_args(out, overwrite, srcs, scheme=scheme, clients=clients, seed=seed, alpha=alpha,
+                      classes_per_client=classes_per_client, val_fraction=val_fraction,
+                      test_fraction=test_fraction, unseen_fraction=unseen_fraction)
     x, y = load_idx(src)
     num = int(y.max()) + 1 if len(y) else 0
     if classes is None:
@@ -173,25 +170,11 @@ def import_idx(src, out: str, *, scheme: str = "iid", clients: int = 100,
             [str(i) for i in range(num)]
     if num > len(classes):
         raise SimfedError(f"{src}: label {num - 1} out of range for {len(classes)} classes")
-    client_of = schemes.assign(scheme, y, clients=clients, seed=seed,
-                               classes_per_client=classes_per_client, alpha=alpha)
-    keep = client_of >= 0  # 'classes' drops classes that no client holds
-    x, y, client_of = x[keep], y[keep], client_of[keep]
-    split = schemes.split_within_clients(client_of, y, seed, val_fraction, test_fraction)
-    order = np.argsort(client_of, kind="stable")
     source = {"importer": "idx", "src": str(src), "scheme": scheme, "clients": clients,
               "classes_per_client": classes_per_client, "alpha": alpha, "seed": seed,
               "val_fraction": val_fraction, "test_fraction": test_fraction}
-    with StoreWriter(out, classes=classes, sample_shape=x.shape[1:], overwrite=overwrite,
-                     source=source) as w:
-        # Feed ~100 clients per chunk so the progress bar moves and batches stay moderate.
-        ids, starts = np.unique(client_of[order], return_index=True)
-        bounds = np.append(starts, len(order))
-        step = 100
-        with progress_bar(progress, "writing clients", len(ids)) as advance:
-            for i in range(0, len(ids), step):
-                j = min(i + step, len(ids))
-                rows = order[bounds[i]:bounds[j]]
-                w.add(x[rows], y[rows], client_of[rows], split[rows])
-                advance(j - i)
-        return w.finish(unseen_fraction=unseen_fraction, seed=seed)
+    return pooled.write_by_scheme(out, x, y, classes=classes, scheme=scheme, clients=clients, seed=seed,
+                                  classes_per_client=classes_per_client, alpha=alpha,
+                                  unseen_fraction=unseen_fraction, val_fraction=val_fraction,
+                                  test_fraction=test_fraction, source=source, overwrite=overwrite,
+                                  progress=progress)

@@ -2,19 +2,24 @@
 
 Layout of a store directory (format_version 1):
 
-- ``manifest.json``: format_version, classes, num_classes, sample_shape [C, H, W], dtype "uint8",
+- ``manifest.json``: format_version, classes, num_classes, sample_shape (any fixed shape: [C, H, W],
+  [80], [D]), dtype ("uint8", "int32", "float32"), input ("unit", "raw", "tokens") and vocab (with
+  "tokens"; see simfed.partitions.dtypes: a manifest without dtype/input/vocab is uint8 "unit"),
   counts {train, val, test, total, clients, seen, unseen}, files {name: sha256},
   file_sizes {name: bytes}, plus free-form ``source`` metadata from the importer.
 - ``clients.parquet``: client_id (int64, sorted), name (the source's user id, e.g. LEAF writer),
   cohort ("seen"/"unseen"), n_train, n_val, n_test, n_classes (distinct labels in the client's
   train split), train_offset, val_offset, test_offset (first row of the client in each split file).
 - ``train.arrow``, ``val.arrow``, ``test.arrow``: Arrow IPC *file* format, uncompressed, columns
-  ``x`` (fixed_size_binary(C*H*W), the pixels row-major) and ``y`` (int64), rows sorted by client.
+  ``x`` (fixed_size_binary(prod(shape) * itemsize), the sample's little-endian values row-major)
+  and ``y`` (int64), rows sorted by client.
 
 Reconstructed choices:
 - A client's rows never straddle two record batches (the writer only cuts batches at client
   boundaries), so ``read`` is a slice of one batch's buffers: zero-copy from the memory map.
 - Labels are stored as int64 so that ``y`` too is a view (8 bytes/sample next to 784 for pixels).
+- ``read`` returns x in the store's dtype as a view of the bytes: Arrow buffers are 64-byte aligned
+  and a row is a whole number of elements, so an int32/float32 view is aligned too.
 - Arrays returned by ``read`` are read-only views; callers that need to write must copy
   (torch.from_numpy warns on read-only input; ``torch.as_tensor(x).float()`` copies anyway).
 - Writing is local-only (build in a temp dir next to OUT, rename at the end); reading accepts any
@@ -24,7 +29,6 @@ Reconstructed choices:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 
 import numpy as np
@@ -37,6 +41,7 @@ import pyarrow.parquet as pq
 from simfed.core import validate
 from simfed.core.errors import SimfedError
 from simfed.core.safeio import parse_json, read_bytes, regular_file
+from simfed.partitions import dtypes
 from simfed.partitions.storecheck import CLIENTS_MAX_BYTES, MANIFEST_MAX_BYTES, check_clients, check_manifest
 from simfed.partitions.writer import (  # noqa: F401  (write_store is part of this module's API)
     CLIENTS, FORMAT_VERSION, MANIFEST, SPLIT_FILES, SPLITS, StoreWriter, choose_unseen,
@@ -199,9 +204,10 @@ class PartitionStore:
     def check_contents(self) -> None:
         """Split files agree with the manifest and the clients table: schema (sample shape),
         row counts, no client straddling two batches, labels within the classes. Reads only
-        metadata and the label column (8 bytes per sample), so a worker never meets these."""
+        metadata and the label column (8 bytes per sample) of image stores, so a worker never meets
+        these; int32/float32 and token stores also have every x checked (finite, within the vocab)."""
         self._load()
-        width, k = math.prod(self.sample_shape), self.num_classes
+        width, k = dtypes.row_bytes(self.sample_shape, self.dtype), self.num_classes
         want = pa.schema([("x", pa.binary(width)), ("y", pa.int64())])
         for split in SPLITS:
             if int(self._index[f"n_{split}"].sum()) == 0 and self._manifest["counts"][split] == 0:
@@ -234,6 +240,17 @@ class PartitionStore:
                 if lo is not None and (lo < 0 or hi >= k):
                     raise SimfedError(f"{where}: label {lo if lo < 0 else hi} out of range 0..{k - 1} "
                                       f"({k} classes in the manifest); re-create the store")
+            if self.input != "unit":
+                self._check_values(sf, starts, where)
+
+    def _check_values(self, sf: "_SplitFile", starts: np.ndarray, where: str) -> None:
+        """Every x of a split file finite and within the vocabulary (one batch at a time)."""
+        for i in range(len(starts) - 1):
+            xs = sf.batch(i)[0].view(dtypes.DTYPES[self.dtype]).reshape(-1, *self.sample_shape)
+            bad = dtypes.first_bad_row(xs, self.input, len(self.vocab))
+            sf.batches.pop(i, None)  # a check, not a read: keep no reference to the batch
+            if bad is not None:
+                raise SimfedError(f"{where}: row {int(starts[i]) + bad[0]}: {bad[1]}; re-create the store")
 
     def verify(self) -> None:
         """Check every file's sha256 against the manifest (reads every byte)."""
@@ -271,8 +288,28 @@ class PartitionStore:
         return list(self.manifest["classes"])
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def sample_shape(self) -> tuple[int, ...]:
         return tuple(int(v) for v in self.manifest["sample_shape"])
+
+    @property
+    def dtype(self) -> str:
+        """"uint8", "int32" or "float32": what ``read`` returns (absent from old manifests: uint8)."""
+        return str(self.manifest.get("dtype", "uint8"))
+
+    @property
+    def input(self) -> str:
+        """How the model sees x: "unit" (x / 255), "raw" (float32) or "tokens" (int64 ids)."""
+        return str(self.manifest.get("input", "unit"))
+
+    @property
+    def vocab(self) -> list[str]:
+        """Token strings (id i is vocab[i]) of a "tokens" store; empty otherwise."""
+        return list(self.manifest.get("vocab") or [])
+
+    def task_fields(self) -> dict:
+        """What `simfed.algorithms.base.Task` needs from the store (the engine adds client counts)."""
+        return {"input_shape": self.sample_shape, "num_classes": self.num_classes, "dtype": self.dtype,
+                "input": self.input, "vocab": tuple(self.vocab)}
 
     def client_ids(self, cohort: str | None = None) -> np.ndarray:
         self._load()
@@ -318,22 +355,26 @@ class PartitionStore:
         return sf
 
     def read(self, client_id: int, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """x uint8 (n, C, H, W) and y int64 (n,): read-only views into the mapped file."""
+        """x (n, *sample_shape) of the store's dtype and y int64 (n,): read-only views into the
+        mapped file."""
         self._check_split(split)
         r = self._row(client_id)
         n = int(self._index[f"n_{split}"][r])
         shape = self.sample_shape
+        dt = dtypes.DTYPES[self.dtype]
         if n == 0:
-            return np.empty((0, *shape), np.uint8), np.empty((0,), np.int64)
+            return np.empty((0, *shape), dt), np.empty((0,), np.int64)
         off = int(self._index[f"{split}_offset"][r])
         sf = self._split_file(split)
         starts = sf.starts()
         b = int(np.searchsorted(starts, off, side="right")) - 1
         xs, ys = sf.batch(b)
         lo = off - int(starts[b])
-        width = int(np.prod(shape))
-        x = xs[lo * width:(lo + n) * width].reshape(n, *shape)
-        return x, ys[lo:lo + n]
+        width = dtypes.row_bytes(shape, self.dtype)
+        x = xs[lo * width:(lo + n) * width]
+        if dt != np.uint8:
+            x = x.view(dt)
+        return x.reshape(n, *shape), ys[lo:lo + n]
 
     def __repr__(self) -> str:
         return f"PartitionStore({self.path!r})"

@@ -8,7 +8,6 @@ worker sees it. Each failure names the file, the field and the fix (re-create th
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
@@ -16,7 +15,8 @@ import pyarrow as pa
 
 from simfed.core import validate
 from simfed.core.errors import SimfedError
-from simfed.partitions.writer import CLIENTS, MAX_CLASSES, MAX_SAMPLE_BYTES, SPLIT_FILES, SPLITS
+from simfed.partitions import dtypes
+from simfed.partitions.writer import CLIENTS, MAX_CLASSES, SPLIT_FILES, SPLITS
 
 MANIFEST_MAX_BYTES = 256 << 20  # names of 100k classes fit easily
 CLIENTS_MAX_BYTES = 2 << 30
@@ -43,12 +43,8 @@ def check_manifest(m: dict, where: str) -> None:
     if len(classes) != k or not all(isinstance(c, str) for c in classes):
         raise SimfedError(f"{where}: classes must be {k} strings (num_classes); re-create the store")
     shape = _field(m, "sample_shape", where, list)
-    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
-        raise SimfedError(f"{where}: sample_shape must be [C, H, W] of positive integers, got {shape}")
-    if math.prod(shape) > MAX_SAMPLE_BYTES:
-        raise SimfedError(f"{where}: sample_shape {shape} is beyond {MAX_SAMPLE_BYTES:,} bytes per sample")
-    if m.get("dtype", "uint8") != "uint8":
-        raise SimfedError(f"{where}: dtype {m.get('dtype')!r} is not supported (uint8 only)")
+    # Stores written before dtype/input/vocab existed are uint8 images read as x / 255.
+    dtypes.check_kind(shape, m.get("dtype", "uint8"), m.get("input", "unit"), m.get("vocab"), where)
     counts = _field(m, "counts", where, dict)
     for key in (*SPLITS, "total", "clients", "seen", "unseen"):
         validate.integer(f"{where}: counts.{key}", _field(counts, key, f"{where}: counts", int), 0)

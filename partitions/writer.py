@@ -5,7 +5,8 @@ clients in increasing id order (so no global sort and no full materialization is
 synthetic generator streams 128 writers at a time); ``write_store`` is the one-shot wrapper for
 in-memory arrays. Every client must have >= 1 train row; violations raise SimfedError and leave
 nothing behind. Batches in the split files are cut only at client boundaries, which is what makes
-reads zero-copy slices of one batch.
+reads zero-copy slices of one batch. Samples are any fixed shape of uint8, int32 or float32
+(simfed.partitions.dtypes): a row is the sample's little-endian bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import pyarrow.parquet as pq
 from simfed.core import validate
 from simfed.core.errors import SimfedError
 from simfed.core.safeio import check_output, missing_parents
+from simfed.partitions import dtypes
+from simfed.partitions.dtypes import MAX_SAMPLE_BYTES  # noqa: F401  (kept importable from here)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -36,10 +39,9 @@ CLIENTS = "clients.parquet"
 # Batches are cut at the first client boundary after this many pixel bytes: big enough that
 # per-batch metadata is negligible, small enough to stream the synthetic build.
 BATCH_BYTES = 32 << 20
-# Bounds on what a store (and so an importer) may describe: a label of 2e9 would otherwise make
-# 2e9 class names, and a sample shape from a hostile header could ask for terabytes per row.
+# Bound on what a store (and so an importer) may describe: a label of 2e9 would otherwise make
+# 2e9 class names (the bound on bytes per sample is dtypes.MAX_SAMPLE_BYTES).
 MAX_CLASSES = 100_000
-MAX_SAMPLE_BYTES = 64 << 20
 
 
 def _split_codes(split_of: np.ndarray) -> np.ndarray:
@@ -80,21 +82,25 @@ class StoreWriter:
     Chunks passed to ``add`` must hold *whole* clients whose ids are all larger than any id of an
     earlier chunk (the files are sorted by client without a global sort). Use as a context
     manager: on an exception the temp dir is removed and OUT is untouched.
+
+    ``dtype`` ("uint8", "int32", "float32"), ``input`` ("unit", "raw", "tokens"; default from the
+    dtype and vocab, dtypes.default_input) and ``vocab`` (token strings, with "tokens") are
+    recorded in the manifest; the defaults describe the (C, H, W) uint8 images of old stores.
     """
 
     def __init__(self, out: str | os.PathLike, *, classes: list[str], sample_shape=(1, 28, 28),
+                 dtype: str = "uint8", input: str | None = None, vocab: list[str] | None = None,
                  overwrite: bool = False, source: dict | None = None):
         self.out = check_output(out, overwrite)
         self.classes = [str(c) for c in classes]
         if not 1 <= len(self.classes) <= MAX_CLASSES:
             raise SimfedError(f"{out}: {len(self.classes)} classes; a store holds 1 to {MAX_CLASSES}")
         self.sample_shape = tuple(int(v) for v in sample_shape)
-        if len(self.sample_shape) != 3 or min(self.sample_shape) < 1:
-            raise SimfedError(f"sample_shape must be (C, H, W) with positive sizes, got {sample_shape}")
-        self.row_bytes = math.prod(self.sample_shape)
-        if self.row_bytes > MAX_SAMPLE_BYTES:
-            raise SimfedError(f"sample shape {self.sample_shape} is {self.row_bytes:,} bytes per sample; "
-                              f"at most {MAX_SAMPLE_BYTES:,} are supported")
+        self.vocab = [str(t) for t in vocab] if vocab is not None else None
+        self.input = dtypes.default_input(dtype, self.vocab) if input is None else input
+        dtypes.check_kind(self.sample_shape, dtype, self.input, self.vocab, str(out))
+        self.dtype = dtype
+        self.row_bytes = dtypes.row_bytes(self.sample_shape, dtype)
         self.overwrite = overwrite
         self.source = dict(source or {})
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -160,14 +166,17 @@ class StoreWriter:
         client_of = np.asarray(client_of).astype(np.int64, copy=False)
         codes = _split_codes(split_of)
         n = len(y)
-        if x.dtype != np.uint8:
-            raise SimfedError(f"x must be uint8, got {x.dtype}")
+        x = dtypes.as_dtype(x, self.dtype, "StoreWriter.add")
         if not (len(x) == n == len(client_of) == len(codes)):
             raise SimfedError("x, y, client_of and split_of must have the same length")
-        if int(np.prod(x.shape[1:])) != self.row_bytes:
+        if math.prod(x.shape[1:]) != math.prod(self.sample_shape):
             raise SimfedError(f"x has sample shape {x.shape[1:]}, expected {self.sample_shape}")
         if n == 0:
             return
+        bad = dtypes.first_bad_row(x, self.input, len(self.vocab or ()))
+        if bad is not None:
+            raise SimfedError(f"{self.out}: sample {bad[0]} of this chunk: {bad[1]}; a store holds finite "
+                              "values and in-vocabulary tokens only")
         if y.dtype.kind not in "iu":
             raise SimfedError(f"labels must be integers, got {y.dtype}")
         if y.min() < 0 or y.max() >= len(self.classes):
@@ -177,7 +186,7 @@ class StoreWriter:
             raise SimfedError("StoreWriter.add: client ids must increase from chunk to chunk")
         # Sort by (client, split) stable so each split's rows are grouped by client in order.
         order = np.lexsort((codes, client_of))
-        x = x.reshape(n, self.row_bytes)[order]
+        x = np.ascontiguousarray(x.reshape(n, -1)[order]).view(np.uint8)  # (n, row_bytes), little-endian
         y = y[order].astype(np.int64)
         client_of = client_of[order]
         codes = codes[order]
@@ -217,6 +226,22 @@ class StoreWriter:
             self._writers[split].write_batch(batch)
             start = stop
 
+    def _manifest(self, clients: int, unseen: int, names: list[str]) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "classes": self.classes,
+            "num_classes": len(self.classes),
+            "sample_shape": list(self.sample_shape),
+            "dtype": self.dtype,
+            "input": self.input,
+            **({"vocab": self.vocab} if self.input == "tokens" else {}),
+            "counts": {**{s: self._rows[s] for s in SPLITS}, "total": sum(self._rows.values()),
+                       "clients": int(clients), "unseen": int(unseen), "seen": int(clients - unseen)},
+            "files": {n: _sha256(self.tmp / n) for n in names},
+            "file_sizes": {n: (self.tmp / n).stat().st_size for n in names},
+            "source": self.source,
+        }
+
     def finish(self, *, unseen: Iterable[int] | None = None, unseen_fraction: float = 0.1,
                seed: int = 0) -> str:
         """Write clients.parquet and manifest.json, then move the store into place."""
@@ -252,21 +277,7 @@ class StoreWriter:
             })
             pq.write_table(table, self.tmp / CLIENTS)
             names = [CLIENTS, *SPLIT_FILES.values()]
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "classes": self.classes,
-                "num_classes": len(self.classes),
-                "sample_shape": list(self.sample_shape),
-                "dtype": "uint8",
-                "counts": {**{s: self._rows[s] for s in SPLITS},
-                           "total": sum(self._rows.values()),
-                           "clients": int(len(ids)),
-                           "unseen": int(len(unseen_ids)),
-                           "seen": int(len(ids) - len(unseen_ids))},
-                "files": {n: _sha256(self.tmp / n) for n in names},
-                "file_sizes": {n: (self.tmp / n).stat().st_size for n in names},
-                "source": self.source,
-            }
+            manifest = self._manifest(len(ids), len(unseen_ids), names)
             (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             if self.out.exists():  # only reachable with overwrite=True
                 shutil.rmtree(self.out)
@@ -281,27 +292,30 @@ class StoreWriter:
 def write_store(out: str | os.PathLike, x: np.ndarray, y: np.ndarray, client_of: np.ndarray,
                 split_of: np.ndarray, *, classes: list[str], unseen: Iterable[int] | None = None,
                 unseen_fraction: float = 0.1, seed: int = 0, names: dict[int, str] | None = None,
-                overwrite: bool = False, source: dict | None = None) -> str:
+                overwrite: bool = False, source: dict | None = None, dtype: str | None = None,
+                input: str | None = None, vocab: list[str] | None = None) -> str:
     """Write a store from in-memory arrays; returns its path.
 
-    x: uint8 (N, C, H, W) (or (N, H, W), taken as one channel); y: int labels in
+    x: (N, *sample_shape) of uint8, int32 or float32 (``dtype`` defaults to x's); uint8 images are
+    (N, C, H, W), and (N, H, W) is taken as one channel; ``input``/``vocab`` as in StoreWriter. y: int labels in
     [0, len(classes)); client_of: int client id per row (any ids, need not be contiguous);
     split_of: "train"/"val"/"test" or 0/1/2 per row. ``unseen`` lists unseen client ids
     explicitly; otherwise round(unseen_fraction * clients) are drawn with ``seed``.
     Every client needs >= 1 train row (SimfedError otherwise).
     """
     x = np.asarray(x)
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise SimfedError(f"x must have shape (N, C, H, W), got {x.shape}")
+    dtype = dtype or next((k for k, d in dtypes.DTYPES.items() if d == x.dtype.newbyteorder("<")), str(x.dtype))
+    if x.ndim == 3 and x.dtype == np.uint8 and (input or dtypes.default_input(dtype, vocab)) == "unit":
+        x = x[:, None]  # (N, H, W) grey images: one channel
+    if x.ndim < 2:
+        raise SimfedError(f"x must have shape (N, *sample_shape), got {x.shape}")
     client_of = np.asarray(client_of).astype(np.int64)
     order = np.argsort(client_of, kind="stable")
     ids, starts = np.unique(client_of[order], return_index=True)
     bounds = np.append(starts, len(order))
-    with StoreWriter(out, classes=classes, sample_shape=x.shape[1:], overwrite=overwrite,
-                     source=source) as w:
-        row_bytes = int(np.prod(x.shape[1:]))
+    with StoreWriter(out, classes=classes, sample_shape=x.shape[1:], dtype=dtype, input=input, vocab=vocab,
+                     overwrite=overwrite, source=source) as w:
+        row_bytes = w.row_bytes
         chunk_rows = max(BATCH_BYTES * 4 // max(row_bytes, 1), 1)
         i = 0
         while i < len(ids):

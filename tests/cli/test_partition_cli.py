@@ -218,3 +218,114 @@ def test_writer_removes_the_parents_it_made_when_the_import_fails(tmp_path):
             w.add(*rows)
             w.add(*rows)  # client 0 again: refused
     assert not (tmp_path / "a").exists()
+
+
+# -- issue 23: CIFAR, Shakespeare and arrays importers, any sample shape and dtype
+
+
+def test_cifar_shakespeare_arrays_via_cli(tmp_path):
+    from simfed.partitions import samples
+
+    c10 = samples.write_cifar(tmp_path / "cifar-10-python.tar.gz", samples.cifar10_contents(per_batch=40, test=40))
+    c100 = samples.write_cifar(tmp_path / "cifar-100-python.tar.gz", samples.cifar100_contents(train=300, test=100))
+    shk = samples.write_shakespeare(tmp_path / "shk", samples.shakespeare_json(roles=5), layout="split")
+    npz = samples.write_npz(tmp_path / "f.npz", samples.arrays_sample("features", n=200, clients=4))
+    runs = {
+        "c10": (["cifar", c10, "--scheme", "classes", "--classes-per-client", 2, "--clients", 5], 240),
+        "c100": (["cifar", c100, "--scheme", "iid", "--clients", 4, "--label", "coarse"], 400),
+        "shk": (["shakespeare", shk, "--val-fraction", 0.1], None),
+        "npz": (["arrays", npz], 200),
+    }
+    infos = {}
+    for name, (args, total) in runs.items():
+        r = simfed("partition", args[0], args[1], tmp_path / "stores" / name, *args[2:])
+        assert r.returncode == 0, r.stderr
+        infos[name] = json.loads(simfed("info", tmp_path / "stores" / name, "--json").stdout)
+        if total is not None:
+            assert infos[name]["samples"]["total"] == total
+    assert infos["c10"]["sample_shape"] == [3, 32, 32] and infos["c10"]["num_classes"] == 10
+    assert (infos["c10"]["dtype"], infos["c10"]["input"], infos["c10"]["vocab_size"]) == ("uint8", "unit", 0)
+    assert infos["c100"]["num_classes"] == 20
+    assert (infos["shk"]["sample_shape"], infos["shk"]["input"], infos["shk"]["vocab_size"]) == ([80], "tokens", 80)
+    assert infos["shk"]["clients"] == 5
+    assert (infos["npz"]["sample_shape"], infos["npz"]["dtype"], infos["npz"]["input"]) == ([16], "float32", "raw")
+    r = simfed("info", tmp_path / "stores" / "shk")
+    assert r.returncode == 0 and "80 uint8" in r.stdout and "vocabulary of 80 tokens" in r.stdout
+
+
+def _bad_cifar(tmp_path, case):
+    from simfed.partitions import samples
+
+    contents = samples.cifar10_contents(per_batch=20, test=20)
+    m = {f"cifar-10-batches-py/{k}": samples.py2_pickle(v) for k, v in contents.items()}
+    if case == "missing-batch":
+        del m["cifar-10-batches-py/data_batch_3"]
+    elif case == "row-3071":
+        m["cifar-10-batches-py/data_batch_4"] = samples.py2_pickle(
+            {**contents["data_batch_4"], b"data": contents["data_batch_4"][b"data"][:, :3071].copy()})
+    else:  # a pickle that asks for os.system: refused, never run
+        cmd = f"touch {tmp_path / 'pwned'}".encode()
+        m["cifar-10-batches-py/data_batch_1"] = b"\x80\x02cos\nsystem\nX" + len(cmd).to_bytes(4, "little") + cmd \
+            + b"\x85R."
+    return samples.write_cifar(tmp_path / "cifar-10-python.tar.gz", members=m)
+
+
+def _bad_shakespeare(tmp_path, case):
+    from simfed.partitions import samples
+
+    obj = samples.shakespeare_json(roles=3)
+    user = obj["users"][1]
+    if case == "y-two-chars":
+        obj["user_data"][user]["y"][4] = "ab"
+    else:
+        obj["user_data"][user]["x"][2] = obj["user_data"][user]["x"][2][:79] + "~"
+    return samples.write_shakespeare(tmp_path / "shk", obj)
+
+
+def _bad_npz(tmp_path, case):
+    import io
+    import zipfile
+
+    def npy(arr=None, header=None):
+        f = io.BytesIO()
+        if arr is not None:
+            np.save(f, arr)
+        else:
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(b"\0" * 32)
+        return f.getvalue()
+
+    y = np.arange(10) % 2
+    x = {"string-dtype": npy(np.array([["a", "b"]] * 10)), "length-mismatch": npy(np.zeros((9, 3), np.float32)),
+         "huge-header": npy(header={"descr": "<f4", "fortran_order": False, "shape": (1_000_000_000,)})}[case]
+    src = tmp_path / "data.npz"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("x.npy", x)
+        zf.writestr("y.npy", npy(y))
+    return src
+
+
+BAD_INPUT = [
+    ("cifar", "missing-batch", _bad_cifar, "data_batch_3 is missing"),
+    ("cifar", "row-3071", _bad_cifar, "rows are 3071 bytes wide"),
+    ("cifar", "os-system", _bad_cifar, "asks for os.system, refused without running it"),
+    ("shakespeare", "y-two-chars", _bad_shakespeare, "y row 4 is 2 characters ('ab'), not one character"),
+    ("shakespeare", "unknown-char", _bad_shakespeare, "x row 2 holds '~' (position 79)"),
+    ("arrays", "string-dtype", _bad_npz, "x has dtype <U1; supported: uint8, int32, float32"),
+    ("arrays", "length-mismatch", _bad_npz, "x has 9 samples but y has 10 labels"),
+    ("arrays", "huge-header", _bad_npz, "the header promises shape (1000000000,)"),
+]
+
+
+@pytest.mark.parametrize("command, case, build, message", BAD_INPUT, ids=[f"{c}-{k}" for c, k, _, _ in BAD_INPUT])
+def test_bad_new_importer_input_via_cli(tmp_path, command, case, build, message):
+    import time
+
+    src = build(tmp_path, case)
+    out = tmp_path / "store"
+    scheme = ["--scheme", "iid", "--clients", 3] if command != "shakespeare" else []
+    t0 = time.monotonic()
+    r = simfed("partition", command, src, out, *scheme)
+    assert time.monotonic() - t0 < 60  # seconds, not minutes (a loaded 2-core machine starts Python slowly)
+    assert_user_error(r, str(src.name), message, out=out)
+    assert not (tmp_path / "pwned").exists()
