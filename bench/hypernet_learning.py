@@ -10,7 +10,7 @@ mean +- std over the seeds) and one JSON line (`--out` also writes it, after eve
 run's collapse gauges (model/descriptor/embedding spread of the first and last round) are in the
 JSON; `--eval-every N` adds a learning curve to each run's metrics (`--work` keeps the runs).
 
-Evaluation protocols (as in the PeFLL paper, seed 002):
+Evaluation protocols (as in the PeFLL paper):
 - pefll: zero-shot for seen and unseen clients, theta = h(v(S_train)); no label masking
   (comparable with the others). `pefll+mask` re-evaluates the SAME final PeFLL server state with
   label_mask = true (classes absent from the client's train split cannot be predicted), serially

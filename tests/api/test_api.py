@@ -128,13 +128,13 @@ def test_bad_config_raises_the_line_the_cli_prints(engine_store, tmp_path, case)
         assert str(from_dict.value) == str(err.value)
 
 
+def stop_in_round_2(event: dict) -> None:
+    if event["type"] == "chunk" and event["round"] == 2:
+        raise KeyboardInterrupt
+
+
 def test_resume_from_python_continues_to_the_same_numbers(engine_store, tmp_path):
     launch(doc(engine_store, checkpoint_every=1), out=tmp_path / "full")
-
-    def stop_in_round_2(event):
-        if event["type"] == "chunk" and event["round"] == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         launch(doc(engine_store, checkpoint_every=1), out=tmp_path / "cut", on_event=stop_in_round_2)
     assert load_run(tmp_path / "cut").status["state"] == "interrupted"
@@ -148,6 +148,23 @@ def test_resume_from_python_continues_to_the_same_numbers(engine_store, tmp_path
     assert [e["type"] for e in events] == ["already_finished"]
     with pytest.raises(SimfedError, match="--resume takes the run's saved config"):
         launch(doc(engine_store), resume=tmp_path / "cut")
+
+
+def test_a_launch_checks_the_store_once(engine_store, tmp_path, monkeypatch):
+    from simfed.partitions.store import PartitionStore
+
+    calls = []
+    check = PartitionStore.check_contents
+    monkeypatch.setattr(PartitionStore, "check_contents", lambda self: calls.append(self.path) or check(self))
+    launch(doc(engine_store, rounds=1), out=tmp_path / "run")
+    assert len(calls) == 1
+    calls.clear()
+    d = doc(engine_store, rounds=2, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        launch(d, out=tmp_path / "cut", on_event=stop_in_round_2)
+    calls.clear()
+    launch(resume=tmp_path / "cut")
+    assert len(calls) == 1
 
 
 def test_an_override_that_switches_the_method_reports_the_dropped_keys(engine_store, tmp_path):
