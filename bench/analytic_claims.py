@@ -1,4 +1,4 @@
-"""FedACnnL / pFedACnnL against the paper's claims (Gu et al. 2025, seed 003), through the real engine.
+"""FedACnnL / pFedACnnL against the paper's claims (Gu et al. 2025), through the real engine.
 
 (a) time: FedACnnL (one round, every seen client of synthetic FEMNIST; default all 3,597 writers,
     3,237 seen) vs FedAvg on the same LeNet, in one run: FedACnnL with the exact settings
@@ -7,7 +7,7 @@
     at --curve-fraction), both with the float32 forward and Gram; the fastest of these settings
     whose seen accuracy is within --within (1 point) of exact; then FedAvg, and FedAvg's train
     time to first reach exact's and fastest's seen sample-weighted test accuracy (evaluated every
-    --fedavg-eval-every rounds). Targets (issue 16): fastest beats FedAvg to its accuracy, exact
+    --fedavg-eval-every rounds). Targets: fastest beats FedAvg to its accuracy, exact
     within 2x of FedAvg. Paper: FedACnnL needs 83-99% less time.
     Times are the engine's round seconds (train phases only; Ray start-up, evaluation and
     checkpoints excluded, for both methods alike).
@@ -22,7 +22,7 @@ prints are then not the paper-scale ones and say so.
     python bench/analytic_claims.py --quick
     python bench/analytic_claims.py --data-dir /tmp/analytic_data          # full scale
     flock /tmp/simfed-bench.lock python bench/analytic_claims.py --json --only time \
-        --femnist-store /path/to/synthetic-femnist-3597                    # issue 16's figures
+        --femnist-store /path/to/synthetic-femnist-3597                    # the full-scale figures
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ split after the last round, after the SAME fine-tuning: nu = `--nu` plain SGD st
 (batch 32) on the client's train split:
 - fmlh: from w_i = w + delta_i (seen); unseen clients (`--fmlh-unseen fit`, the default) first
   fit a new embedding with h frozen over `--fmlh-unseen-exchanges` exchanges and start from
-  w + delta_new ("global": from w, the behaviour before issue 10); finetune_steps = nu.
+  w + delta_new ("global": from w, the earlier behaviour); finetune_steps = nu.
 - perfedavg: from the global meta-model; eval_steps = nu, eval_lr = ft-lr (hessian-free by default).
 - fedavg: from the global model; finetune_steps = nu.
 Local compute per round is of the same order: fmlh 10 meta-steps x (5 inner + 1 outer) gradients,
 perfedavg tau = 10 meta-steps (~5 gradient evaluations each, hessian-free), fedavg 50 SGD steps.
-The paper (seed 000) claims up to +18.71 points of lowest-decile accuracy over pFL baselines.
+The FMLH paper claims up to +18.71 points of lowest-decile accuracy over pFL baselines.
 
     python bench/fmlh_decile.py --rounds 3            # timing trial
     python bench/fmlh_decile.py --rounds R --clients-per-round 10 --nu 5 --seeds 0,1,2 --backend serial

@@ -1,6 +1,6 @@
 """The vectorized chunk trainer against the per-client loop, on a GPU (or, smaller, on CPU).
 
-    python bench/gpu.py --json                    # CUDA: the issue's figures
+    python bench/gpu.py --json                    # CUDA: the full-size figures
     python bench/gpu.py --device cpu --json       # CPU: smaller defaults, the same code paths
 
 Prints JSON with:

@@ -10,7 +10,7 @@ mean +- std over the seeds) and one JSON line (`--out` also writes it, after eve
 run's collapse gauges (model/descriptor/embedding spread of the first and last round) are in the
 JSON; `--eval-every N` adds a learning curve to each run's metrics (`--work` keeps the runs).
 
-Evaluation protocols (as in the PeFLL paper, seed 002):
+Evaluation protocols (as in the PeFLL paper):
 - pefll: zero-shot for seen and unseen clients, theta = h(v(S_train)); no label masking
   (comparable with the others). `pefll+mask` re-evaluates the SAME final PeFLL server state with
   label_mask = true (classes absent from the client's train split cannot be predicted), serially
@@ -20,7 +20,7 @@ Evaluation protocols (as in the PeFLL paper, seed 002):
 - fedavg: the global model, no fine-tuning (the paper's FedAvg baseline); `fedavg_ft` adds
   5 local fine-tuning steps before evaluation.
 
-Targets (issues 4 and 10): PeFLL's unseen accuracy >= 0.90, within 3 points of its seen
+Targets: PeFLL's unseen accuracy >= 0.90, within 3 points of its seen
 accuracy, and above FedAvg's and pFedHN's unseen accuracy, all unmasked.
 
     python bench/hypernet_learning.py --rounds 150 --seeds 0,1,2 [--backend serial] [--methods pefll,pfedhn,fedavg]
@@ -37,12 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from simfed.engine.config import parse
 from simfed.engine import checkpoint, cluster, metrics
-from simfed.engine import loop
-from simfed.engine.backends import SerialBackend
+from simfed.engine.backends import open_backend
+from simfed.engine.config import parse
+from simfed.engine.evaluate import evaluate
 from simfed.engine.loop import run_experiment
-from simfed.engine.worker import WorkerSpec
+from simfed.engine.plan import check_experiment
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -103,19 +103,14 @@ def run_one(store: str, algo: dict, args, out: Path) -> tuple[dict, dict]:
 
 
 def reevaluate(store: str, algo: dict, args, run_dir: Path, out: Path) -> dict:
-    """Evaluate the final server state of `run_dir` again with another algorithm config (serially)."""
+    """Evaluate the final server state of `run_dir` again with another algorithm config, serially,
+    with the engine's own evaluation (same client draw and chunking as in a run)."""
     exp = experiment(store, algo, args)
-    store_obj, task, seen, unseen = loop.check_experiment(exp)
+    plan = check_experiment(exp)
     ckpt = checkpoint.load(run_dir)
-    table = store_obj.clients
-    sizes = dict(zip(table.column("client_id").to_pylist(), table.column("n_train").to_pylist()))
     out.mkdir(parents=True, exist_ok=True)
-    spec = WorkerSpec(store_path=store_obj.path, algorithm=exp.algorithm, cfg=exp.algorithm_config, task=task,
-                      seed=args.seed, state_dir=str(out / "client_state"), threads=1, use_gpu=False)
-    be = SerialBackend(spec, dict(algorithm=exp.algorithm, cfg=exp.algorithm_config, task=task, seed=args.seed,
-                                  state_dict=ckpt["server"]), exp.engine)
-    writer = metrics.MetricsWriter(out, out.name)
-    summ = loop._evaluate(be, writer, exp.run, args.rounds - 1, seen, unseen, sizes, args.rounds, lambda e: None)
+    with open_backend(exp, plan, str(out / "client_state"), ckpt["server"], kind="serial") as be:
+        summ = evaluate(be, plan, exp.run, args.rounds - 1, metrics.MetricsWriter(out, out.name), args.rounds)
     return {row["cohort"]: row for row in summ}
 
 

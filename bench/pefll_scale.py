@@ -47,10 +47,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
     args = ap.parse_args(argv)
 
-    import ray
-
     from simfed.engine.config import parse
-    from simfed.engine import backends, cluster
+    from simfed.engine import cluster
     from simfed.engine.loop import run_experiment
     from simfed.partitions.store import PartitionStore
 
@@ -93,7 +91,7 @@ def main(argv=None) -> dict:
     def on_event(e: dict) -> None:
         now = time.perf_counter()
         if e["type"] == "start":
-            pid = ray.get(backends._SERVERS[0][1].call.remote("pid"))
+            pid = e["server_pid"]
             proc["p"] = psutil.Process(pid)
             rec["rss_start"] = server_rss()
             rec["mem_start"] = server_mem()

@@ -11,7 +11,7 @@ PeFLL's Table 1 is on CIFAR-10/100 and FEMNIST with 5000 rounds; here rounds are
 compare the *order* of methods and the seen-unseen gaps with the paper's, never the numbers.
 The paper's order is printed next to ours (`paper_order_*`: its CIFAR-10 n=90 column).
 
-    python bench/table1_baselines.py --rounds 40 --seeds 0,1,2 --out /work/notes/issue14-bench/table1.json
+    python bench/table1_baselines.py --rounds 40 --seeds 0,1,2 --out table1.json
 """
 
 from __future__ import annotations

@@ -33,11 +33,7 @@ _COMMAND_MODULES = (
 )
 
 for _name in _COMMAND_MODULES:
-    try:
-        importlib.import_module(_name).register(app)
-    except ModuleNotFoundError as exc:  # a command group not built yet must not break the others
-        if exc.name != _name:
-            raise
+    importlib.import_module(_name).register(app)
 
 
 def fail(message: str, code: int = 2) -> None:

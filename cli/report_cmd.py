@@ -25,13 +25,6 @@ class Split(str, enum.Enum):
     val = "val"
 
 
-def _require_run(run_dir: str) -> Path:
-    path = Path(run_dir)
-    if not (path / "metrics").is_dir():
-        raise SimfedError(f"{run_dir}: no metrics/ directory; pass a directory printed by `simfed launch`")
-    return path
-
-
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
@@ -62,10 +55,11 @@ def metrics_cmd(
                                                       "and the training loss per round."),
 ) -> None:
     """Summarize a run's per-client metrics per cohort (or per round with --curve)."""
-    from simfed.engine import metrics, rundir
+    from simfed.engine import metrics
+    from simfed.runs import load_run
 
-    path = _require_run(run_dir)
-    df = metrics.load(path)
+    run = load_run(run_dir)
+    df = run.metrics()
     if curve:
         if as_json:
             typer.echo(json.dumps({"run_dir": str(run_dir), "eval": metrics.curve(df).to_dicts(),
@@ -92,14 +86,14 @@ def metrics_cmd(
                "cohorts": {r["cohort"]: {k: v for k, v in r.items() if k not in ("cohort", "split", "round")}
                            for r in rows},
                "train": totals}
-        status = rundir.read_status(path)
+        status = run.status
         if status is not None:
             out["status"] = status
         typer.echo(json.dumps(out, indent=2))
         return
     from simfed.cli.run_cmd import print_summary
 
-    status = rundir.read_status(path) or {}
+    status = run.status or {}
     state = f" ({status['state']})" if "state" in status else ""
     typer.echo(f"{run_dir}{state}: round {at}, split {split} (evaluated rounds: {', '.join(map(str, rounds))})")
     print_summary(rows)

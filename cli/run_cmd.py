@@ -1,38 +1,13 @@
-"""`simfed launch`: run or resume an experiment, with a progress bar."""
+"""`simfed launch`: run or resume an experiment (simfed.launch), with a progress bar."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from simfed.cli import config as cfgio
-from simfed.core.config import apply_overrides
-from simfed.engine import config as expcfg
-from simfed.core.errors import SimfedError
-
-
-def _run_dir(exp, out: Optional[str]) -> Path:
-    if out:
-        return Path(out)
-    if exp.run.name:
-        return Path("runs") / exp.run.name
-    # A fresh name per launch: two launches within one second get -2, -3, ... (mkdir is atomic).
-    base = Path("runs") / f"{exp.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 1000):
-        path = base if i == 1 else base.with_name(f"{base.name}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise SimfedError(f"runs/: could not find a free name for {base.name}; pass --out")
 
 
 class _Progress:
@@ -107,37 +82,36 @@ class _Progress:
         self.progress.stop()
 
 
-def _load_saved_config(run_dir: Path) -> dict:
-    from simfed.core.safeio import load_json
+class _Console:
+    """The command's listener: notes and the resume line on stderr, the run directory on stdout as
+    soon as it is written, every event to the progress bar (if any), and the result at the end."""
 
-    saved = run_dir / "config.json"
-    if not os.path.lexists(saved):
-        raise SimfedError(f"--resume {run_dir}: no config.json there; pass the directory `simfed launch` printed")
-    doc = load_json(saved, 16 << 20, "saved config")
-    if not isinstance(doc, dict):
-        raise SimfedError(f"{saved}: not a simfed config (expected a JSON object); the run directory is damaged")
-    return doc
+    def __init__(self, progress: Optional[_Progress]):
+        self.progress = progress
+        self.run_dir: Optional[str] = None
+        self.result: Optional[dict] = None
 
-
-def _check_writable(run_dir: Path) -> None:
-    """The run directory exists as a directory, or its nearest existing ancestor is writable."""
-    p = run_dir.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not (p.is_dir() and os.access(p, os.W_OK | os.X_OK)):
-        raise SimfedError(f"--out {run_dir}: {p} is not a writable directory; pick a writable --out")
-
-
-def _check_machine(exp) -> None:
-    """Before Ray starts: the address answers as Ray, or the pool fits this machine."""
-    from simfed.engine import probe, resources
-
-    if exp.engine.backend != "ray":
-        return
-    if exp.engine.address == "":
-        resources.check(exp.engine, resources.local_resources(), "this machine")
-    elif exp.engine.address != "auto":
-        probe.ray_gcs(exp.engine.address)
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "note":
+            sys.stderr.write(f"simfed: note: {event['message']}\n")
+        elif kind == "already_finished":
+            run_dir = event["run_dir"]
+            sys.stderr.write(f"simfed: {run_dir} already finished ({event['round']} of {event['rounds']} rounds); "
+                             f"nothing to resume. See `simfed metrics {run_dir}` or `simfed plot {run_dir}`\n")
+            typer.echo(run_dir)
+            print_summary(event["summary"])
+        elif kind == "resume":
+            done, total = event["round"], event["rounds"]
+            sys.stderr.write(f"simfed: resuming {event['run_dir']} from its checkpoint after round {done}: rounds "
+                             f"{done + 1}-{total} of {total} remain\n")
+        elif kind == "run_dir":
+            self.run_dir = event["run_dir"]
+            typer.echo(self.run_dir)
+        elif kind == "done":
+            self.result = event
+        if self.progress is not None:
+            self.progress(event)
 
 
 def launch(
@@ -151,114 +125,30 @@ def launch(
                                 help="Check the store's sha256 checksums before starting (sizes are always checked)."),
 ) -> None:
     """Run an experiment; prints the run directory."""
-    from simfed.algorithms import registry
-    from simfed.engine import cluster, resources, rundir, storage
-    from simfed.core import validate
-    from simfed.engine.loop import check_experiment, run_experiment
+    from simfed.runs import launch as run
 
-    # Everything below up to mkdir only reads: bad input never leaves a run directory or a Ray behind.
-    for flag, value in (("--out", out), ("--resume", resume), ("--address", address)):
-        if value is not None:
-            validate.text(flag, value)
-    if resume:
-        if experiment or set_:
-            raise SimfedError("--resume takes the run's saved config; drop the experiment file and --set")
-        if not Path(resume).is_dir():
-            raise SimfedError(f"--resume {resume}: not a run directory; pass the directory `simfed launch` printed")
-        doc = _load_saved_config(Path(resume))
-    else:
-        notes: list[str] = []
-        doc = apply_overrides(cfgio.load(experiment), set_, notes)
-        for note in notes:
-            sys.stderr.write(f"simfed: note: {note}\n")
-    if address is not None:
-        if not isinstance(doc.setdefault("engine", {}), dict):
-            raise SimfedError("[engine] must be a table")
-        doc["engine"]["address"] = address
-    exp = expcfg.parse(doc, experiment or ("quickstart" if not resume else str(Path(resume) / "config.json")))
-    restart = 0
-    if resume:
-        with rundir.hold(Path(resume)):  # a run still going (its owner alive) is refused first
-            restart = _resume_round(Path(resume), exp)
-        if restart is None:
-            return  # a finished run: said so, without opening the data or starting Ray
-    else:
-        target = Path(out) if out else Path("runs") / (exp.run.name or ".")
-        if target.exists() and not target.is_dir():
-            raise SimfedError(f"--out {target}: exists and is not a directory; pick another --out")
-        if (target / "checkpoint.pt").exists():
-            raise SimfedError(f"{target} already holds a run; resume it with --resume {target} or pick another --out")
-        _check_writable(target)
-    _check_machine(exp)
     progress = None if quiet else _Progress()
-    store, *_ = check_experiment(exp, progress, resume)
-    if verify:
-        store.verify()
-    started = False
-    if exp.engine.backend == "ray":
-        import ray
-
-        started = cluster.connect(exp.engine.address)  # an unreachable cluster fails before anything is written
-        try:
-            resources.check(exp.engine, ray.cluster_resources(), f"the Ray cluster at {exp.engine.address or 'this machine'}")
-            if (not exp.engine.storage and registry.get(exp.algorithm).capabilities.client_state
-                    and cluster.alive_nodes() > 1):
-                raise SimfedError(storage.unshared_message("", ""))
-        except SimfedError:
-            if started:
-                cluster.disconnect()
+    console = _Console(progress)
+    try:
+        run(experiment, out=out, overrides=set_, resume=resume, address=address, verify=verify, on_event=console,
+            progress=progress is not None)
+    except KeyboardInterrupt:
+        if console.run_dir is None:
             raise
-    run_dir = Path(resume) if resume else _run_dir(exp, out)
-    if resume:
-        sys.stderr.write(f"simfed: resuming {run_dir} from its checkpoint after round {restart}: rounds "
-                         f"{restart + 1}-{exp.run.rounds} of {exp.run.rounds} remain\n")
-    with rundir.hold(run_dir):  # a second launch or resume into this directory is refused meanwhile
-        if not resume and (run_dir / "checkpoint.pt").exists():
-            raise SimfedError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another "
-                              "--out")
-        if not resume:
-            resolved = expcfg.to_dict(exp)
-            for name, text in (("config.json", json.dumps(resolved, indent=2)),
-                               ("config.toml", expcfg.to_text(exp))):
-                tmp = run_dir / f".{name}.tmp"
-                tmp.write_text(text)
-                os.replace(tmp, run_dir / name)
-        typer.echo(str(run_dir))
-        try:
-            result = run_experiment(exp, run_dir, resume=bool(resume), on_event=progress)
-        except KeyboardInterrupt:
-            if progress:
-                progress.stop()
-            sys.stderr.write(f"simfed: interrupted; continue with: simfed launch --resume {run_dir}\n")
-            raise SystemExit(130)
-        finally:
-            if progress:
-                progress.stop()
+        if progress:
+            progress.stop()
+        sys.stderr.write(f"simfed: interrupted; continue with: simfed launch --resume {console.run_dir}\n")
+        raise SystemExit(130)
+    finally:
+        if progress and console.run_dir is not None:  # the bar ran (stop prints its last line)
+            progress.stop()
+    result = console.result
+    if result is None:  # a finished run: nothing was run
+        return
     print_summary(result["summary"])
     if result["dropped"] or result["retries"] or result.get("server_restarts"):
         typer.echo(f"dropped client updates: {result['dropped']}; retried chunks: {result['retries']}; "
                    f"server restarts: {result.get('server_restarts', 0)}", err=True)
-
-
-def _resume_round(run_dir: Path, exp) -> int | None:
-    """The round a resumed run restarts after; None when it is finished (said so, summary printed)."""
-    from simfed.engine import checkpoint, metrics
-
-    ckpt = checkpoint.load(run_dir)
-    if ckpt is None:
-        raise SimfedError(f"{run_dir}: no checkpoint to resume from (it is written every run.checkpoint_every "
-                          "rounds); start it again without --resume")
-    done, total = int(ckpt["round"]), exp.run.rounds
-    if done > total:
-        raise SimfedError(f"{run_dir}: checkpoint round {done} is beyond the run's {total} rounds; the run directory "
-                          "is damaged: restore checkpoint.pt or start a new run")
-    if done < total:
-        return done
-    sys.stderr.write(f"simfed: {run_dir} already finished ({done} of {total} rounds); nothing to resume. "
-                     f"See `simfed metrics {run_dir}` or `simfed plot {run_dir}`\n")
-    typer.echo(str(run_dir))
-    print_summary(metrics.summarize(metrics.load(run_dir)).to_dicts())
-    return None
 
 
 def print_summary(rows: list[dict]) -> None:

@@ -19,8 +19,6 @@ from typing import Optional
 import typer
 
 from simfed.core.config import load_toml, to_toml
-from simfed.engine import config as expcfg
-from simfed.sweeps import config as sweep_config
 from simfed.core.errors import SimfedError
 
 MAX_TRIALS = 200  # larger sweeps need --yes: a typo in a grid should not start thousands of runs
@@ -33,6 +31,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def _load_trials(sweep_dir: Path):
+    from simfed.engine import config as expcfg
     from simfed.sweeps.config import Trial
     from simfed.sweeps.sweep import SchedulerConfig
 
@@ -150,6 +149,44 @@ class _Console:
                        f"{event['state']}{extra}", err=True)
 
 
+def _trials(sweep_file: Optional[str], out: Optional[str], resume: Optional[str], yes: bool):
+    """(sweep directory, trials, scheduler): a new sweep's from its file, or a resumed one's saved trials."""
+    from simfed.sweeps import config as sweep_config
+
+    if resume:
+        if sweep_file:
+            raise SimfedError("--resume takes the sweep's saved trials; drop the sweep file")
+        return Path(resume), *_load_trials(Path(resume))
+    if not sweep_file:
+        raise SimfedError("give a sweep file (an experiment file plus [sweep]; see examples/table1_fmnist.toml) "
+                          "or --resume SWEEP_DIR")
+    spec = sweep_config.parse_sweep(load_toml(sweep_file), sweep_file)
+    if len(spec.trials) > MAX_TRIALS and not yes:
+        raise SimfedError(f"{sweep_file}: the sweep has {len(spec.trials)} trials (more than {MAX_TRIALS}); "
+                          "pass --yes to run it anyway, or shrink the grid")
+    sweep_dir = Path(out) if out else Path("sweeps") / f"{Path(sweep_file).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (sweep_dir / "sweep.json").exists():
+        raise SimfedError(f"{sweep_dir} already holds a sweep; continue it with --resume {sweep_dir} "
+                          "or pick another --out")
+    return sweep_dir, spec.trials, spec.scheduler
+
+
+def _write_sweep(sweep_dir: Path, sweep_file: str, trials, scheduler) -> None:
+    """Each trial's run directory with its config, sweep.toml (the file as given) and sweep.json."""
+    from simfed.engine import config as expcfg
+
+    for t in trials:
+        run_dir = sweep_dir / "trials" / t.id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write(run_dir / "config.json", json.dumps(t.doc, indent=2))
+        _write(run_dir / "config.toml", to_toml(t.doc, expcfg.TOML_ORDER))
+    shutil.copyfile(sweep_file, sweep_dir / ".sweep.toml.tmp")
+    os.replace(sweep_dir / ".sweep.toml.tmp", sweep_dir / "sweep.toml")
+    record = {"version": 1, "source": str(sweep_file), "scheduler": scheduler.__dict__,
+              "trials": [{"id": t.id, "overrides": t.overrides, "doc": t.doc} for t in trials]}
+    _write(sweep_dir / "sweep.json", json.dumps(record, indent=2))
+
+
 def sweep(
     sweep_file: Optional[str] = typer.Argument(None, help="Sweep TOML: an experiment file plus a [sweep] table."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: 'auto' or ray://host:port."),
@@ -161,44 +198,19 @@ def sweep(
 ) -> None:
     """Run a grid of methods, hyperparameters and seeds as Ray Tune trials; prints the sweep directory."""
     from simfed.engine import cluster
-    from simfed.engine.loop import check_experiment
+    from simfed.engine.plan import check_experiment
+    from simfed.sweeps import config as sweep_config
     from simfed.sweeps.sweep import TrialSpec, run_sweep
 
     if max_concurrent is not None and max_concurrent < 1:
         raise SimfedError(f"--max-concurrent {max_concurrent}: give at least 1 (or leave it out: as many as fit)")
-    if resume:
-        if sweep_file:
-            raise SimfedError("--resume takes the sweep's saved trials; drop the sweep file")
-        sweep_dir = Path(resume)
-        trials, scheduler = _load_trials(sweep_dir)
-    else:
-        if not sweep_file:
-            raise SimfedError("give a sweep file (an experiment file plus [sweep]; see examples/table1_fmnist.toml) "
-                              "or --resume SWEEP_DIR")
-        spec = sweep_config.parse_sweep(load_toml(sweep_file), sweep_file)
-        trials, scheduler = spec.trials, spec.scheduler
-        if len(trials) > MAX_TRIALS and not yes:
-            raise SimfedError(f"{sweep_file}: the sweep has {len(trials)} trials (more than {MAX_TRIALS}); "
-                              "pass --yes to run it anyway, or shrink the grid")
-        sweep_dir = Path(out) if out else Path("sweeps") / f"{Path(sweep_file).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (sweep_dir / "sweep.json").exists():
-            raise SimfedError(f"{sweep_dir} already holds a sweep; continue it with --resume {sweep_dir} "
-                              "or pick another --out")
+    sweep_dir, trials, scheduler = _trials(sweep_file, out, resume, yes)
     for t in trials:  # bad stores, methods that do not fit the data, cohorts too large: before anything runs
         check_experiment(t.experiment)
     by_id = {t.id: t for t in trials}
     cluster.connect(address or "")
     if not resume:
-        for t in trials:
-            run_dir = sweep_dir / "trials" / t.id
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write(run_dir / "config.json", json.dumps(t.doc, indent=2))
-            _write(run_dir / "config.toml", to_toml(t.doc, expcfg.TOML_ORDER))
-        shutil.copyfile(sweep_file, sweep_dir / ".sweep.toml.tmp")
-        os.replace(sweep_dir / ".sweep.toml.tmp", sweep_dir / "sweep.toml")
-        record = {"version": 1, "source": str(sweep_file), "scheduler": scheduler.__dict__,
-                  "trials": [{"id": t.id, "overrides": t.overrides, "doc": t.doc} for t in trials]}
-        _write(sweep_dir / "sweep.json", json.dumps(record, indent=2))
+        _write_sweep(sweep_dir, sweep_file, trials, scheduler)
     typer.echo(str(sweep_dir))
     console = _Console(quiet, lambda tid: sweep_config.describe(by_id[tid]))
     try:

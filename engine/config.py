@@ -16,7 +16,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from simfed.algorithms import registry
 from simfed.core import validate as v
 from simfed.core.config import config_from_dict, to_toml
 from simfed.core.errors import SimfedError
@@ -73,6 +72,9 @@ TOML_ORDER = ("data", "run", "algorithm", "engine")
 
 
 def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
+    """The experiment of a TOML document; `where` (the file) starts messages about the document itself."""
+    from simfed.algorithms import registry  # imports torch: not at import time (`simfed --help` stays light)
+
     unknown = sorted(set(doc) - set(SECTIONS) - {"algorithm"})
     if unknown:
         raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]; valid: [algorithm], [data], [engine], [run]")

@@ -1,8 +1,9 @@
 """The server: holds a method's state and reduces client messages as they stream in.
 
-Plain Python; the Ray backend wraps it as an actor (`ray.remote(Server)`), the serial backend
-calls it directly. Summable messages are added into one accumulator per phase (O(model) memory
-whatever the cohort size); per-client items go to `Algorithm.absorb`.
+Plain Python; the serial backend calls it directly, the Ray backend wraps it in a pooled actor
+with the same typed methods (engine.raybackend.ServerActor). Summable messages are added into one
+accumulator per phase (O(model) memory whatever the cohort size); per-client items go to
+`Algorithm.absorb`.
 
 Float addition is not associative, so the fold order is fixed: chunk results are folded strictly
 in chunk index order (the order `sampling.plan_chunks` gives), and one that arrives early waits

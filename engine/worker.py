@@ -1,9 +1,12 @@
-"""A client worker: simulates many logical clients, one after another, with one copy of each model.
+"""A client worker: simulates many logical clients, a chunk of them per call.
 
-Plain Python; the Ray backend wraps it as an actor and keeps a small pool of them alive for the
-whole run. Per chunk of clients it slices each client's rows from the memory-mapped store, loads
-the client's persistent state, runs the method's client step, drops non-finite replies, pre-sums
-the summable messages and returns (result for the server, metric rows for the driver).
+Plain Python; the serial backend calls it in-process, the Ray backend wraps it in an actor
+(engine.raybackend.WorkerActor) and keeps a pool of them alive from run to run. Per chunk of
+clients it slices each client's rows from the memory-mapped store, loads the client's persistent
+state, runs the method's client step (client by client with one copy of each model, or the whole
+chunk in one batched step: `Algorithm.chunk_replies` with engine.vectorize, `Algorithm.chunk_sums`),
+drops non-finite replies, pre-sums the summable messages and returns (metric rows for the driver,
+result for the server).
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -107,6 +110,28 @@ def keep_heap() -> bool:
         return False
 
 
+class _Client(NamedTuple):
+    cid: int
+    cohort: str
+    data: ClientData
+    state: Any  # the client's persistent state (None for methods without any)
+    ctx: ClientContext
+    payload: Any  # its per-client payload from the server, if any
+
+
+@dataclass
+class _ChunkOut:
+    """What a chunk's replies add up to so far: the result for the server and the metric rows."""
+
+    phase: str
+    info: RoundInfo
+    bytes_down: int  # the broadcast's size, received by every client
+    checkpointed_round: int
+    result: ChunkResult = field(default_factory=ChunkResult)
+    rows: list[dict] = field(default_factory=list)
+    n_train: int = 0
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec, index: int = 0):
         self.heap_kept = keep_heap()
@@ -157,104 +182,101 @@ class Worker:
                 "gpu_ids": gpu_ids, "threads": torch.get_num_threads(), "vectorize": self.vectorize, "heap_kept": self.heap_kept, "warmup_s": round(self.warmup_s, 4)}
 
     def run(self, phase: str, info: RoundInfo, bcast: Any, payloads: Any, client_ids: list[int],
-            checkpointed_round: int = -1, meta_extra: dict | None = None) -> tuple[dict, ChunkResult]:
-        spec, algo = self.spec, self.algo
-        down_common = nbytes(bcast)
-        on_gpu = self.device.type != "cpu"
-        if on_gpu:
+            checkpointed_round: int = -1) -> tuple[dict, ChunkResult]:
+        """One chunk of clients through `phase`: (meta with the metric rows, the result for the server)."""
+        if self.device.type != "cpu":
             # Messages arrive and leave on the CPU (the server's device): moved once per chunk here,
             # so a method's client step sees its broadcast, payload and state on its own device.
             bcast = to_device(bcast, self.device)
             payloads = {k: to_device(v, self.device) for k, v in payloads.items()} if payloads else payloads
-        if info.mode == "train" and algo.capabilities.chunk_sums:
+        if info.mode == "train" and self.algo.capabilities.chunk_sums:
             batched = self.run_sums(phase, info, bcast, client_ids)
             if batched is not None:
                 return batched
-        result = ChunkResult()
-        rows: list[dict] = []
-        n_train = 0
-        clients = []  # (cid, cohort, data, cstate, ctx, payload), in chunk order
-        for cid in client_ids:
-            cohort = self.cohort[cid]
-            counts = {s: self.counts[s][cid] for s in ("train", "val", "test")}
-            data = ClientData(cid, cohort, self.store.read, self.device, counts, input=spec.task.input)
-            cstate = None
-            if algo.capabilities.client_state:
-                # Evaluation after round r sees every state written up to and including round r.
-                at = (info.round + 1, 0) if info.mode == "eval" else (info.round, info.phase_index)
-                cstate = self.states.get(cid, *at)
-                if on_gpu:
-                    cstate = to_device(cstate, self.device)
-            ctx = ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
-                                mode=info.mode, task=spec.task, device=self.device, cache=self.cache)
-            clients.append((cid, cohort, data, cstate, ctx, payloads.get(cid) if payloads else None))
-
-        def absorb(client: tuple, reply, seconds: float) -> None:
-            nonlocal n_train
-            cid, cohort, _, _, _, payload = client
-            if on_gpu:  # the server folds on the CPU; client states are saved from the CPU
-                reply = dataclasses.replace(reply, sums=to_device(reply.sums, CPU), item=to_device(reply.item, CPU),
-                                            state=to_device(reply.state, CPU))
-            ok = all_finite(reply.sums) and all_finite(reply.item)
-            if ok:
-                result.sums = add_into(result.sums, reply.sums)
-                if reply.item is not None:
-                    result.items.append((cid, compact(reply.item)))
-                result.n_clients += 1
-                if info.mode == "train" and algo.capabilities.client_state and not (
-                        isinstance(reply.state, str) and reply.state == KEEP):
-                    self.states.put(cid, info.round, info.phase_index, reply.state, checkpointed_round)
-            n_train += reply.n_train
-            base = {"round": info.round + 1, "client_id": cid, "cohort": cohort, "phase": phase,
-                    "node_id": self.node_id, "worker": self.index}
-            if info.mode == "train":
-                loss = reply.train_loss if ok and reply.train_loss is not None else None
-                rows.append({**base, "split": "train", "n": reply.n_train, "seconds": seconds, "loss": loss,
-                             "bytes_up": nbytes(reply.sums) + nbytes(reply.item),
-                             "bytes_down": down_common + nbytes(payload), "dropped": not ok})
-            elif ok and reply.evals:
-                for split, ev in reply.evals.items():
-                    rows.append({**base, "split": split, "n": ev.n, "seconds": seconds,
-                                 "loss": ev.loss_sum / max(ev.n, 1), "accuracy": ev.correct / max(ev.n, 1),
-                                 "dropped": False})
-            elif not ok:
-                rows.append({**base, "split": "eval", "n": 0, "seconds": seconds, "dropped": True})
-
-        if self.vectorize and info.mode == "train" and phase in algo.capabilities.chunk_replies:
+        out = _ChunkOut(phase, info, nbytes(bcast), checkpointed_round)
+        clients = [self._client(cid, phase, info, payloads) for cid in client_ids]
+        if self.vectorize and info.mode == "train" and phase in self.algo.capabilities.chunk_replies:
             # One batched step for the whole chunk; its time is shared evenly among the clients.
             t0 = time.perf_counter()
-            replies = algo.chunk_replies(phase, spec.cfg, bcast, [c[5] for c in clients], [c[2] for c in clients],
-                                        [c[3] for c in clients], [c[4] for c in clients])
+            replies = self.algo.chunk_replies(phase, self.spec.cfg, bcast, [c.payload for c in clients],
+                                              [c.data for c in clients], [c.state for c in clients],
+                                              [c.ctx for c in clients])
             seconds = (time.perf_counter() - t0) / max(len(clients), 1)
             for client, reply in zip(clients, replies):
-                absorb(client, reply, seconds)
+                self._absorb(out, client, reply, seconds)
         else:
             # Each reply is folded in (client order, as before) and dropped before the next client
             # trains: holding a chunk's replies and data until its end made every client's tensors
             # land on fresh heap pages (page faults: about 12% of a FEMNIST epoch-round on CPU).
             for client in clients:
                 t0 = time.perf_counter()
-                reply = algo.client(phase, spec.cfg, bcast, client[5], client[2], client[3], client[4])
+                reply = self.algo.client(phase, self.spec.cfg, bcast, client.payload, client.data, client.state,
+                                         client.ctx)
                 seconds = time.perf_counter() - t0
-                client[2].release()
-                absorb(client, reply, seconds)
+                client.data.release()
+                self._absorb(out, client, reply, seconds)
                 del reply
-        meta = {"rows": rows, "n_clients": len(client_ids), "n_train": n_train,
-                "dropped": sum(1 for r in rows if r.get("dropped"))}
-        return meta, result
+        meta = {"rows": out.rows, "n_clients": len(client_ids), "n_train": out.n_train,
+                "dropped": sum(1 for r in out.rows if r.get("dropped"))}
+        return meta, out.result
+
+    def _data(self, cid: int) -> ClientData:
+        counts = {s: self.counts[s][cid] for s in ("train", "val", "test")}
+        return ClientData(cid, self.cohort[cid], self.store.read, self.device, counts, input=self.spec.task.input)
+
+    def _context(self, cid: int, phase: str, info: RoundInfo) -> ClientContext:
+        return ClientContext(client_id=cid, cohort=self.cohort[cid], round=info.round, seed=self.spec.seed,
+                             phase=phase, mode=info.mode, task=self.spec.task, device=self.device, cache=self.cache)
+
+    def _client(self, cid: int, phase: str, info: RoundInfo, payloads: Any) -> _Client:
+        """A client ready for its step: its data, its persistent state and its context."""
+        cstate = None
+        if self.algo.capabilities.client_state:
+            # Evaluation after round r sees every state written up to and including round r.
+            at = (info.round + 1, 0) if info.mode == "eval" else (info.round, info.phase_index)
+            cstate = self.states.get(cid, *at)
+            if self.device.type != "cpu":
+                cstate = to_device(cstate, self.device)
+        return _Client(cid, self.cohort[cid], self._data(cid), cstate, self._context(cid, phase, info),
+                       payloads.get(cid) if payloads else None)
+
+    def _absorb(self, out: "_ChunkOut", client: _Client, reply, seconds: float) -> None:
+        """Fold one reply into the chunk's result (if finite), save the client's new state, add its rows."""
+        info, algo = out.info, self.algo
+        if self.device.type != "cpu":  # the server folds on the CPU; client states are saved from the CPU
+            reply = dataclasses.replace(reply, sums=to_device(reply.sums, CPU), item=to_device(reply.item, CPU),
+                                        state=to_device(reply.state, CPU))
+        ok = all_finite(reply.sums) and all_finite(reply.item)
+        if ok:
+            out.result.sums = add_into(out.result.sums, reply.sums)
+            if reply.item is not None:
+                out.result.items.append((client.cid, compact(reply.item)))
+            out.result.n_clients += 1
+            if info.mode == "train" and algo.capabilities.client_state and not (
+                    isinstance(reply.state, str) and reply.state == KEEP):
+                self.states.put(client.cid, info.round, info.phase_index, reply.state, out.checkpointed_round)
+        out.n_train += reply.n_train
+        base = {"round": info.round + 1, "client_id": client.cid, "cohort": client.cohort, "phase": out.phase,
+                "node_id": self.node_id, "worker": self.index}
+        if info.mode == "train":
+            loss = reply.train_loss if ok and reply.train_loss is not None else None
+            out.rows.append({**base, "split": "train", "n": reply.n_train, "seconds": seconds, "loss": loss,
+                             "bytes_up": nbytes(reply.sums) + nbytes(reply.item),
+                             "bytes_down": out.bytes_down + nbytes(client.payload), "dropped": not ok})
+        elif ok and reply.evals:
+            for split, ev in reply.evals.items():
+                out.rows.append({**base, "split": split, "n": ev.n, "seconds": seconds,
+                                 "loss": ev.loss_sum / max(ev.n, 1), "accuracy": ev.correct / max(ev.n, 1),
+                                 "dropped": False})
+        elif not ok:
+            out.rows.append({**base, "split": "eval", "n": 0, "seconds": seconds, "dropped": True})
 
     def run_sums(self, phase: str, info: RoundInfo, bcast: Any, client_ids: list[int]) -> tuple[dict, ChunkResult] | None:
         """The whole chunk in one `Algorithm.chunk_sums` call, or None (the method has none, or
         its sums are not finite: then the per-client path finds and drops the culprits)."""
         spec = self.spec
         t0 = time.perf_counter()
-        clients = []
-        for cid in client_ids:
-            cohort = self.cohort[cid]
-            counts = {s: self.counts[s][cid] for s in ("train", "val", "test")}
-            clients.append((ClientData(cid, cohort, self.store.read, self.device, counts, input=spec.task.input),
-                            ClientContext(client_id=cid, cohort=cohort, round=info.round, seed=spec.seed, phase=phase,
-                                          mode=info.mode, task=spec.task, device=self.device, cache=self.cache)))
+        clients = [(self._data(cid), self._context(cid, phase, info)) for cid in client_ids]
         reply: ChunkSums | None = self.algo.chunk_sums(phase, spec.cfg, bcast, clients)
         if reply is None or not all_finite(reply.sums):
             return None

@@ -3,7 +3,7 @@
 One trial = one `run_experiment` in its own ordinary run directory (SWEEP/trials/ID), started by
 Ray Tune inside a placement group that reserves the trial's workers (`engine.workers` bundles of
 `cpus_per_worker`/`gpus_per_worker`). The trial's driver and its server actor take no CPU slot (as
-in `simfed launch`), so the placement group holds exactly the workers; `engine.backends` puts the
+in `simfed launch`), so the placement group holds exactly the workers; `engine.raybackend` puts the
 server and worker actors into the current placement group, so concurrent trials never use more
 than the cluster has. A serial-backend trial reserves one bundle for its in-process work.
 
@@ -90,7 +90,7 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     from ray import tune
 
     from simfed.engine import metrics
-    from simfed.engine.backends import release_pool
+    from simfed.engine.raybackend import release_pool
     from simfed.core.errors import SimfedError
     from simfed.engine.loop import run_experiment
 
@@ -213,7 +213,7 @@ def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: S
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of our own trials on the console
     from ray import tune
 
-    from simfed.engine.backends import release_pool
+    from simfed.engine.raybackend import release_pool
 
     emit = on_event or (lambda e: None)
     sweep_dir = Path(sweep_dir).absolute()

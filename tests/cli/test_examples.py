@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from simfed.algorithms import registry
-from simfed.cli import config as cfgio
+from simfed import runs
 from simfed.core.config import load_toml
 from simfed.engine.config import parse
 
@@ -51,4 +51,4 @@ def test_table1_sweeps_every_method_over_three_seeds():
 
 def test_quickstart_is_the_embedded_default():
     quick = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
-    assert quick.read_text() == cfgio.quickstart_text()
+    assert quick.read_text() == runs.quickstart_text()

@@ -74,7 +74,7 @@ def _rows(run_dir: Path) -> pl.DataFrame:
 
 
 def test_sweep_kill_resume_placement_parity_and_compare(ray_session, engine_store, tmp_path, capsys):
-    from simfed.engine.backends import release_pool
+    from simfed.engine.raybackend import release_pool
 
     release_pool()  # earlier tests' pooled actors would hold the CPUs the trials need
     spec = tmp_path / "sweep.toml"
@@ -217,7 +217,7 @@ def test_a_failed_trial_is_reported_and_resume_reruns_only_it(ray_session, engin
     the trial and the one-line reason and exits 1; once the store is restored, `--resume` reruns only
     001, and `simfed compare` reads the complete sweep."""
 
-    from simfed.engine.backends import release_pool
+    from simfed.engine.raybackend import release_pool
 
     release_pool()
     damaged = tmp_path / "store_b"
@@ -372,7 +372,7 @@ def test_asha_stops_the_hopeless_lr_and_compare_reports_rounds(ray_session, engi
     barely moves the initial model, lags there and is stopped: its run directory is a valid run of 1
     round (metrics, checkpoint and status agree), and compare reports the rounds of each trial."""
     from simfed.engine import checkpoint, metrics
-    from simfed.engine.backends import release_pool
+    from simfed.engine.raybackend import release_pool
 
     release_pool()
     spec = tmp_path / "asha.toml"

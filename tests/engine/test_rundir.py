@@ -92,7 +92,7 @@ def test_second_launch_into_a_busy_out_is_refused_and_the_first_run_is_intact(en
 
 
 def test_default_run_names_made_within_one_second_differ(tmp_path, monkeypatch):
-    from simfed.cli.run_cmd import _run_dir
+    from simfed.runs import _run_dir
     from tests.engine.conftest import make_exp
 
     monkeypatch.chdir(tmp_path)

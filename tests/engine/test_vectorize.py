@@ -11,7 +11,8 @@ from simfed.algorithms import registry
 
 from simfed.engine import checkpoint
 from simfed.core.errors import SimfedError
-from simfed.engine.loop import check_experiment, run_experiment
+from simfed.engine.loop import run_experiment
+from simfed.engine.plan import check_experiment
 from tests.engine.conftest import make_exp
 from tests.engine.test_method_parity import SMALL, rows, same
 

@@ -1,0 +1,313 @@
+"""simfed from Python: `launch` runs an experiment as `simfed launch` does, `load_run` reads a run.
+
+    import simfed
+    run_dir = simfed.launch("examples/quickstart.toml", overrides=["run.rounds=2"])
+    run = simfed.load_run(run_dir)
+    run.metrics()   # polars DataFrame: one row per client, round, phase and split
+    run.curve()     # accuracy and loss per evaluation round, split and cohort
+
+Bad input raises `SimfedError` with the one-line message the command prints; nothing is written
+and no Ray is started before every check has passed. The command line is a thin layer over this
+module: it adds option parsing, the progress bar and printing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from simfed.core import validate
+from simfed.core.config import apply_overrides, load_toml
+from simfed.core.errors import SimfedError
+
+Event = Callable[[dict], None]
+Config = str | os.PathLike | Mapping[str, Any] | None
+
+
+def quickstart_text() -> str:
+    """The default experiment (`launch()` with no config): FedAvg on a generated synthetic FEMNIST."""
+    from importlib import resources
+
+    return resources.files("simfed").joinpath("quickstart.toml").read_text()
+
+
+def launch(config: Config = None, *, out: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+           resume: str | os.PathLike | None = None, address: str | None = None, verify: bool = True,
+           on_event: Event | None = None, progress: bool = False) -> Path:
+    """Run an experiment to its end, as `simfed launch` does; returns the run directory.
+
+    config: an experiment TOML file, a dict with the file's tables ({"data": {...}, "run": {...},
+        "algorithm": {"name": ..., ...}, "engine": {...}}), or None for the quickstart.
+    out: the run directory (default: runs/<run.name>, else runs/<algorithm>-<date>-<time>).
+    overrides: "section.key=value" items applied in order, as `--set`.
+    resume: a run directory to continue from its last checkpoint, with its saved config (give no
+        config and no overrides); a finished run is left as it is.
+    address: the Ray cluster to join ("auto" or HOST:PORT), as engine.address.
+    verify: check the store's sha256 checksums before starting (sizes are always checked).
+    on_event: called with each progress event, a dict with a "type": "note" (an override dropped
+        keys), "generate", "resume", "already_finished", "run_dir" (written, about to start),
+        "start", "chunk", "round", "eval_start", "eval_chunk", "eval", "checkpoint", "saved",
+        "server_restart", and last "done" (the result: summary, retries, dropped, ...).
+    progress: draw a progress bar on stderr while [data] generate builds the store.
+
+    With engine.backend = "ray" Ray is started on this machine, or joined, and stays up for the next
+    launch in this process (`ray.shutdown()` ends it). Raises SimfedError (one line) for bad input,
+    RunFailed when the run cannot go on (its last checkpoint stands: resume it).
+    """
+    emit = on_event or (lambda e: None)
+    for flag, value in (("--out", out), ("--resume", resume), ("--address", address)):
+        if value is not None:
+            validate.text(flag, os.fspath(value) if isinstance(value, os.PathLike) else value)
+    if resume is not None:
+        if config is not None or overrides:
+            raise SimfedError("--resume takes the run's saved config; drop the experiment file and --set")
+        return _resume(resume, address, verify, emit, progress)
+    exp = _experiment(config, overrides, address, emit)
+    from simfed.engine import checkpoint, rundir
+
+    target = Path(out) if out else Path("runs") / (exp.run.name or ".")
+    if target.exists() and not target.is_dir():
+        raise SimfedError(f"--out {target}: exists and is not a directory; pick another --out")
+    if (target / checkpoint.NAME).exists():
+        raise SimfedError(f"{target} already holds a run; resume it with --resume {target} or pick another --out")
+    _check_writable(target)
+    plan = _prepare(exp, emit, verify, progress)
+    run_dir = _run_dir(exp, out)
+    with rundir.hold(run_dir):  # a second launch or resume into this directory is refused meanwhile
+        if (run_dir / checkpoint.NAME).exists():
+            raise SimfedError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another "
+                              "--out")
+        _write_config(run_dir, exp)
+        result = _run(exp, run_dir, plan, False, emit)
+    emit({"type": "done", **result})
+    return run_dir
+
+
+def _experiment(config: Config, overrides: Sequence[str], address: str | None, emit: Event):
+    """The typed experiment of `config` with `overrides` applied (their notes emitted)."""
+    if config is None:
+        doc, where = tomllib.loads(quickstart_text()), "quickstart"
+    elif isinstance(config, Mapping):
+        doc, where = copy.deepcopy(dict(config)), "config"
+    elif isinstance(config, (str, os.PathLike)):
+        where = os.fspath(config)
+        doc = load_toml(where)
+    else:
+        raise SimfedError(f"config must be a TOML file's path, a dict or None, got {type(config).__name__}")
+    notes: list[str] = []
+    doc = apply_overrides(doc, [overrides] if isinstance(overrides, str) else list(overrides), notes)
+    for note in notes:
+        emit({"type": "note", "message": note})
+    return _parse(doc, address, where)
+
+
+def _parse(doc: dict, address: str | None, where: str):
+    from simfed.engine import config as expcfg
+
+    if address is not None:
+        if not isinstance(doc.setdefault("engine", {}), dict):
+            raise SimfedError("[engine] must be a table")
+        doc["engine"]["address"] = address
+    return expcfg.parse(doc, where)
+
+
+def _resume(resume: str | os.PathLike, address: str | None, verify: bool, emit: Event, progress: bool) -> Path:
+    from simfed.engine import metrics, rundir
+
+    run_dir = Path(resume)
+    if not run_dir.is_dir():
+        raise SimfedError(f"--resume {os.fspath(resume)}: not a run directory; pass the directory `simfed launch` "
+                          "printed")
+    doc = _saved_config(run_dir, f"--resume {run_dir}: no config.json there; pass the directory `simfed launch` "
+                                 "printed")
+    exp = _parse(doc, address, str(run_dir / "config.json"))
+    with rundir.hold(run_dir):  # a run still going (its owner alive) is refused first
+        done = _resume_round(run_dir, exp)
+        if done == exp.run.rounds:  # finished: said so, without opening the data or starting Ray
+            emit({"type": "already_finished", "run_dir": str(run_dir), "round": done, "rounds": done,
+                  "summary": metrics.summarize(metrics.load(run_dir)).to_dicts()})
+            return run_dir
+        plan = _prepare(exp, emit, verify, progress, resume_dir=run_dir)
+        emit({"type": "resume", "run_dir": str(run_dir), "round": done, "rounds": exp.run.rounds})
+        result = _run(exp, run_dir, plan, True, emit)
+    emit({"type": "done", **result})
+    return run_dir
+
+
+def _resume_round(run_dir: Path, exp) -> int:
+    """The round a resumed run restarts after (run.rounds: it is finished)."""
+    from simfed.engine import checkpoint
+
+    ckpt = checkpoint.load(run_dir)
+    if ckpt is None:
+        raise SimfedError(f"{run_dir}: no checkpoint to resume from (it is written every run.checkpoint_every "
+                          "rounds); start it again without --resume")
+    done, total = int(ckpt["round"]), exp.run.rounds
+    if done > total:
+        raise SimfedError(f"{run_dir}: checkpoint round {done} is beyond the run's {total} rounds; the run directory "
+                          "is damaged: restore checkpoint.pt or start a new run")
+    return done
+
+
+def _prepare(exp, emit: Event, verify: bool, progress: bool, resume_dir: Path | None = None):
+    """Every check before work, in order: the machine, the store and method (and the run to resume),
+    the checksums, then Ray (started or joined) and the pool against it. Returns the engine's plan."""
+    from simfed.engine import probe, resources
+    from simfed.engine.plan import check_experiment
+
+    if exp.engine.backend == "ray":  # before Ray starts: the address answers as Ray, or the pool fits here
+        if exp.engine.address == "":
+            resources.check(exp.engine, resources.local_resources(), "this machine")
+        elif exp.engine.address != "auto":
+            probe.ray_gcs(exp.engine.address)
+    plan = check_experiment(exp, emit, resume_dir, progress=progress)
+    if verify:
+        plan.store.verify()
+    if exp.engine.backend == "ray":
+        _connect(exp)
+    return plan
+
+
+def _connect(exp) -> None:
+    """Start or join Ray; the pool must fit the cluster (an unreachable or too small one fails before
+    anything is written, and a Ray this call started is stopped again)."""
+    import ray
+
+    from simfed.algorithms import registry
+    from simfed.engine import cluster, resources, storage
+
+    started = cluster.connect(exp.engine.address)
+    try:
+        resources.check(exp.engine, ray.cluster_resources(), f"the Ray cluster at {exp.engine.address or 'this machine'}")
+        if (not exp.engine.storage and registry.get(exp.algorithm).capabilities.client_state
+                and cluster.alive_nodes() > 1):
+            raise SimfedError(storage.unshared_message("", ""))
+    except SimfedError:
+        if started:
+            cluster.disconnect()
+        raise
+
+
+def _run(exp, run_dir: Path, plan, resume: bool, emit: Event) -> dict:
+    from simfed.engine.loop import run_experiment
+
+    emit({"type": "run_dir", "run_dir": str(run_dir), "resume": resume})
+    return run_experiment(exp, run_dir, resume=resume, on_event=emit, plan=plan)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run directory exists as a directory, or its nearest existing ancestor is writable."""
+    p = run_dir.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not (p.is_dir() and os.access(p, os.W_OK | os.X_OK)):
+        raise SimfedError(f"--out {run_dir}: {p} is not a writable directory; pick a writable --out")
+
+
+def _run_dir(exp, out: str | os.PathLike | None) -> Path:
+    """`out`, runs/<run.name>, or a fresh runs/<algorithm>-<date>-<time> (created here)."""
+    if out:
+        return Path(out)
+    if exp.run.name:
+        return Path("runs") / exp.run.name
+    # A fresh name per launch: two launches within one second get -2, -3, ... (mkdir is atomic).
+    base = Path("runs") / f"{exp.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 1000):
+        path = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise SimfedError(f"runs/: could not find a free name for {base.name}; pass --out")
+
+
+def _write_config(run_dir: Path, exp) -> None:
+    """config.json (what `load_run` and a resume read) and config.toml (to rerun), each written atomically."""
+    from simfed.engine import config as expcfg
+
+    for name, text in (("config.json", json.dumps(expcfg.to_dict(exp), indent=2)), ("config.toml", expcfg.to_text(exp))):
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / name)
+
+
+def _saved_config(run_dir: Path, missing: str) -> dict:
+    """A run directory's config.json (the resolved experiment); `missing` is the message when absent."""
+    from simfed.core.safeio import load_json
+
+    saved = run_dir / "config.json"
+    if not os.path.lexists(saved):
+        raise SimfedError(missing)
+    doc = load_json(saved, 16 << 20, "saved config")
+    if not isinstance(doc, dict):
+        raise SimfedError(f"{saved}: not a simfed config (expected a JSON object); the run directory is damaged")
+    return doc
+
+
+def load_run(run_dir: str | os.PathLike) -> "Run":
+    """A run directory (finished, running or interrupted) to read; SimfedError if it is not one."""
+    path = Path(run_dir)
+    if not (path / "metrics").is_dir():
+        raise SimfedError(f"{os.fspath(run_dir)}: no metrics/ directory; pass a directory printed by `simfed launch`")
+    return Run(path)
+
+
+class Run:
+    """A run directory, read on demand: nothing is cached, so a running run shows its latest rounds."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def config(self) -> dict:
+        """The resolved experiment (config.json): every key of every table, defaults included."""
+        return _saved_config(self.path, f"{self.path}: no config.json; pass a directory printed by `simfed launch`")
+
+    @property
+    def status(self) -> dict | None:
+        """status.json: state (running, finished, interrupted, failed), completed rounds, counters."""
+        from simfed.engine import rundir
+
+        return rundir.read_status(self.path)
+
+    def metrics(self):
+        """Every per-client metric row (polars DataFrame): train rows per round and phase, eval rows
+        per evaluated round and split. The same as polars.scan_parquet(path/"metrics/*.parquet")."""
+        from simfed.engine import metrics
+
+        return metrics.load(self.path)
+
+    def summary(self, split: str = "test", round: int | None = None):
+        """Per cohort at one evaluation round (default: the last): the table `simfed metrics` prints."""
+        from simfed.engine import metrics
+
+        return metrics.summarize(self.metrics(), split=split, round=round)
+
+    def curve(self):
+        """Per evaluation round, split and cohort: client-mean accuracy and loss with their 10th/90th
+        percentiles, and the sample-weighted accuracy (`simfed metrics --curve`)."""
+        from simfed.engine import metrics
+
+        return metrics.curve(self.metrics())
+
+    def train_curve(self):
+        """Per training round: the client-mean training loss and its percentiles, dropped updates."""
+        from simfed.engine import metrics
+
+        return metrics.train_curve(self.metrics())
+
+    def rounds(self):
+        """The server's statistics per training round: one row per round, one column per stat."""
+        from simfed.engine import metrics
+
+        return metrics.load_rounds(self.path)
