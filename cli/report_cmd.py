@@ -124,24 +124,19 @@ def plot_cmd(
 # --- methods ---------------------------------------------------------------------------------
 
 def _key_comments(cls: type) -> dict[str, str]:
-    """Each key's comment in a config dataclass and the field groups it inherits: the text after
-    `key: type = default  #`, or else the comment lines just above the key (a subclass's wins)."""
+    """`key: type = default  # comment` lines of a config dataclass and of the field groups it
+    inherits (a subclass's comment wins): the comment documents the key."""
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         try:
             lines = inspect.getsource(klass).splitlines()
         except (OSError, TypeError):
             continue
-        above: list[str] = []
         for line in lines:
             code, hash_, comment = line.partition("#")
             name = code.strip().split(":")[0]
-            if not code.strip() and hash_:
-                above.append(comment.strip())
-                continue
-            if ":" in code and name.isidentifier() and (hash_ or above):
-                out[name] = comment.strip() if hash_ else " ".join(above)
-            above = []
+            if hash_ and ":" in code and name.isidentifier():
+                out[name] = comment.strip()
     return out
 
 
