@@ -26,6 +26,24 @@ partition_app = typer.Typer(help="Build a partition store (federated dataset dir
 OUT_HELP = "Output store directory (must not exist; missing parent directories are created, as mkdir -p)."
 
 
+# Options several importers share (typer reads these markers; reusing one is safe).
+UNSEEN = typer.Option(0.1, "--unseen-fraction", help="Share of clients held out as unseen (never trained on).")
+SEED = typer.Option(0, "--seed")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace OUT if it is a partition store or an empty directory.")
+SCHEME = typer.Option(..., "--scheme", help="classes | dirichlet | iid")
+CLIENTS = typer.Option(..., "--clients")
+PER_CLIENT = typer.Option(None, "--classes-per-client")
+ALPHA = typer.Option(None, "--alpha")
+VAL = typer.Option(0.15, "--val-fraction")
+TEST = typer.Option(0.15, "--test-fraction")
+
+
+def _scheme(scheme: str) -> str:
+    if scheme not in ("classes", "dirichlet", "iid"):
+        raise SimfedError(f"--scheme must be classes, dirichlet or iid, got {scheme!r}")
+    return scheme
+
+
 def _progress() -> bool:
     return sys.stderr.isatty()
 
@@ -38,14 +56,14 @@ def _done(path: str) -> None:
 def synthetic_femnist(
     out: Path = typer.Argument(..., help=OUT_HELP),
     clients: int = typer.Option(3597, "--clients", help="Number of writers."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SEED,
     style_strength: float = typer.Option(1.0, "--style-strength",
                                          help="Scale of writer effects; >= 2 adds conflicting "
                                               "allographs (local models win)."),
-    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
-    val_fraction: float = typer.Option(0.15, "--val-fraction"),
-    test_fraction: float = typer.Option(0.15, "--test-fraction"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    unseen_fraction: float = UNSEEN,
+    val_fraction: float = VAL,
+    test_fraction: float = TEST,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Synthetic FEMNIST-shaped dataset (62 classes, 28x28, per-writer style)."""
     from simfed.partitions.synthetic import make_synthetic_femnist
@@ -60,13 +78,13 @@ def synthetic_femnist(
 def leaf(
     src: Path = typer.Argument(..., help="LEAF data: all_data_*.json, or train/ and test/."),
     out: Path = typer.Argument(..., help=OUT_HELP),
-    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
-    seed: int = typer.Option(0, "--seed"),
+    unseen_fraction: float = UNSEEN,
+    seed: int = SEED,
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
                                                  help="Default 0 with LEAF's split, else 0.15."),
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction",
                                                   help="Only without LEAF's split; default 0.15."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Import LEAF JSON (FEMNIST); one client per writer."""
     from simfed.partitions.leaf import import_leaf
@@ -80,11 +98,11 @@ def leaf(
 def hf_femnist(
     src: Path = typer.Argument(..., help="Directory of flwrlabs/femnist Parquet files (or one file)."),
     out: Path = typer.Argument(..., help=OUT_HELP),
-    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
-    seed: int = typer.Option(0, "--seed"),
+    unseen_fraction: float = UNSEEN,
+    seed: int = SEED,
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Per writer; default 0.15."),
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Per writer; default 0.15."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Import FEMNIST as the Hugging Face dataset flwrlabs/femnist (Flower); one client per writer."""
     from simfed.partitions.hf_femnist import import_hf_femnist
@@ -98,13 +116,13 @@ def hf_femnist(
 def tff_h5(
     src: Path = typer.Argument(..., help="TFF's fed_emnist*_train.h5 + *_test.h5 directory, or one .h5 file."),
     out: Path = typer.Argument(..., help=OUT_HELP),
-    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
-    seed: int = typer.Option(0, "--seed"),
+    unseen_fraction: float = UNSEEN,
+    seed: int = SEED,
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
                                                  help="Default 0 with TFF's split, else 0.15."),
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction",
                                                   help="Only without TFF's split; default 0.15."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Import TFF's federated EMNIST (fed_emnist*.h5); one client per writer."""
     from simfed.partitions.tff_h5 import import_tff_h5
@@ -118,22 +136,20 @@ def tff_h5(
 def idx(
     src: Path = typer.Argument(..., help="Directory with IDX files, or one images file."),
     out: Path = typer.Argument(..., help=OUT_HELP),
-    scheme: str = typer.Option(..., "--scheme", help="classes | dirichlet | iid"),
-    clients: int = typer.Option(..., "--clients"),
-    classes_per_client: Optional[int] = typer.Option(None, "--classes-per-client"),
-    alpha: Optional[float] = typer.Option(None, "--alpha"),
-    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
-    seed: int = typer.Option(0, "--seed"),
-    val_fraction: float = typer.Option(0.15, "--val-fraction"),
-    test_fraction: float = typer.Option(0.15, "--test-fraction"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    scheme: str = SCHEME,
+    clients: int = CLIENTS,
+    classes_per_client: Optional[int] = PER_CLIENT,
+    alpha: Optional[float] = ALPHA,
+    unseen_fraction: float = UNSEEN,
+    seed: int = SEED,
+    val_fraction: float = VAL,
+    test_fraction: float = TEST,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Import MNIST / EMNIST / Fashion-MNIST IDX files and split them over clients."""
     from simfed.partitions.idx import import_idx
 
-    if scheme not in ("classes", "dirichlet", "iid"):
-        raise SimfedError(f"--scheme must be classes, dirichlet or iid, got {scheme!r}")
-    _done(import_idx(str(src), str(out), scheme=scheme, clients=clients,
+    _done(import_idx(str(src), str(out), scheme=_scheme(scheme), clients=clients,
                      classes_per_client=classes_per_client, alpha=alpha,
                      unseen_fraction=unseen_fraction, seed=seed, val_fraction=val_fraction,
                      test_fraction=test_fraction, overwrite=overwrite, progress=_progress()))
@@ -143,23 +159,21 @@ def idx(
 def cifar(
     src: Path = typer.Argument(..., help="cifar-10-python.tar.gz or cifar-100-python.tar.gz, or the extracted folder."),
     out: Path = typer.Argument(..., help=OUT_HELP),
-    scheme: str = typer.Option(..., "--scheme", help="classes | dirichlet | iid"),
-    clients: int = typer.Option(..., "--clients"),
-    classes_per_client: Optional[int] = typer.Option(None, "--classes-per-client"),
-    alpha: Optional[float] = typer.Option(None, "--alpha"),
+    scheme: str = SCHEME,
+    clients: int = CLIENTS,
+    classes_per_client: Optional[int] = PER_CLIENT,
+    alpha: Optional[float] = ALPHA,
     label: str = typer.Option("fine", "--label", help="CIFAR-100's labels: fine (100 classes) | coarse (20)."),
-    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
-    seed: int = typer.Option(0, "--seed"),
-    val_fraction: float = typer.Option(0.15, "--val-fraction"),
-    test_fraction: float = typer.Option(0.15, "--test-fraction"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    unseen_fraction: float = UNSEEN,
+    seed: int = SEED,
+    val_fraction: float = VAL,
+    test_fraction: float = TEST,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Import CIFAR-10 / CIFAR-100 (python version) and split it over clients; train and test pooled."""
     from simfed.partitions.cifar import import_cifar
 
-    if scheme not in ("classes", "dirichlet", "iid"):
-        raise SimfedError(f"--scheme must be classes, dirichlet or iid, got {scheme!r}")
-    _done(import_cifar(str(src), str(out), scheme=scheme, clients=clients, classes_per_client=classes_per_client,
+    _done(import_cifar(str(src), str(out), scheme=_scheme(scheme), clients=clients, classes_per_client=classes_per_client,
                        alpha=alpha, label=label, unseen_fraction=unseen_fraction, seed=seed,
                        val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
                        progress=_progress()))
@@ -169,8 +183,8 @@ def cifar(
 def shakespeare(
     src: Path = typer.Argument(..., help="LEAF Shakespeare: all_data*.json, or train/ and test/."),
     out: Path = typer.Argument(..., help=OUT_HELP),
-    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
-    seed: int = typer.Option(0, "--seed"),
+    unseen_fraction: float = UNSEEN,
+    seed: int = SEED,
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
                                                  help="Default 0 with LEAF's split, else 0.15."),
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction",
@@ -178,7 +192,7 @@ def shakespeare(
     unknown_char: Optional[str] = typer.Option(None, "--unknown-char",
                                                help="Map characters outside LEAF's 80 to this one "
                                                     "(default: refuse them)."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Import LEAF Shakespeare (next character from 80); one client per speaking role."""
     from simfed.partitions.shakespeare import import_shakespeare
@@ -196,18 +210,18 @@ def arrays(
                                          help="natural (by the client array; the default when present) | "
                                               "classes | dirichlet | iid"),
     clients: Optional[int] = typer.Option(None, "--clients", help="Needed by classes, dirichlet and iid."),
-    classes_per_client: Optional[int] = typer.Option(None, "--classes-per-client"),
-    alpha: Optional[float] = typer.Option(None, "--alpha"),
+    classes_per_client: Optional[int] = PER_CLIENT,
+    alpha: Optional[float] = ALPHA,
     input_kind: Optional[str] = typer.Option(None, "--input",
                                              help="unit (uint8 / 255) | raw (float32) | tokens (ids); default: "
                                                   "tokens with a vocab, unit for uint8, else raw."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size",
                                              help="x holds token ids 0..V-1 (when the file has no vocab array)."),
-    unseen_fraction: float = typer.Option(0.1, "--unseen-fraction"),
-    seed: int = typer.Option(0, "--seed"),
-    val_fraction: float = typer.Option(0.15, "--val-fraction"),
-    test_fraction: float = typer.Option(0.15, "--test-fraction"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    unseen_fraction: float = UNSEEN,
+    seed: int = SEED,
+    val_fraction: float = VAL,
+    test_fraction: float = TEST,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Import your own arrays (.npz): any fixed sample shape of uint8, int32 or float32."""
     from simfed.partitions.arrays import import_arrays

@@ -65,8 +65,10 @@ def find_files(src: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     raise SimfedError(f"{src}: no LEAF JSON files (all_data_*.json or train/ and test/) found")
 
 
-def parse_file(path: Path, num_classes: int):
-    """Yield (user, x uint8 (n, 784), y int64) for each user of one LEAF JSON file."""
+def leaf_users(path: Path):
+    """Yield (user, entry, num_samples or None) for each user of one LEAF JSON file, after checking
+    the file's layout: a 'users' list of distinct string ids, each with non-empty x and y in
+    'user_data', and 'num_samples' (if present) a list as long as 'users'."""
     obj = load_json(path, what="LEAF file")
     if not isinstance(obj, dict) or not isinstance(obj.get("users"), list) \
             or not isinstance(obj.get("user_data"), dict):
@@ -87,6 +89,18 @@ def parse_file(path: Path, num_classes: int):
         if not isinstance(entry, dict) or not entry.get("x") or not entry.get("y"):
             raise SimfedError(f"{path}: user {user!r} has no data (missing or empty x/y in "
                               "'user_data')")
+        yield user, entry, None if counts is None else counts[i]
+
+
+def check_count(where: str, count, n: int) -> None:
+    """A user's num_samples entry (None: absent) agrees with its rows."""
+    if count is not None and (isinstance(count, bool) or count != n):
+        raise SimfedError(f"{where}: num_samples says {count} but user_data has {n}")
+
+
+def parse_file(path: Path, num_classes: int):
+    """Yield (user, x uint8 (n, 784), y int64) for each user of one LEAF JSON file."""
+    for user, entry, count in leaf_users(path):
         try:
             x = np.asarray(entry["x"], dtype=np.float32)
         except (ValueError, TypeError):
@@ -111,10 +125,26 @@ def parse_file(path: Path, num_classes: int):
         if len(bad):
             raise SimfedError(f"{path}: user {user!r}: label {int(bad[0])} out of range "
                               f"0..{num_classes - 1}")
-        if counts is not None and (isinstance(counts[i], bool) or counts[i] != len(yf)):
-            raise SimfedError(f"{path}: user {user!r}: num_samples says {counts[i]} but "
-                              f"user_data has {len(yf)}")
+        check_count(f"{path}: user {user!r}", count, len(yf))
         yield str(user), np.rint(x * 255).astype(np.uint8), yf.astype(np.int64)
+
+
+def collect_parts(train_files: list[Path], test_files: list[Path], parse, progress: bool) -> Parts:
+    """Per user, in order of first appearance (client ids follow it), the (x, y, code) parts of every
+    file: code 0 for a train file, 2 for a test file. `parse(path)` yields (user, x, y)."""
+    parts: Parts = {}
+    files = [(f, 0) for f in train_files] + [(f, 2) for f in test_files]
+    first_file: dict[tuple[str, int], Path] = {}
+    with progress_bar(progress, "reading LEAF files", len(files)) as advance:
+        for path, code in files:
+            for user, x, y in parse(path):
+                other = first_file.setdefault((user, code), path)
+                if other != path:
+                    raise SimfedError(f"{path}: user {user!r} is also in {other.name}; a user may "
+                                      "appear in one train file and one test file only")
+                parts.setdefault(user, []).append((x, y, code))
+            advance(1)
+    return parts
 
 
 def import_leaf(src: str | os.PathLike, out: str | os.PathLike, *, unseen_fraction: float = 0.1,
@@ -135,18 +165,7 @@ def import_leaf(src: str | os.PathLike, out: str | os.PathLike, *, unseen_fracti
     check_output(out, overwrite, [src])
     train_files, test_files = find_files(src)
     split_layout = bool(test_files)
-    parts: Parts = {}  # per user, in order of first appearance: client ids follow it
-    files = [(f, 0) for f in train_files] + [(f, 2) for f in test_files]
-    first_file: dict[tuple[str, int], Path] = {}
-    with progress_bar(progress, "reading LEAF files", len(files)) as advance:
-        for path, code in files:
-            for user, x, y in parse_file(path, len(classes)):
-                other = first_file.setdefault((user, code), path)
-                if other != path:
-                    raise SimfedError(f"{path}: user {user!r} is also in {other.name}; a user may "
-                                      "appear in one train file and one test file only")
-                parts.setdefault(user, []).append((x, y, code))
-            advance(1)
+    parts = collect_parts(train_files, test_files, lambda path: parse_file(path, len(classes)), progress)
     source = {"importer": "leaf", "src": str(src), "leaf_split": split_layout, "seed": seed,
               "quantization": "uint8 = rint(x * 255)"}
     return write_by_writer(out, parts, src=str(src), classes=classes, split_layout=split_layout,

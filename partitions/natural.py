@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -31,36 +32,49 @@ def refuse_existing(out: str | os.PathLike, overwrite: bool) -> None:
 
 def write_by_writer(out: str | os.PathLike, parts: Parts, *, src: str, classes: list[str], split_layout: bool,
                     val_fraction: float | None, test_fraction: float | None, unseen_fraction: float, seed: int,
-                    overwrite: bool, source: dict) -> str:
+                    overwrite: bool, source: dict, what: str = "writer", layout: dict | None = None,
+                    client_codes: Callable[[list], np.ndarray] | None = None, step: int = 200) -> str:
+    """One client per key of `parts` (a writer, a role), ids in order of first appearance.
+    `layout`: the StoreWriter's sample keywords (default 28x28 grey images); `client_codes`: a
+    client's split codes from its parts (default: the seeded per-client split described above)."""
     if not parts:
         raise SimfedError(f"{src}: no samples found")
     no_train = [w for w, p in parts.items() if not any(code == 0 for _, _, code in p)]
     if no_train:
-        raise SimfedError(f"{src}: writer {no_train[0]!r} has test rows but no train rows; every client needs "
+        raise SimfedError(f"{src}: {what} {no_train[0]!r} has test rows but no train rows; every client needs "
                           ">= 1 train sample")
     writers = list(parts)
     names = dict(enumerate(writers))
-    with StoreWriter(out, classes=classes, sample_shape=(1, 28, 28), overwrite=overwrite, source=source) as w:
-        step = 200
+    with StoreWriter(out, classes=classes, overwrite=overwrite, source=source,
+                     **(layout or {"sample_shape": (1, 28, 28)})) as w:
         for lo in range(0, len(writers), step):
             chunk = range(lo, min(lo + step, len(writers)))
             items = [(c, p) for c in chunk for p in parts[writers[c]]]
             x = np.concatenate([p[0] for _, p in items])
             y = np.concatenate([p[1] for _, p in items])
             client = np.concatenate([np.full(len(p[1]), c) for c, p in items])
-            code = np.concatenate([np.full(len(p[1]), p[2], np.int8) for _, p in items])
-            if split_layout:
-                tr = code == 0
-                code[tr] = schemes.split_within_clients(client[tr], y[tr], seed + lo, val_fraction or 0.0, 0.0)
+            if client_codes is not None:
+                code = np.concatenate([client_codes(parts[writers[c]]) for c in chunk])
             else:
-                code = schemes.split_within_clients(
-                    client, y, seed + lo,
-                    schemes.DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
-                    schemes.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction)
-            w.add(x.reshape(-1, 1, 28, 28), y, client, code, names)
+                code = _seeded_codes(items, client, y, split_layout, seed + lo, val_fraction, test_fraction)
+            w.add(x.reshape(-1, *w.sample_shape), y, client, code, names)
             for c in chunk:  # free as we go: the store now holds these rows
                 del parts[writers[c]]
         return w.finish(unseen_fraction=unseen_fraction, seed=seed)
+
+
+def _seeded_codes(items, client: np.ndarray, y: np.ndarray, split_layout: bool, seed: int,
+                  val_fraction: float | None, test_fraction: float | None) -> np.ndarray:
+    """Split codes of a chunk's rows: the source's train/test kept (val carved from train), or a
+    seeded per-client split."""
+    code = np.concatenate([np.full(len(p[1]), p[2], np.int8) for _, p in items])
+    if split_layout:
+        tr = code == 0
+        code[tr] = schemes.split_within_clients(client[tr], y[tr], seed, val_fraction or 0.0, 0.0)
+        return code
+    return schemes.split_within_clients(
+        client, y, seed, schemes.DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
+        schemes.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction)
 
 
 def check_labels(y: np.ndarray, num_classes: int, where: str) -> np.ndarray:

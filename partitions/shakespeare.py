@@ -33,11 +33,10 @@ import numpy as np
 
 from simfed.core import validate
 from simfed.core.errors import SimfedError
-from simfed.core.safeio import check_output, load_json
+from simfed.core.safeio import check_output
 from simfed.partitions import schemes
-from simfed.partitions.leaf import find_files
-from simfed.partitions.progress import progress_bar
-from simfed.partitions.writer import StoreWriter
+from simfed.partitions.leaf import check_count, collect_parts, find_files, leaf_users
+from simfed.partitions.natural import write_by_writer
 
 ALL_LETTERS = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
 SEQ_LEN = 80
@@ -85,31 +84,13 @@ def _encode(text: str, width: int, lut: np.ndarray, fill: int, what: str, where:
 
 def parse_file(path: Path, lut: np.ndarray, fill: int):
     """Yield (role, x uint8 (n, 80), y int64 (n,)) for each user of one LEAF Shakespeare file."""
-    obj = load_json(path, what="LEAF file")
-    if not isinstance(obj, dict) or not isinstance(obj.get("users"), list) \
-            or not isinstance(obj.get("user_data"), dict):
-        raise SimfedError(f"{path}: not a LEAF file (needs 'users' list and 'user_data' object)")
-    users, data, counts = obj["users"], obj["user_data"], obj.get("num_samples")
-    if counts is not None and (not isinstance(counts, list) or len(counts) != len(users)):
-        raise SimfedError(f"{path}: 'num_samples' must be a list as long as 'users'")
-    seen: set[str] = set()
-    for i, user in enumerate(users):
-        if not isinstance(user, str):
-            raise SimfedError(f"{path}: user ids must be strings, got {user!r} in 'users'")
-        validate.text(f"{path}: user id {user!r}", user, max_len=1024)
-        if user in seen:
-            raise SimfedError(f"{path}: user {user!r} is listed twice in 'users'; each user once")
-        seen.add(user)
-        entry = data.get(user)
-        if not isinstance(entry, dict) or not entry.get("x") or not entry.get("y"):
-            raise SimfedError(f"{path}: user {user!r} has no data (missing or empty x/y in 'user_data')")
+    for user, entry, count in leaf_users(path):
         where = f"{path}: user {user!r}"
         x = _encode(_rows(entry["x"], SEQ_LEN, "x", where), SEQ_LEN, lut, fill, "x", where)
         y = _encode(_rows(entry["y"], 1, "y", where), 1, lut, fill, "y", where)[:, 0].astype(np.int64)
         if len(x) != len(y):
             raise SimfedError(f"{where}: {len(x)} x rows but {len(y)} y rows")
-        if counts is not None and (isinstance(counts[i], bool) or counts[i] != len(y)):
-            raise SimfedError(f"{where}: num_samples says {counts[i]} but user_data has {len(y)}")
+        check_count(where, count, len(y))
         yield user, x, y
 
 
@@ -148,18 +129,7 @@ def import_shakespeare(src: str | os.PathLike, out: str | os.PathLike, *, unseen
     val = (0.0 if split_layout else schemes.DEFAULT_VAL_FRACTION) if val_fraction is None else val_fraction
     test = schemes.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
     lut, fill = _lut(unknown), -1 if unknown is None else ALL_LETTERS.index(unknown)
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = {}
-    first_file: dict[tuple[str, int], Path] = {}
-    files = [(f, 0) for f in train_files] + [(f, 2) for f in test_files]
-    with progress_bar(progress, "reading LEAF files", len(files)) as advance:
-        for path, code in files:
-            for user, x, y in parse_file(path, lut, fill):
-                other = first_file.setdefault((user, code), path)
-                if other != path:
-                    raise SimfedError(f"{path}: user {user!r} is also in {other.name}; a user may appear in one "
-                                      "train file and one test file only")
-                parts.setdefault(user, []).append((x, y, code))
-            advance(1)
+    parts = collect_parts(train_files, test_files, lambda path: parse_file(path, lut, fill), progress)
     source = {"importer": "shakespeare", "src": str(src), "leaf_split": split_layout, "seed": seed,
               "val_fraction": val, "test_fraction": None if split_layout else test, "unknown_char": unknown,
               "split": "ordered per role (train, val, test), not shuffled"}
@@ -169,24 +139,9 @@ def import_shakespeare(src: str | os.PathLike, out: str | os.PathLike, *, unseen
 
 def _write(out, parts, *, split_layout: bool, val: float, test: float, src: str, seed: int,
            unseen_fraction: float, overwrite: bool, source: dict) -> str:
-    if not parts:
-        raise SimfedError(f"{src}: no samples found")
-    no_train = [u for u, p in parts.items() if not any(code == 0 for _, _, code in p)]
-    if no_train:
-        raise SimfedError(f"{src}: role {no_train[0]!r} has test rows but no train rows; every client needs "
-                          ">= 1 train sample")
-    roles = list(parts)
-    names = dict(enumerate(roles))
     vocab = list(ALL_LETTERS)
-    with StoreWriter(out, classes=vocab, sample_shape=(SEQ_LEN,), dtype="uint8", input="tokens", vocab=vocab,
-                     overwrite=overwrite, source=source) as w:
-        for lo in range(0, len(roles), CHUNK_ROLES):
-            chunk = range(lo, min(lo + CHUNK_ROLES, len(roles)))
-            x = np.concatenate([p[0] for c in chunk for p in parts[roles[c]]])
-            y = np.concatenate([p[1] for c in chunk for p in parts[roles[c]]])
-            client = np.concatenate([np.full(len(p[1]), c) for c in chunk for p in parts[roles[c]]])
-            code = np.concatenate([_role_codes(parts[roles[c]], split_layout, val, test) for c in chunk])
-            w.add(x, y, client, code, names)
-            for c in chunk:  # free as we go: the store now holds these rows
-                del parts[roles[c]]
-        return w.finish(unseen_fraction=unseen_fraction, seed=seed)
+    return write_by_writer(out, parts, src=src, classes=vocab, split_layout=split_layout, val_fraction=val,
+                           test_fraction=test, unseen_fraction=unseen_fraction, seed=seed, overwrite=overwrite,
+                           source=source, what="role", step=CHUNK_ROLES,
+                           layout={"sample_shape": (SEQ_LEN,), "dtype": "uint8", "input": "tokens", "vocab": vocab},
+                           client_codes=lambda role_parts: _role_codes(role_parts, split_layout, val, test))
