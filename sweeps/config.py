@@ -161,11 +161,27 @@ def _label(value: Any) -> str:
 
 
 def parse_sweep(doc: dict[str, Any], where: str) -> Sweep:
+    """A sweep file's trials: every point of the grid (and of each method's own grid, and the random
+    draws), each a fully parsed experiment; every mistake is one SimfedError line before any run."""
     doc = copy.deepcopy(doc)
     table = doc.pop("sweep", None)
     if not isinstance(table, dict):
         raise SimfedError(f"{where}: no [sweep] table; add [sweep.grid] with e.g. \"run.seed\" = [0, 1, 2] "
                           "(see examples/table1_fmnist.toml)")
+    sched = _scheduler(table, where)
+    names, grid, method_grids = _grids(doc, table, where)
+    random, samples = _random(table, names, where)
+    if not grid and not method_grids and not random:
+        raise SimfedError(f"{where}: the sweep is empty; add [sweep.grid] with e.g. \"run.seed\" = [0, 1, 2]")
+    # Base [algorithm] keys apply to every method: check them for each now, with a clear message.
+    for key in (doc.get("algorithm") or {}):
+        if key != "name":
+            _field(f"algorithm.{key}", names, "[algorithm] (applies to every method of the sweep)")
+    points = _points(names, grid, method_grids, random, samples, table.get("seed", 0))
+    return Sweep(trials=[_trial(doc, i, point, where) for i, point in enumerate(points)], scheduler=sched)
+
+
+def _scheduler(table: dict, where: str) -> SchedulerConfig:
     unknown = sorted(set(table) - SWEEP_KEYS)
     if unknown:
         raise SimfedError(f"{where}: unknown key(s) {', '.join(unknown)} in [sweep]; valid: {', '.join(sorted(SWEEP_KEYS))}")
@@ -176,13 +192,15 @@ def parse_sweep(doc: dict[str, Any], where: str) -> Sweep:
         v = table.get(key, 0)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise SimfedError(f"{where}: [sweep] {key} must be a whole number >= 0, got {v!r}")
-    sched = SchedulerConfig(name=name, grace_period=max(1, table.get("grace_period", 1)),
-                            reduction_factor=max(2, table.get("reduction_factor", 3)))
+    return SchedulerConfig(name=name, grace_period=max(1, table.get("grace_period", 1)),
+                           reduction_factor=max(2, table.get("reduction_factor", 3)))
 
+
+def _grids(doc: dict, table: dict, where: str) -> tuple[list[str], dict, dict]:
+    """(methods, the common grid, each method's own grid)."""
     base_method = doc.get("algorithm", {}).get("name") if isinstance(doc.get("algorithm"), dict) else None
     raw_grid = table.get("grid", {})
-    flat_grid = _flatten(raw_grid, "[sweep.grid]")
-    names = flat_grid.get("algorithm.name", [base_method] if base_method else [])
+    names = _flatten(raw_grid, "[sweep.grid]").get("algorithm.name", [base_method] if base_method else [])
     if not isinstance(names, list) or not names:
         raise SimfedError(f"{where}: no method: set [algorithm] name or [sweep.grid] \"algorithm.name\" = [...]")
     names = [str(n) for n in names]
@@ -199,19 +217,20 @@ def parse_sweep(doc: dict[str, Any], where: str) -> Sweep:
         clash = sorted(set(method_grids[m]) & set(grid))
         if clash:
             raise SimfedError(f"{where}: {', '.join(clash)} in both [sweep.grid] and [sweep.method.{m}]; keep one")
+    return names, grid, method_grids
+
+
+def _random(table: dict, names: list[str], where: str) -> tuple[dict, int]:
     random = _flatten(table.get("random", {}), "[sweep.random]")
     for key in random:
         _field(key, names, "[sweep.random]")
     samples = int(table.get("samples", 0))
     if random and samples == 0:
         raise SimfedError(f"{where}: [sweep.random] is set but [sweep] samples = 0; set samples = N draws per grid point")
-    if not grid and not method_grids and not random:
-        raise SimfedError(f"{where}: the sweep is empty; add [sweep.grid] with e.g. \"run.seed\" = [0, 1, 2]")
-    # Base [algorithm] keys apply to every method: check them for each now, with a clear message.
-    for key in (doc.get("algorithm") or {}):
-        if key != "name":
-            _field(f"algorithm.{key}", names, "[algorithm] (applies to every method of the sweep)")
+    return random, samples
 
+
+def _points(names: list[str], grid: dict, method_grids: dict, random: dict, samples: int, seed: int) -> list[dict]:
     points = []
     grid_items = [(k, v) for k, v in grid.items() if k != "algorithm.name"]
     for m in names:
@@ -219,34 +238,35 @@ def parse_sweep(doc: dict[str, Any], where: str) -> Sweep:
         keys = [k for k, _ in grid_items + extra]
         for combo in itertools.product(*[v for _, v in grid_items + extra]):
             point = {"algorithm.name": m, **dict(zip(keys, combo))}
-            if random:
-                for s in range(samples):
-                    # The same draws for every run.seed, so that a configuration is one group over seeds.
-                    tag = sorted((k, repr(v)) for k, v in point.items() if k != "run.seed")
-                    rng = np.random.default_rng(derive_seed(table.get("seed", 0), "sweep", tag, s))
-                    drawn = {k: _draw(spec, k, rng, "[sweep.random]") for k, spec in random.items()}
-                    for k, v in drawn.items():
-                        _check_value(k, v, _field(k, [m], "[sweep.random]"), "[sweep.random]")
-                    points.append({**point, **drawn})
-            else:
+            if not random:
                 points.append(point)
-    trials = []
-    for i, point in enumerate(points):
-        tid = f"{i:03d}-{point['algorithm.name']}"
-        trial_doc = copy.deepcopy(doc)
-        for key, value in point.items():
-            section, _, name = key.partition(".")
-            trial_doc.setdefault(section, {})[name] = value
-        trial_doc.setdefault("run", {})["name"] = tid
-        eng = trial_doc.setdefault("engine", {})
-        if not eng.get("workers"):
-            eng["workers"] = 1  # "as many as fit" means one trial takes the cluster: a sweep shares it
-        data = trial_doc.setdefault("data", {})
-        if data.get("path") and "://" not in str(data["path"]):
-            data["path"] = str(Path(str(data["path"])).absolute())  # trials run in Ray Tune's own directories
-        exp = expcfg.parse(trial_doc, f"{where} trial {tid} ({_describe(point)})")
-        trials.append(Trial(id=tid, overrides=point, doc=expcfg.to_dict(exp), experiment=exp))
-    return Sweep(trials=trials, scheduler=sched)
+                continue
+            for s in range(samples):
+                # The same draws for every run.seed, so that a configuration is one group over seeds.
+                tag = sorted((k, repr(v)) for k, v in point.items() if k != "run.seed")
+                rng = np.random.default_rng(derive_seed(seed, "sweep", tag, s))
+                drawn = {k: _draw(spec, k, rng, "[sweep.random]") for k, spec in random.items()}
+                for k, v in drawn.items():
+                    _check_value(k, v, _field(k, [m], "[sweep.random]"), "[sweep.random]")
+                points.append({**point, **drawn})
+    return points
+
+
+def _trial(doc: dict, i: int, point: dict, where: str) -> Trial:
+    tid = f"{i:03d}-{point['algorithm.name']}"
+    trial_doc = copy.deepcopy(doc)
+    for key, value in point.items():
+        section, _, name = key.partition(".")
+        trial_doc.setdefault(section, {})[name] = value
+    trial_doc.setdefault("run", {})["name"] = tid
+    eng = trial_doc.setdefault("engine", {})
+    if not eng.get("workers"):
+        eng["workers"] = 1  # "as many as fit" means one trial takes the cluster: a sweep shares it
+    data = trial_doc.setdefault("data", {})
+    if data.get("path") and "://" not in str(data["path"]):
+        data["path"] = str(Path(str(data["path"])).absolute())  # trials run in Ray Tune's own directories
+    exp = expcfg.parse(trial_doc, f"{where} trial {tid} ({_describe(point)})")
+    return Trial(id=tid, overrides=point, doc=expcfg.to_dict(exp), experiment=exp)
 
 
 def _describe(point: dict) -> str:
