@@ -71,6 +71,11 @@ def metrics_cmd(
         return
     split = split.value
     rounds = metrics.eval_rounds(df, split)
+    if not rounds and as_json:  # a script still learns the run's state (killed before its first evaluation)
+        out = {"run_dir": str(run_dir), "round": None, "split": split, "rounds": [], "cohorts": {},
+               "train": metrics.train_totals(df)}
+        typer.echo(json.dumps({**out, **({"status": run.status} if run.status is not None else {})}, indent=2))
+        return
     if not rounds:
         raise SimfedError(f"{run_dir}: no '{split}' evaluation rows yet; evaluation runs every run.eval_every "
                           "rounds and after the last")
@@ -109,7 +114,7 @@ def plot_cmd(
 ) -> None:
     """Learning curves (accuracy and loss per round, seen vs unseen, client-mean with the p10-p90 band),
     the per-client accuracy distribution at the last round, and the training loss per round."""
-    from simfed.cli import plots
+    from simfed import plots
 
     target = Path(out) if out else Path(path) / "curves.png"
     if target.suffix.lower() not in (".png", ".html"):
@@ -181,7 +186,7 @@ def algorithms_cmd(
         item = info[name]
         typer.echo(f"{name}: {item['summary']}\n")
         typer.echo(item["doc"] + "\n")
-        typer.echo(f"[algorithm] keys (defaults; full notes: pydoc {item['module']}):")
+        typer.echo(f"[algorithm] keys (defaults; full notes: python -m pydoc {item['module']}):")
         width = max(len(k) for k in item["keys"]) if item["keys"] else 0
         for k, v in item["keys"].items():
             note = f"  # {v['help']}" if v["help"] else ""

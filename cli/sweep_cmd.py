@@ -189,7 +189,7 @@ def _write_sweep(sweep_dir: Path, sweep_file: str, trials, scheduler) -> None:
 
 def sweep(
     sweep_file: Optional[str] = typer.Argument(None, help="Sweep TOML: an experiment file plus a [sweep] table."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: 'auto' or ray://host:port."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: 'auto' or HOST:PORT of the head."),
     out: Optional[str] = typer.Option(None, "--out", help="Sweep directory (default sweeps/<file>-<time>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the sweep in this directory."),
     max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="At most N trials at once."),

@@ -40,6 +40,8 @@ class RunConfig:
     seed: int = 0
     eval_clients: int = 0  # per cohort; 0 evaluates every client of the cohort
     name: str = ""  # run directory name; default: <algorithm>-<timestamp>
+    track: tuple = ()  # experiment trackers: "tensorboard" (RUN_DIR/tensorboard), "mlflow"
+    mlflow_uri: str = ""  # MLflow tracking URI; "" = a file store in RUN_DIR/mlruns
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,9 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
 
     unknown = sorted(set(doc) - set(SECTIONS) - {"algorithm"})
     if unknown:
-        raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]; valid: [algorithm], [data], [engine], [run]")
+        hint = v.did_you_mean(unknown[0], [*SECTIONS, "algorithm"]) if len(unknown) == 1 else ""
+        raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]{hint}; valid: [algorithm], [data], "
+                          "[engine], [run]")
     parts = {}
     for name, cls in SECTIONS.items():
         section = doc.get(name, {})
@@ -114,6 +118,7 @@ MAX_WORKERS = 100_000
 MAX_RETRIES = 1_000
 MAX_LR = 1e3  # a step size beyond this only ever produces inf/NaN updates (then all dropped)
 GENERATORS = ("", "synthetic-femnist")
+TRACKERS = ("tensorboard", "mlflow")
 
 
 def _check_algorithm(exp: Experiment) -> None:
@@ -154,6 +159,10 @@ def check(exp: Experiment) -> Experiment:
     v.integer("[run] eval_clients", r.eval_clients, 0)
     if r.name:
         v.component("[run] name", r.name)
+    for tracker in r.track:
+        v.choice("[run] track item", tracker, TRACKERS)
+    if len(set(r.track)) != len(r.track):
+        raise SimfedError(f"[run] track = {list(r.track)} names a tracker twice; list each once")
     v.choice("[engine] backend", e.backend, ("ray", "serial"))
     v.choice("[engine] vectorize", e.vectorize, ("auto", "on", "off"))
     v.integer("[engine] workers", e.workers, 0, MAX_WORKERS)

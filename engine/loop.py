@@ -6,6 +6,7 @@ UI-free: progress goes to an `on_event(dict)` callback (the CLI draws a progress
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import time
@@ -140,7 +141,9 @@ class _Attempt:
             round_stats.update({f"{phase}.{k}": v for k, v in stats.items()})
         self.writer.write(rows, r + 1, "train")
         self.writer.write_rounds(round_stats, r + 1)
-        emit({"type": "round", "round": r + 1, "seconds": time.perf_counter() - t0, "stats": round_stats})
+        losses = [row["loss"] for row in rows if row.get("loss") is not None and not row.get("dropped")]
+        emit({"type": "round", "round": r + 1, "seconds": time.perf_counter() - t0, "stats": round_stats,
+              "clients": len(cohort), "train_loss": math.fsum(losses) / len(losses) if losses else None})
 
     def save(self, be: Backend, status: dict, done: int) -> None:
         """After round `done`: the counters, the checkpoint when due, status.json, then the "saved" event."""

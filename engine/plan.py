@@ -12,7 +12,7 @@ from typing import Any, Callable
 from simfed.algorithms import registry
 from simfed.algorithms.base import Task
 from simfed.core.errors import SimfedError
-from simfed.engine import checkpoint, metrics
+from simfed.engine import checkpoint
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.config import DataConfig, Experiment
 
@@ -78,6 +78,8 @@ def check_resume(exp: Experiment, task: Task, run_dir: Path) -> dict:
         raise SimfedError(f"{path}: the server state does not load ({type(exc).__name__}); the checkpoint "
                           "does not belong to this experiment or is damaged") from None
     ClientStateStore(run_dir / "client_state").check(ckpt["round"])
+    from simfed.engine import metrics  # polars: a resume needs it, a worker or server process does not
+
     for f in metrics.files(run_dir, upto=ckpt["round"]):  # later ones are rewritten by the resumed run
         metrics.check_file(f)
     return ckpt
