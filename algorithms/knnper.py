@@ -38,7 +38,7 @@ from simfed.algorithms.kit.models import load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
-LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
+LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # a literal: `simfed algorithms` reads it from source
 
 
 @dataclass(frozen=True)

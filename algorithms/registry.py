@@ -9,9 +9,13 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from simfed.algorithms.base import Algorithm
+from typing import TYPE_CHECKING
+
 from simfed.core.errors import SimfedError
 from simfed.core.validate import did_you_mean
+
+if TYPE_CHECKING:  # importing this module stays free of torch: `simfed algorithms` lists methods from source
+    from simfed.algorithms.base import Algorithm
 
 _REGISTRY: dict[str, Algorithm] = {}
 BUILTIN = ("fedavg", "local", "ditto", "fedrep", "pfedme", "knnper", "metafl", "pfedhn", "pefll", "fmlh",

@@ -65,7 +65,7 @@ class Tally:
     evaluated: int = 0  # the last round whose evaluation finished (or the start)
     eval_round: int = 0  # the round whose cohorts in cohorts_done were evaluated
     cohorts_done: set = field(default_factory=set)
-    warned: set = field(default_factory=set)  # cohorts whose evaluation cost was checked
+    warned: bool = False  # the evaluations' cost was checked (once, after the first one)
     window: list = field(default_factory=list)  # (time, clients) of recent chunks, for clients/s
 
     def rate(self, now: float) -> float | None:
@@ -184,14 +184,15 @@ def startup_line(startup: dict) -> str:
 
 
 def eval_warning(t: Tally, e: _Eval, seconds: float) -> str | None:
-    """After a cohort's first evaluation: a line when evaluations take half the run's time or more."""
+    """After the first evaluated cohort: a line when the run's evaluations take half its time or more
+    (and a minute or more)."""
     per_round = t.round_s()
-    if per_round is None or not t.plan or e.cohort in t.warned:
+    if per_round is None or not t.plan or t.warned:
         return None
-    t.warned.add(e.cohort)
+    t.warned = True
     n = len(eval_rounds(t.start_round, t.rounds, t.plan["eval_every"]))
     evals = sum(n * (t.eval_cost(c, t.plan[c]) or 0.0) for c in ("seen", "unseen") if t.plan[c])
-    if evals < LARGE_EVAL_SHARE * (evals + per_round * (t.rounds - t.start_round)):
+    if evals < 60.0 or evals < LARGE_EVAL_SHARE * (evals + per_round * (t.rounds - t.start_round)):
         return None
     hint = "set run.eval_clients to evaluate fewer clients per cohort" if t.plan["eval_clients"] <= 0 else \
         "lower run.eval_clients or raise run.eval_every"

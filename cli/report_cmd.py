@@ -131,17 +131,14 @@ def plot_cmd(
 def _key_comments(cls: type) -> dict[str, str]:
     """`key: type = default  # comment` lines of a config dataclass and of the field groups it
     inherits (a subclass's comment wins): the comment documents the key."""
+    from simfed.cli.catalog import key_comments
+
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         try:
-            lines = inspect.getsource(klass).splitlines()
+            out.update(key_comments(inspect.getsource(klass).splitlines()))
         except (OSError, TypeError):
             continue
-        for line in lines:
-            code, hash_, comment = line.partition("#")
-            name = code.strip().split(":")[0]
-            if hash_ and ":" in code and name.isidentifier():
-                out[name] = comment.strip()
     return out
 
 
@@ -160,6 +157,30 @@ def describe(name: str) -> dict:
             "config": {k: v["default"] for k, v in keys.items()}, "keys": keys}
 
 
+def _names() -> list[str]:
+    """Every method's name; the built-in ones without importing them (no torch) unless a package
+    registers more through the simfed.algorithms entry points."""
+    from importlib.metadata import entry_points
+
+    from simfed.algorithms import registry
+
+    if entry_points(group="simfed.algorithms"):
+        return registry.names()
+    return sorted(registry.BUILTIN_NAMES)
+
+
+def _describe(name: str) -> dict:
+    """describe(name), read from a built-in method's source when it can be (simfed.cli.catalog)."""
+    from simfed.algorithms import registry
+    from simfed.cli import catalog
+
+    if name in registry.BUILTIN_NAMES:
+        found = catalog.describe(name, f"simfed.algorithms.{registry.BUILTIN_NAMES[name]}")
+        if found is not None:
+            return found
+    return describe(name)
+
+
 def _toml(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -175,10 +196,8 @@ def algorithms_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the registered methods with their config keys and defaults (or one method in detail)."""
-    from simfed.algorithms import registry
-
-    names = [name] if name else registry.names()
-    info = {n: describe(n) for n in names}
+    names = [name] if name else _names()
+    info = {n: _describe(n) for n in names}
     if as_json:
         typer.echo(json.dumps(info[name] if name else info, indent=2, default=str))
         return

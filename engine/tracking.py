@@ -157,7 +157,7 @@ class _MLflow:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k.replace("/", "_"), v, now, step) for k, v in values.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
     def artifact(self, path: Path, step: int) -> None:
         self.client.log_artifact(self.run_id, str(path))
