@@ -167,7 +167,8 @@ def start_line(event: dict, plan: dict) -> str:
             f"{event['unseen']} unseen clients, {event.get('clients_per_round', '?')} per round")
     if not plan:
         return text
-    when = "after the last round" if plan["eval_every"] <= 0 else f"every {plan['eval_every']} rounds and the last"
+    every = plan["eval_every"]
+    when = "after the last round" if every <= 0 else "every round" if every == 1 else f"every {every} rounds and the last"
     covered = plan["seen"] + plan["unseen"]
     text += f"; each evaluation ({when}) covers {plan['seen']} seen + {plan['unseen']} unseen clients"
     times = covered / max(plan["clients_per_round"], 1)
