@@ -11,9 +11,10 @@ import typer
 
 
 class _Progress:
-    """A rich progress bar on stderr: round M/N with clients/s, last accuracy, elapsed and ETA; during an
-    evaluation a second bar shows the cohort being evaluated and its clients done. When stderr is not
-    a terminal (logs, CI) each evaluation prints one line as it starts and one with its accuracy."""
+    """A rich progress bar on stderr: round M/N with clients/s, last accuracy, epsilon so far (with
+    [privacy]), elapsed and ETA; during an evaluation a second bar shows the cohort being evaluated
+    and its clients done. When stderr is not a terminal (logs, CI) each evaluation prints one line
+    as it starts and one with its accuracy (and epsilon)."""
 
     def __init__(self, console=None):
         from rich.console import Console
@@ -23,12 +24,14 @@ class _Progress:
         self.console = console or Console(stderr=True)
         self.progress = Progress(TextColumn("[bold]{task.description}"), MofNCompleteColumn(), BarColumn(),
                                  TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[acc]}"),
+                                 TextColumn("{task.fields[eps]}"),
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  console=self.console, transient=False)
         self.task = None
         self.eval_task = None
         self.window: list[tuple[float, int]] = []
         self.acc = ""
+        self.eps = ""
 
     def _rate(self, clients: int) -> str:
         now = time.perf_counter()
@@ -46,22 +49,28 @@ class _Progress:
             w = event["workers"]
             self.console.print(f"{len(w)} worker(s) on {len({x['node_id'] for x in w})} node(s); "
                                f"{event['seen']} seen / {event['unseen']} unseen clients")
+            if "privacy" in event:
+                p = event["privacy"]
+                self.console.print(f"privacy: {p['mode']} DP, noise multiplier {p['noise_multiplier']:.4g}, clip "
+                                   f"{p['clip']:g}, {p['sampling']} sampling, {p['accountant']} accountant, delta "
+                                   f"{p['delta']:g}")
             self.progress.start()
             self.task = self.progress.add_task("round", total=event["rounds"], completed=event["start_round"],
-                                               rate="", acc="")
+                                               rate="", acc="", eps="")
         elif kind == "chunk" and self.task is not None:
             self.progress.update(self.task, rate=self._rate(event["clients"]))
         elif kind == "round" and self.task is not None:
-            self.progress.update(self.task, completed=event["round"])
+            self.eps = f"eps {event['epsilon']:.3g}" if "epsilon" in event else ""
+            self.progress.update(self.task, completed=event["round"], eps=self.eps)
         elif kind == "eval_start":
             what = f"eval {event['cohort']}"
             if event.get("phases", 1) > 1:
                 what += f" ({event['phases']} phases)"
             total = event["clients"] * max(event.get("phases", 1), 1)
             if self.eval_task is None:
-                self.eval_task = self.progress.add_task(what, total=total, rate="", acc="")
+                self.eval_task = self.progress.add_task(what, total=total, rate="", acc="", eps="")
             else:
-                self.progress.reset(self.eval_task, description=what, total=total, rate="", acc="")
+                self.progress.reset(self.eval_task, description=what, total=total, rate="", acc="", eps="")
             if not self.console.is_terminal:
                 self.console.print(f"round {event['round']}: evaluating {event['cohort']} clients "
                                    f"({event['clients']}, {event.get('phases', 1)} phase(s))")
@@ -76,7 +85,7 @@ class _Progress:
             if self.task is not None:
                 self.progress.update(self.task, acc=self.acc)
             if not self.console.is_terminal:
-                self.console.print(f"round {event['round']}: {self.acc}")
+                self.console.print(f"round {event['round']}: {self.acc}" + (f", {self.eps}" if self.eps else ""))
 
     def stop(self) -> None:
         self.progress.stop()
