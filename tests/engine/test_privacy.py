@@ -5,6 +5,7 @@ declares. Engine-level checks run a probe method whose client updates are fixed 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 from simfed.engine import checkpoint, metrics
 from simfed.engine.loop import run_experiment
+from simfed.engine.mechanism import ServerPrivacy
 from simfed.engine.privacy import parse_section, resolve
 from simfed.engine.sampling import sample_cohort, sample_poisson
 from simfed.partitions.store import PartitionStore
@@ -167,6 +169,19 @@ def test_a_client_1000x_the_clip_contributes_at_most_the_clip(engine_store, tmp_
     assert big_part.norm() >= 1.0 - 1e-5  # clipped to the bound, not dropped
     assert torch.allclose(big_part / big_part.norm(), direction(big).double(), atol=1e-5)
     assert float(server["denominator"]) == 6.0  # the fixed denominator, not the sum of weights
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["epsilon"] is None and status["privacy"]["noise_multiplier"] == 0.0  # no noise: no bound
+
+
+def test_an_empty_cohort_still_releases_noise():
+    plan = plan_for({"noise_multiplier": 1.5, "clip": 2.0}, 5, 6, 20)
+    server = ServerPrivacy(plan)
+    sums, stats = server.release("update", {}, lambda: {"delta": torch.zeros(DIM)},
+                                 RoundInfo(round=3, seed=0, private=True))
+    assert float(sums["delta"].std()) == pytest.approx(3.0, rel=0.01) and float(sums["n"]) == 6.0
+    again, _ = ServerPrivacy(plan).release("update", {}, lambda: {"delta": torch.zeros(DIM)},
+                                           RoundInfo(round=3, seed=0, private=True))
+    assert torch.equal(again["delta"], sums["delta"]) and stats["privacy_clip"] == 2.0  # seeded by (seed, round)
 
 
 @pytest.mark.parametrize("noise_cohort_size", [0, 60])
