@@ -72,6 +72,21 @@ def _print_curve(df, eps: dict[int, float]) -> None:
                        + (f" {eps.get(r['round'], float('nan')):>10.4g}" if eps else ""))
 
 
+def _curve_cmd(run_dir: str, df, eps: dict[int, float], as_json: bool) -> None:
+    """`simfed metrics --curve`: the learning curve and training table (JSON or text)."""
+    from simfed.engine import metrics
+
+    if as_json:
+        out = {"run_dir": str(run_dir), "eval": metrics.curve(df).to_dicts(), "train": metrics.train_curve(df).to_dicts()}
+        if eps:
+            out["epsilon"] = [{"round": r, "epsilon": _json_eps(e)} for r, e in sorted(eps.items())]
+        typer.echo(json.dumps(out, indent=2))
+    elif df.height == 0:
+        raise SimfedError(f"{run_dir}: no metric rows yet; they appear as rounds finish")
+    else:
+        _print_curve(df, eps)
+
+
 def metrics_cmd(
     run_dir: str = typer.Argument(..., help="A run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -88,15 +103,7 @@ def metrics_cmd(
     df = run.metrics()
     eps = _epsilons(run)
     if curve:
-        if as_json:
-            out = {"run_dir": str(run_dir), "eval": metrics.curve(df).to_dicts(), "train": metrics.train_curve(df).to_dicts()}
-            if eps:
-                out["epsilon"] = [{"round": r, "epsilon": _json_eps(e)} for r, e in sorted(eps.items())]
-            typer.echo(json.dumps(out, indent=2))
-        elif df.height == 0:
-            raise SimfedError(f"{run_dir}: no metric rows yet; they appear as rounds finish")
-        else:
-            _print_curve(df, eps)
+        _curve_cmd(run_dir, df, eps, as_json)
         return
     split = split.value
     rounds = metrics.eval_rounds(df, split)

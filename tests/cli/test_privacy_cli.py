@@ -80,3 +80,15 @@ def test_bad_privacy_input_is_one_line_exit_2(engine_store, tmp_path, case):
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_sweep_grids_privacy_keys():
+    """`privacy.KEY` can be swept like any key: each trial gets its own [privacy] table."""
+    from simfed.sweeps.config import parse_sweep
+
+    doc = tomllib.loads(EXPERIMENT.format(store="data/x", method="fedavg", privacy="delta = 1e-5")
+                        + '[sweep.grid]\n"privacy.target_epsilon" = [1.0, 3.0, 8.0]\n')
+    sweep = parse_sweep(doc, "sweep.toml")
+    assert sorted(t.experiment.privacy.target_epsilon for t in sweep.trials) == [1.0, 3.0, 8.0]
+    with pytest.raises(Exception, match="valid \\[privacy\\] keys"):
+        parse_sweep({**doc, "sweep": {"grid": {"privacy.epsilon": [1.0]}}}, "sweep.toml")
