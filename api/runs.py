@@ -51,7 +51,8 @@ def launch(config: Config = None, *, out: str | os.PathLike | None = None, overr
     verify: check the store's sha256 checksums before starting (sizes are always checked).
     on_event: called with each progress event, a dict with a "type": "note" (an override dropped
         keys), "generate", "resume", "already_finished", "run_dir" (written, about to start),
-        "start", "chunk", "round", "eval_start", "eval_chunk", "eval", "checkpoint", "saved",
+        "start" (with "privacy" under [privacy]), "chunk", "round" (with "epsilon" under [privacy]),
+        "eval_start", "eval_chunk", "eval", "checkpoint", "saved",
         "server_restart", and last "done" (the result: summary, retries, dropped, ...).
     progress: draw a progress bar on stderr while [data] generate builds the store.
 

@@ -21,6 +21,7 @@ Prints one JSON object (every run's accuracies, noise multiplier, epsilon reache
 wall time; `--out` also writes it after every run) and a Markdown table.
 
     python bench/privacy.py --rounds 30 --seeds 0,1,2 [--methods fedavg,knnper,pefll] [--eval-clients N] [--out FILE]
+    python bench/privacy.py --merge A.json B.json   # one table over earlier --out files
 """
 
 from __future__ import annotations
@@ -127,7 +128,11 @@ def main() -> None:
     ap.add_argument("--backend", default="serial")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--merge", nargs="+", default=[], help="print one table over earlier --out files, run nothing")
     args = ap.parse_args()
+    if args.merge:
+        print(table([r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]))
+        return
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e]
     args.honest = [float(e) for e in args.honest.split(",") if e]
     ensure_store(args.store)

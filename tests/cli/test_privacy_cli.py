@@ -66,6 +66,14 @@ CASES = {
                          extra='descriptor_norm = "public"'), ["mode = \"local\" with pefll"]),
     "cohort": (dict(privacy="noise_multiplier = 1.0\nnoise_cohort_size = 2"), ["noise_cohort_size = 2",
                                                                                 "clients_per_round = 5"]),
+    "count_budget": (dict(privacy="noise_multiplier = 2.0\ntarget_quantile = 0.5\nclip_count_stddev = 0.5"),
+                     ["clip_count_stddev = 0.5", "no noise budget", "must exceed 1"]),
+    "fixed_pld": (dict(privacy="noise_multiplier = 1.0\nsampling = \"fixed\"\naccountant = \"pld\""),
+                  ["sampling = \"fixed\" needs accountant = \"rdp\""]),
+    "local_adaptive": (dict(privacy="noise_multiplier = 1.0\nmode = \"local\"\ntarget_quantile = 0.5"),
+                       ["target_quantile", "mode = \"central\""]),
+    "local_cohort": (dict(privacy="noise_multiplier = 1.0\nmode = \"local\"\nnoise_cohort_size = 100"),
+                     ["noise_cohort_size", "local DP"]),
 }
 
 

@@ -216,6 +216,15 @@ def test_adaptive_clip_settles_at_the_target_quantile(engine_store, tmp_path):
 
 # --- sampling and declarations -----------------------------------------------------------------------
 
+def test_fixed_sampling_draws_clients_per_round(engine_store, tmp_path):
+    _, train, rounds = probe_run(engine_store, tmp_path, {"noise_multiplier": 1.0, "sampling": "fixed"}, rounds=2)
+    seen = PartitionStore.open(engine_store).client_ids("seen")
+    for r in (1, 2):  # the non-private sampler: exactly clients_per_round, without replacement
+        assert sorted(train.filter(pl.col("round") == r)["client_id"].to_list()) == sample_cohort(0, r - 1, seen, 6)
+    assert rounds["epsilon"].to_list() == [plan_for({"noise_multiplier": 1.0, "sampling": "fixed"}, 2, 6,
+                                                    len(seen)).epsilon(r) for r in (1, 2)]
+
+
 def test_poisson_sampling_is_seeded_and_has_the_stated_rate():
     ids = list(range(100))
     assert sample_poisson(3, 7, ids, 0.1) == sample_poisson(3, 7, list(reversed(ids)), 0.1)
