@@ -52,8 +52,8 @@ def launch(config: Config = None, *, out: str | os.PathLike | None = None, overr
     on_event: called with each progress event, a dict with a "type": "note" (an override dropped
         keys), "generate", "resume", "already_finished", "timing" (Ray's start), "run_dir" (written,
         about to start), "eval_plan" (the clients each evaluation covers), "startup" (seconds of the
-        checks, Ray's start, the pool's start and its warm-up), "start", "chunk", "round" (with the
-        clients and their mean training loss), "eval_start", "eval_chunk", "eval", "checkpoint",
+        checks, Ray's start, the pool's start and its warm-up), "start" (with "privacy" under [privacy]), "chunk", "round"
+        (with the clients, their mean training loss and "epsilon" under [privacy]), "eval_start", "eval_chunk", "eval", "checkpoint",
         "saved", "server_restart", and last "done" (the result: summary, retries, dropped, ...).
         With `[run] track`, the trackers (simfed.engine.tracking) see the same events.
     progress: draw a progress bar on stderr while [data] generate builds the store.

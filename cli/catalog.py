@@ -5,7 +5,8 @@ Read: the module docstring, the method class's `summary` and `Config`, and the c
 fields with their defaults, types and `# comments`, following its base classes through the
 module's `from ... import` lines (the kit's field groups). Whatever is not a plain literal (a
 `field(...)`, a computed default) makes `describe` return None, and the caller imports the method
-instead. tests/cli/test_workflow_cli.py checks that this equals the imported description for
+instead. tests/cli/test_workflow_cli.py checks that this equals the imported description (less
+its privacy declaration, which `simfed algorithms NAME` imports the method for) for
 every built-in method.
 """
 

@@ -165,6 +165,10 @@ def start_line(event: dict, plan: dict) -> str:
     w = event["workers"]
     text = (f"{len(w)} worker(s) on {len({x['node_id'] for x in w})} node(s); {event['seen']} seen / "
             f"{event['unseen']} unseen clients, {event.get('clients_per_round', '?')} per round")
+    if "privacy" in event:
+        p = event["privacy"]
+        text += (f"; privacy: {p['mode']} DP, noise multiplier {p['noise_multiplier']:.4g}, clip {p['clip']:g}, "
+                 f"{p['sampling']} sampling, {p['accountant']} accountant, delta {p['delta']:g}")
     if not plan:
         return text
     every = plan["eval_every"]
