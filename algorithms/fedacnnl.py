@@ -60,6 +60,12 @@ docstring says where each seed comes from); this module adds the evaluation of t
   workers included); replies come back on the CPU.
 - rounds: each round re-solves every layer from that round's cohort (the method is one-shot:
   run.rounds = 1 with clients_per_round = all seen clients trains the whole network).
+- [system] clock (ours): a client's round is its layer phases back to back, each one pass over
+  its train samples. Partial work is refused (stragglers = "partial" is a config error): a
+  client that finished some layer phases and not others would make the layers' Gram sums come
+  from different client sets, and a layer's sums cover whole samples or nothing. Not
+  asynchronous: each layer is solved from the sums of one cohort through the layers below as
+  they were solved in that round; `fedbuff` is refused.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ class FedACnnL(LayerwiseMethod):
     name = "fedacnnl"
     Config = FedACnnLConfig
     summary = "FedACnnL: layer-wise closed-form least squares, summed Gram matrices (Gu et al. 2025)"
-    capabilities = Capabilities(chunk_sums=True)  # its layer phases: one stacked Gram per chunk
+    capabilities = Capabilities(chunk_sums=True, partial="refuse")  # its layer phases: one stacked Gram per chunk
 
     def evaluate(self, cfg, layers, bcast, data: ClientData, ctx) -> dict[str, Eval]:
         out = {}

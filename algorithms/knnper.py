@@ -23,6 +23,8 @@ weights normalized over the k neighbours. From PeFLL's appendix: scale = 100 (be
 - k larger than a client's train split is an error by default (`strict_k` = true); with
   `strict_k` = false it falls back to k = n_train (all of the client's samples are neighbours).
   Every client's size is checked before the run starts (Algorithm.check_clients).
+- [system] clock: training is FedAvg's, so a straggler under stragglers = "partial" takes the
+  steps it finishes by the deadline, and FedBuff weights an update by 1/sqrt(1 + staleness).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class KNNPer(GlobalModelMethod):
     name = "knnper"
     Config = KNNPerConfig
     summary = "kNN-Per: FedAvg model interpolated with a local kNN on its features (Marfoq et al. 2022)"
-    capabilities = Capabilities()
+    capabilities = Capabilities(asynchronous=True, partial="steps")
 
     def check_clients(self, cfg, n_train) -> None:
         if cfg.strict_k and n_train:

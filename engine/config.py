@@ -1,5 +1,6 @@
-"""The typed experiment: [data], [run], [engine] and [algorithm] as frozen dataclasses, parsed
-from a TOML document (a dict) and checked before any work.
+"""The typed experiment: [data], [run], [engine], [algorithm] and the optional [system] (clients
+as they really are, engine/system.py; absent: None, today's ideal clients) as frozen
+dataclasses, parsed from a TOML document (a dict) and checked before any work.
 
 Sections map onto the dataclasses below; [algorithm] holds `name` plus the method's own keys (its
 frozen Config dataclass). Unknown sections or keys are errors that list the valid ones (every dict
@@ -19,6 +20,8 @@ from typing import Any
 from simfed.core import validate as v
 from simfed.core.config import config_from_dict, to_toml
 from simfed.core.errors import SimfedError
+from simfed.engine import system
+from simfed.engine.system import SystemConfig
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class RunConfig:
     seed: int = 0
     eval_clients: int = 0  # per cohort; 0 evaluates every client of the cohort
     name: str = ""  # run directory name; default: <algorithm>-<timestamp>
+    # "sync": rounds of clients_per_round clients; "fedbuff": asynchronous (engine/fedbuff.py), up to
+    # clients_per_round clients training at once, a server step per buffer_size finished clients
+    aggregation: str = "sync"
+    buffer_size: int = 10
 
 
 @dataclass(frozen=True)
@@ -65,10 +72,12 @@ class Experiment:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    system: SystemConfig | None = None  # [system]; None: ideal clients (no virtual clock)
 
 
-SECTIONS = {"data": DataConfig, "run": RunConfig, "engine": EngineConfig}
-TOML_ORDER = ("data", "run", "algorithm", "engine")
+SECTIONS = {"data": DataConfig, "run": RunConfig, "engine": EngineConfig, "system": SystemConfig}
+OPTIONAL = ("system",)  # an absent optional section is None, not its defaults
+TOML_ORDER = ("data", "run", "algorithm", "engine", "system")
 
 
 def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
@@ -77,13 +86,17 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
 
     unknown = sorted(set(doc) - set(SECTIONS) - {"algorithm"})
     if unknown:
-        raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]; valid: [algorithm], [data], [engine], [run]")
+        raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]; valid: [algorithm], [data], [engine], "
+                          "[run], [system]")
     parts = {}
     for name, cls in SECTIONS.items():
         section = doc.get(name, {})
         if not isinstance(section, dict):
             raise SimfedError(f"{where}: [{name}] must be a table")
-        parts[name] = config_from_dict(cls, section, f"[{name}]")
+        if name == "system":
+            parts[name] = system.parse(section) if name in doc else None
+        else:
+            parts[name] = config_from_dict(cls, section, f"[{name}]")
     if not isinstance(doc.get("algorithm", {}), dict):
         raise SimfedError(f"{where}: [algorithm] must be a table")
     algo_doc = dict(doc.get("algorithm", {}))
@@ -100,7 +113,8 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
 def to_dict(exp: Experiment) -> dict[str, Any]:
     out = {"algorithm": {"name": exp.algorithm, **dataclasses.asdict(exp.algorithm_config)}}
     for name in SECTIONS:
-        out[name] = dataclasses.asdict(getattr(exp, name))
+        if getattr(exp, name) is not None:
+            out[name] = dataclasses.asdict(getattr(exp, name))
     return out
 
 
@@ -114,6 +128,7 @@ MAX_WORKERS = 100_000
 MAX_RETRIES = 1_000
 MAX_LR = 1e3  # a step size beyond this only ever produces inf/NaN updates (then all dropped)
 GENERATORS = ("", "synthetic-femnist")
+AGGREGATIONS = ("sync", "fedbuff")
 
 
 def _check_algorithm(exp: Experiment) -> None:
@@ -154,6 +169,10 @@ def check(exp: Experiment) -> Experiment:
     v.integer("[run] eval_clients", r.eval_clients, 0)
     if r.name:
         v.component("[run] name", r.name)
+    v.choice("[run] aggregation", r.aggregation, AGGREGATIONS)
+    v.integer("[run] buffer_size", r.buffer_size, 1)
+    if exp.system is not None:
+        system.check(exp.system)
     v.choice("[engine] backend", e.backend, ("ray", "serial"))
     v.choice("[engine] vectorize", e.vectorize, ("auto", "on", "off"))
     v.integer("[engine] workers", e.workers, 0, MAX_WORKERS)

@@ -9,6 +9,11 @@ Float addition is not associative, so the fold order is fixed: chunk results are
 in chunk index order (the order `sampling.plan_chunks` gives), and one that arrives early waits
 in `_held` until its predecessors are in. The backend never runs more than a fixed window of
 chunks ahead of the fold, so `_held` stays at a few chunk results (O(window x model) memory).
+
+In an asynchronous (FedBuff) round (`RoundInfo.starts`) each client trains from the model version
+it started from: the server records the broadcast of each version when it is current, hands a
+client its version's broadcast as its payload (no common broadcast), and forgets a version once
+no later round needs it (`RoundInfo.keep_from`). The history is checkpointed with the state.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from simfed.algorithms import registry
 from simfed.algorithms.base import RoundInfo, Task
+from simfed.engine import fedbuff
 
 
 @dataclass
@@ -71,7 +77,9 @@ class Server:
         self.algo = registry.get(algorithm)
         self.cfg = cfg
         self.state = self.algo.init(cfg, task, seed)
+        self.versions: dict[int, Any] = {}  # asynchronous rounds: broadcast of each model version in use
         if state_dict is not None:
+            state_dict, self.versions = fedbuff.split_state(state_dict)
             self.state.load_state_dict(state_dict)
         self._acc: dict[str, Any] | None = None
         self._n_clients = 0
@@ -85,9 +93,17 @@ class Server:
 
     def begin(self, phase: str, info: RoundInfo) -> Any:
         self._acc, self._n_clients, self._next, self._held = None, 0, 0, {}
-        return self.algo.broadcast(phase, self.cfg, self.state, info)
+        bcast = self.algo.broadcast(phase, self.cfg, self.state, info)
+        if not info.starts:
+            return bcast
+        if info.round not in self.versions:  # the state now is version `round`: clients starting later need it
+            self.versions[info.round] = fedbuff.snapshot(bcast)
+        return None  # each client gets its own version's broadcast as its payload
 
     def payloads(self, phase: str, info: RoundInfo, client_ids: list[int]) -> Any:
+        if info.starts:
+            start = dict(info.starts)
+            return {int(c): self.versions[start[int(c)]] for c in client_ids}
         return compact(self.algo.payloads(phase, self.cfg, self.state, client_ids, info))
 
     def receive(self, result: ChunkResult, phase: str, info: RoundInfo, index: int | None = None) -> int:
@@ -112,6 +128,8 @@ class Server:
             raise RuntimeError(f"phase {phase}: chunk {self._next} never arrived, {sorted(self._held)} are waiting")
         stats = self.algo.finish(phase, self.cfg, self.state, self._acc or {}, self._n_clients, info)
         self._acc = None
+        if info.starts:
+            self.versions = {v: b for v, b in self.versions.items() if v >= info.keep_from}
         return dict(stats or {})
 
     def state_dict(self, final: bool = False) -> dict:
@@ -120,6 +138,8 @@ class Server:
         sd = self.state.state_dict()
         if final:
             sd = {k: v for k, v in sd.items() if not isinstance(getattr(self.state, k, None), torch.optim.Optimizer)}
+        elif self.versions:
+            sd = {**sd, fedbuff.VERSIONS: dict(self.versions)}
         return sd
 
     def memory_bytes(self) -> int:
