@@ -134,10 +134,8 @@ def plan_round(clock: Clock, r: int, t0: float, k: int, works: Callable[[int], S
     else:
         end = max((o.finish if o.finish is not None else o.spent) for o in outs)
     final = []
-    for o in outs:
-        if o.finish is not None and o.client_id not in kept:  # over-committed: too late to count
-            o = o.cut("straggler", min(o.spent, end))
-        elif o.outcome == "straggler":
+    for o in outs:  # nobody's round outlasts the server's: what is not in by the end is too late
+        if o.outcome == "straggler" or (o.finish is not None and o.client_id not in kept) or o.spent > end:
             o = o.cut("straggler", min(o.spent, end))
         final.append(o)
     return RoundPlan(round=r, start=t, end=t + end, clients=final)

@@ -60,10 +60,13 @@ class _Schedule:
         self.retry_at: float | None = None
 
     def pick(self, t: float) -> int | None:
-        """A client to start at t, or None when no idle client is available."""
+        """A client to start at t: -1 when every client is training or buffered (the slot waits for
+        the next event), None when no idle client is available (it retries after idle_wait)."""
+        idle = self.ids[~self.busy]
+        if not len(idle):
+            return -1
         key = ("fedbuff-start", self.attempts)
         self.attempts += 1
-        idle = self.ids[~self.busy]
         order = np.random.default_rng(derive_seed(self.clock.seed, "system", *key)).permutation(len(idle))
         for j in order:
             cid = int(idle[j])
@@ -75,6 +78,8 @@ class _Schedule:
         """Start clients in the free slots at t; if nobody is available, retry after idle_wait."""
         while self.free > 0:
             cid = self.pick(t)
+            if cid == -1:
+                return
             if cid is None:
                 if self.retry_at is None:
                     self.retry_at = t + self.clock.cfg.idle_wait
