@@ -5,9 +5,9 @@ Read: the module docstring, the method class's `summary` and `Config`, and the c
 fields with their defaults, types and `# comments`, following its base classes through the
 module's `from ... import` lines (the kit's field groups). Whatever is not a plain literal (a
 `field(...)`, a computed default) makes `describe` return None, and the caller imports the method
-instead. tests/cli/test_workflow_cli.py checks that this equals the imported description (less
-its privacy declaration, which `simfed algorithms NAME` imports the method for) for
-every built-in method.
+instead. The privacy declaration is read the same way from `capabilities = Capabilities(...)`.
+tests/cli/test_workflow_cli.py checks that this equals the imported description for every
+built-in method.
 """
 
 from __future__ import annotations
@@ -138,6 +138,33 @@ def _attribute(cls: ast.ClassDef, attr: str) -> ast.expr:
     raise _Unknown(f"{cls.name}.{attr}")
 
 
+def _privacy(cls: ast.ClassDef, module: str) -> str:
+    """The method's privacy declaration as report_cmd words it: `privacy=` of its `capabilities =
+    Capabilities(...)`, a NoPrivacy(why), PrivacySupport(covers=...) or the kit's global_privacy(covers)."""
+    try:
+        caps = _attribute(cls, "capabilities")
+    except _Unknown:  # inherited: Per-FedAvg is meta-FL's class with other defaults
+        bases = [b for b in cls.bases if isinstance(b, ast.Name)]
+        if not bases:
+            raise
+        return _privacy(_class(module, bases[0].id)[0], _class(module, bases[0].id)[1])
+    if not isinstance(caps, ast.Call):
+        raise _Unknown("capabilities")
+    decl = next((k.value for k in caps.keywords if k.arg == "privacy"), None)
+    if decl is None:
+        return "refused: no declaration"
+    if not isinstance(decl, ast.Call) or not isinstance(decl.func, ast.Name):
+        raise _Unknown("privacy")
+    kind, named = decl.func.id, {k.arg: k.value for k in decl.keywords}
+    if kind == "NoPrivacy":
+        return f"refused: {_value(decl.args[0] if decl.args else named['why'], module)}"
+    if kind == "global_privacy":
+        return f"protects {_value(decl.args[0] if decl.args else named['covers'], module)}"
+    if kind == "PrivacySupport" and "covers" in named:
+        return f"protects {_value(named['covers'], module)}"
+    raise _Unknown(kind)
+
+
 def describe(name: str, module: str) -> dict | None:
     """The description `simfed algorithms` prints for method `name` of module `module` (as
     report_cmd.describe returns it from the imported method), or None when the source alone does
@@ -150,9 +177,10 @@ def describe(name: str, module: str) -> dict | None:
         if not isinstance(config, ast.Name):
             raise _Unknown("Config")
         fields, comments = _fields(module, config.id)
-    except (_Unknown, ValueError, SyntaxError, OSError):
+        privacy = _privacy(cls, module)
+    except (_Unknown, ValueError, SyntaxError, OSError, KeyError):
         return None
     doc = inspect.cleandoc(ast.get_docstring(tree, clean=False) or "")
     keys = {k: {**v, "help": comments.get(k, "")} for k, v in fields.items()}
     return {"summary": summary, "doc": doc.split("\n\n")[0], "module": module,
-            "config": {k: v["default"] for k, v in keys.items()}, "keys": keys}
+            "config": {k: v["default"] for k, v in keys.items()}, "keys": keys, "privacy": privacy}

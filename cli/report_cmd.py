@@ -252,9 +252,8 @@ def algorithms_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the registered methods with their config keys and defaults (or one method in detail)."""
-    # One method is imported for its privacy declaration (Capabilities, not literal source); the
-    # listing reads sources only and leaves that out.
-    info = {name: describe(name)} if name else {n: _describe(n) for n in _names()}
+    names = [name] if name else _names()
+    info = {n: _describe(n) for n in names}
     if as_json:
         typer.echo(json.dumps(info[name] if name else info, indent=2, default=str))
         return
