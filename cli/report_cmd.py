@@ -59,6 +59,10 @@ def metrics_cmd(
     from simfed.runs import load_run
 
     run = load_run(run_dir)
+    status = run.status
+    if status is not None and status.get("state") == "unknown":  # never a summary beside a state nobody knows
+        raise SimfedError(f"{status.get('error', run_dir)}: the run's state is unknown; delete status.json to read "
+                          "the metrics without it (a resumed run writes it again)")
     df = run.metrics()
     if curve:
         if as_json:
@@ -86,14 +90,13 @@ def metrics_cmd(
                "cohorts": {r["cohort"]: {k: v for k, v in r.items() if k not in ("cohort", "split", "round")}
                            for r in rows},
                "train": totals}
-        status = run.status
         if status is not None:
             out["status"] = status
         typer.echo(json.dumps(out, indent=2))
         return
     from simfed.cli.run_cmd import print_summary
 
-    status = run.status or {}
+    status = status or {}
     state = f" ({status['state']})" if "state" in status else ""
     typer.echo(f"{run_dir}{state}: round {at}, split {split} (evaluated rounds: {', '.join(map(str, rounds))})")
     print_summary(rows)

@@ -125,6 +125,7 @@ def launch(
                                 help="Check the store's sha256 checksums before starting (sizes are always checked)."),
 ) -> None:
     """Run an experiment; prints the run directory."""
+    from simfed.engine import signals
     from simfed.runs import launch as run
 
     progress = None if quiet else _Progress()
@@ -132,13 +133,13 @@ def launch(
     try:
         run(experiment, out=out, overrides=set_, resume=resume, address=address, verify=verify, on_event=console,
             progress=progress is not None)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP (engine.signals)
         if console.run_dir is None:
             raise
         if progress:
             progress.stop()
         sys.stderr.write(f"simfed: interrupted; continue with: simfed launch --resume {console.run_dir}\n")
-        raise SystemExit(130)
+        raise SystemExit(signals.exit_code(exc))
     finally:
         if progress and console.run_dir is not None:  # the bar ran (stop prints its last line)
             progress.stop()

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from simfed.algorithms import registry
 from simfed.algorithms.base import RoundInfo
 from simfed.core.errors import RunFailed, SimfedError
-from simfed.engine import checkpoint, metrics, rundir, storage
+from simfed.engine import checkpoint, metrics, rundir, signals, storage
 from simfed.engine.backends import Backend, ServerLost, open_backend
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.config import Experiment
@@ -82,7 +82,8 @@ def _run(exp: Experiment, run_dir: Path, plan: Plan, resume: bool, emit: Event, 
             status["state"] = "failed"  # the last checkpoint still stands: --resume after fixing the cause
             raise
         finally:
-            rundir.write_status(run_dir, status)
+            with signals.deferred():
+                rundir.write_status(run_dir, status)
     return {"run_dir": str(run_dir), "rounds": rounds, "summary": summary, "retries": attempt.counters["retries"],
             "dropped": attempt.counters["dropped"], "workers": be.n_workers, "server_restarts": restarts}
 
@@ -149,13 +150,17 @@ class _Attempt:
         memory = be.server_memory()
         status.update(completed_rounds=done, server_rss_bytes=memory.rss, server_private_bytes=memory.private,
                       retries=counters["retries"], dropped=counters["dropped"])
-        if (run.checkpoint_every > 0 and done % run.checkpoint_every == 0) or done == run.rounds:
-            final = done == run.rounds  # nothing resumes a finished run: the model, no optimizer state
-            checkpoint.save(self.run_dir, done, be.state_dict(final), counters, final=final)
-            self.last_ckpt = done
-            status["checkpoint_round"] = done
+        due = (run.checkpoint_every > 0 and done % run.checkpoint_every == 0) or done == run.rounds
+        final = done == run.rounds  # nothing resumes a finished run: the model, no optimizer state
+        state = be.state_dict(final) if due else None
+        with signals.deferred():  # the checkpoint and the status that names it, or neither
+            if due:
+                checkpoint.save(self.run_dir, done, state, counters, final=final)
+                self.last_ckpt = done
+                status["checkpoint_round"] = done
+            rundir.write_status(self.run_dir, status)
+        if due:
             self.emit({"type": "checkpoint", "round": done})
-        rundir.write_status(self.run_dir, status)
         # Every file of this round is on disk (metrics, checkpoint, status): a listener that may
         # end the process here (a sweep trial reporting to Tune, which ASHA can stop) leaves a
         # consistent run directory of `done` rounds.
