@@ -197,7 +197,8 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only finished/failed trials on the console."),
 ) -> None:
     """Run a grid of methods, hyperparameters and seeds as Ray Tune trials; prints the sweep directory."""
-    from simfed.engine import cluster, signals
+    from simfed import plots
+    from simfed.engine import cluster, signals, tracking
     from simfed.engine.plan import check_experiment
     from simfed.sweeps import config as sweep_config
     from simfed.sweeps.sweep import TrialSpec, run_sweep
@@ -207,6 +208,7 @@ def sweep(
     sweep_dir, trials, scheduler = _trials(sweep_file, out, resume, yes)
     for t in trials:  # bad stores, methods that do not fit the data, cohorts too large: before anything runs
         check_experiment(t.experiment)
+    tracking.require(trials[0].experiment.run.track)
     by_id = {t.id: t for t in trials}
     cluster.connect(address or "", on_note=lambda text: typer.echo(f"simfed: note: {text}", err=True))
     if not resume:
@@ -215,7 +217,7 @@ def sweep(
     console = _Console(quiet, lambda tid: sweep_config.describe(by_id[tid]))
     try:
         states = run_sweep(sweep_dir, [TrialSpec(t.id, t.experiment) for t in trials], scheduler,
-                           max_concurrent=max_concurrent, on_event=console)
+                           max_concurrent=max_concurrent, on_event=console, artifacts=plots.artifact)
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP (engine.signals)
         _stop_trials(sweep_dir, [t.id for t in trials])
         sys.stderr.write(f"simfed: interrupted; continue with: simfed sweep --resume {sweep_dir}\n")
