@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from simfed.core import validate
 from simfed.core.config import apply_overrides, load_toml
 from simfed.core.errors import SimfedError
+from simfed.core.safeio import local_path
 
 Event = Callable[[dict], None]
 Config = str | os.PathLike | Mapping[str, Any] | None
@@ -66,6 +67,9 @@ def launch(config: Config = None, *, out: str | os.PathLike | None = None, overr
     for flag, value in (("--out", out), ("--resume", resume), ("--address", address)):
         if value is not None:
             validate.text(flag, os.fspath(value) if isinstance(value, os.PathLike) else value)
+    for flag, value in (("--out", out), ("--resume", resume)):
+        if value is not None:  # run directories are local: a URI or a symlink loop is one line
+            local_path(flag, value)
     if resume is not None:
         if config is not None or overrides:
             raise SimfedError("--resume takes the run's saved config; drop the experiment file and --set")
@@ -104,7 +108,7 @@ def _experiment(config: Config, overrides: Sequence[str], address: str | None, e
         raise SimfedError(f"config must be a TOML file's path, a dict or None, got {type(config).__name__}")
     notes: list[str] = []
     doc = apply_overrides(doc, [overrides] if isinstance(overrides, str) else list(overrides), notes)
-    exp = _parse(doc, address, where)  # a misspelled method is refused before any note about it
+    exp = _parse(doc, address, where)  # a misspelled method fails here: no note about dropped keys first
     for note in notes:
         emit({"type": "note", "message": note})
     return exp
@@ -161,26 +165,27 @@ def _resume_round(run_dir: Path, exp) -> int:
 def _prepare(exp, emit: Event, verify: bool, progress: bool, resume_dir: Path | None = None):
     """Every check before work, in order: the machine, the store and method (and the run to resume),
     the checksums, then Ray (started or joined) and the pool against it. Returns the engine's plan."""
-    from simfed.engine import probe, resources, tracking
+    from simfed.engine import address, cluster, resources, tracking
     from simfed.engine.plan import check_experiment
 
-    if exp.engine.backend == "ray":  # before Ray starts: the address answers as Ray, or the pool fits here
+    if exp.engine.backend == "ray":  # before Ray starts: the address answers as Ray, or Ray and the pool fit here
         if exp.engine.address == "":
+            cluster.ray_floor(embedded=True)
             resources.check(exp.engine, resources.local_resources(), "this machine")
-        elif exp.engine.address != "auto":
-            probe.ray_gcs(exp.engine.address)
+        else:
+            address.resolve(exp.engine.address)
     plan = check_experiment(exp, emit, resume_dir, progress=progress)
     tracking.require(exp.run.track)
     if verify:
         plan.store.verify()
     if exp.engine.backend == "ray":
         t0 = time.perf_counter()
-        _connect(exp)
+        _connect(exp, emit)
         emit({"type": "timing", "step": "ray_start", "seconds": time.perf_counter() - t0})
     return plan
 
 
-def _connect(exp) -> None:
+def _connect(exp, emit: Event) -> None:
     """Start or join Ray; the pool must fit the cluster (an unreachable or too small one fails before
     anything is written, and a Ray this call started is stopped again)."""
     import ray
@@ -188,7 +193,7 @@ def _connect(exp) -> None:
     from simfed.algorithms import registry
     from simfed.engine import cluster, resources, storage
 
-    started = cluster.connect(exp.engine.address)
+    started = cluster.connect(exp.engine.address, on_note=lambda text: emit({"type": "note", "message": text}))
     try:
         resources.check(exp.engine, ray.cluster_resources(), f"the Ray cluster at {exp.engine.address or 'this machine'}")
         if (not exp.engine.storage and registry.get(exp.algorithm).capabilities.client_state
@@ -201,7 +206,7 @@ def _connect(exp) -> None:
 
 
 def _run(exp, run_dir: Path, plan, resume: bool, emit: Event) -> dict:
-    from simfed.engine import tracking
+    from simfed.engine import noise, tracking
     from simfed.engine.loop import run_experiment
 
     emit({"type": "run_dir", "run_dir": str(run_dir), "resume": resume})
@@ -212,7 +217,8 @@ def _run(exp, run_dir: Path, plan, resume: bool, emit: Event) -> dict:
             track(event)
             emit(event)
 
-        return run_experiment(exp, run_dir, resume=resume, on_event=both, plan=plan)
+        with noise.attach(run_dir):  # Ray's start-up output and library warnings: RUN_DIR/simfed.log
+            return run_experiment(exp, run_dir, resume=resume, on_event=both, plan=plan)
 
 
 def eval_plan(exp, plan) -> dict:

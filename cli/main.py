@@ -2,7 +2,8 @@
 
 Each command group lives in its own module with a `register(app)` function; this module only
 assembles them and turns user errors (SimfedError, bad files, bad option values) into one stderr
-line and exit 2. Help is click's plain layout, in which a boolean flag reads `--json`, not
+line and exit 2, and a stop signal (SIGINT, SIGTERM, SIGHUP; engine.signals) into "interrupted" and
+exit 128 + the signal (130, 143, 129). Help is click's plain layout, in which a boolean flag reads `--json`, not
 `--json <bool>` as Typer's rich panels print it.
 """
 
@@ -76,13 +77,16 @@ def _is(exc: BaseException, name: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI (argv defaults to sys.argv[1:]). Click runs in non-standalone mode so that its
     own usage errors reach us and are printed like ours: one line, exit 2 (not a boxed panel)."""
+    from simfed.engine import signals
+
     try:
-        rv = app(args=argv, prog_name="simfed", standalone_mode=False)
+        with signals.handled():  # SIGTERM and SIGHUP stop a command as Ctrl-C does
+            rv = app(args=argv, prog_name="simfed", standalone_mode=False)
     except SimfedError as exc:
         fail(str(exc), getattr(exc, "exit_code", 2))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         sys.stderr.write("simfed: interrupted\n")
-        raise SystemExit(130)
+        raise SystemExit(signals.exit_code(exc))
     except Exception as exc:
         if _is(exc, "NoArgsIsHelpError"):  # `simfed` or `simfed partition` alone: the help
             sys.stdout.write(exc.ctx.get_help() + "\n")

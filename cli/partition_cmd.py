@@ -35,6 +35,9 @@ PER_CLIENT = typer.Option(None, "--classes-per-client")
 ALPHA = typer.Option(None, "--alpha")
 VAL = typer.Option(0.15, "--val-fraction")
 TEST = typer.Option(0.15, "--test-fraction")
+LABELS = typer.Option(None, "--compact-labels/--keep-labels",
+                      help="When some labels 0..max have no sample: renumber those that occur 0..k-1, or keep "
+                           "every class (default: keep, refused when most classes would be empty).")
 
 
 def _scheme(scheme: str) -> str:
@@ -47,13 +50,21 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _done(path: str) -> None:
+def _done(path: str, notes: list[str] = ()) -> None:
+    """The store's path on stdout, after the importer's notes on stderr (held until the import
+    succeeded: a failed one prints its one error line only)."""
+    for text in notes:
+        sys.stderr.write(f"simfed: note: {' '.join(text.split())}\n")
     typer.echo(path)
+
+
+def _labels(compact: Optional[bool]) -> Optional[str]:
+    return None if compact is None else "compact" if compact else "keep"
 
 
 @partition_app.command("synthetic-femnist")
 def synthetic_femnist(
-    out: Path = typer.Argument(..., help=OUT_HELP),
+    out: str = typer.Argument(..., help=OUT_HELP),
     clients: int = typer.Option(3597, "--clients", help="Number of writers."),
     seed: int = SEED,
     style_strength: float = typer.Option(1.0, "--style-strength",
@@ -75,8 +86,8 @@ def synthetic_femnist(
 
 @partition_app.command("leaf")
 def leaf(
-    src: Path = typer.Argument(..., help="LEAF data: all_data_*.json, or train/ and test/."),
-    out: Path = typer.Argument(..., help=OUT_HELP),
+    src: str = typer.Argument(..., help="LEAF data: all_data_*.json, or train/ and test/."),
+    out: str = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = UNSEEN,
     seed: int = SEED,
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
@@ -95,8 +106,8 @@ def leaf(
 
 @partition_app.command("hf-femnist")
 def hf_femnist(
-    src: Path = typer.Argument(..., help="Directory of flwrlabs/femnist Parquet files (or one file)."),
-    out: Path = typer.Argument(..., help=OUT_HELP),
+    src: str = typer.Argument(..., help="Directory of flwrlabs/femnist Parquet files (or one file)."),
+    out: str = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = UNSEEN,
     seed: int = SEED,
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Per writer; default 0.15."),
@@ -113,8 +124,8 @@ def hf_femnist(
 
 @partition_app.command("tff-h5")
 def tff_h5(
-    src: Path = typer.Argument(..., help="TFF's fed_emnist*_train.h5 + *_test.h5 directory, or one .h5 file."),
-    out: Path = typer.Argument(..., help=OUT_HELP),
+    src: str = typer.Argument(..., help="TFF's fed_emnist*_train.h5 + *_test.h5 directory, or one .h5 file."),
+    out: str = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = UNSEEN,
     seed: int = SEED,
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
@@ -133,8 +144,8 @@ def tff_h5(
 
 @partition_app.command("idx")
 def idx(
-    src: Path = typer.Argument(..., help="Directory with IDX files, or one images file."),
-    out: Path = typer.Argument(..., help=OUT_HELP),
+    src: str = typer.Argument(..., help="Directory with IDX files, or one images file."),
+    out: str = typer.Argument(..., help=OUT_HELP),
     scheme: str = SCHEME,
     clients: int = CLIENTS,
     classes_per_client: Optional[int] = PER_CLIENT,
@@ -143,21 +154,24 @@ def idx(
     seed: int = SEED,
     val_fraction: float = VAL,
     test_fraction: float = TEST,
+    compact_labels: Optional[bool] = LABELS,
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Import MNIST / EMNIST / Fashion-MNIST IDX files and split them over clients."""
     from simfed.partitions.idx import import_idx
 
+    notes: list[str] = []
     _done(import_idx(str(src), str(out), scheme=_scheme(scheme), clients=clients,
                      classes_per_client=classes_per_client, alpha=alpha,
                      unseen_fraction=unseen_fraction, seed=seed, val_fraction=val_fraction,
-                     test_fraction=test_fraction, overwrite=overwrite, progress=_progress()))
+                     test_fraction=test_fraction, overwrite=overwrite, progress=_progress(),
+                     labels=_labels(compact_labels), on_note=notes.append), notes)
 
 
 @partition_app.command("cifar")
 def cifar(
-    src: Path = typer.Argument(..., help="cifar-10-python.tar.gz or cifar-100-python.tar.gz, or the extracted folder."),
-    out: Path = typer.Argument(..., help=OUT_HELP),
+    src: str = typer.Argument(..., help="cifar-10-python.tar.gz or cifar-100-python.tar.gz, or the extracted folder."),
+    out: str = typer.Argument(..., help=OUT_HELP),
     scheme: str = SCHEME,
     clients: int = CLIENTS,
     classes_per_client: Optional[int] = PER_CLIENT,
@@ -180,8 +194,8 @@ def cifar(
 
 @partition_app.command("shakespeare")
 def shakespeare(
-    src: Path = typer.Argument(..., help="LEAF Shakespeare: all_data*.json, or train/ and test/."),
-    out: Path = typer.Argument(..., help=OUT_HELP),
+    src: str = typer.Argument(..., help="LEAF Shakespeare: all_data*.json, or train/ and test/."),
+    out: str = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = UNSEEN,
     seed: int = SEED,
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
@@ -203,8 +217,8 @@ def shakespeare(
 
 @partition_app.command("arrays")
 def arrays(
-    src: Path = typer.Argument(..., help="An .npz with x (N, ...), y (N,) and optionally client, classes, vocab."),
-    out: Path = typer.Argument(..., help=OUT_HELP),
+    src: str = typer.Argument(..., help="An .npz with x (N, ...), y (N,) and optionally client, classes, vocab."),
+    out: str = typer.Argument(..., help=OUT_HELP),
     scheme: Optional[str] = typer.Option(None, "--scheme",
                                          help="natural (by the client array; the default when present) | "
                                               "classes | dirichlet | iid"),
@@ -220,6 +234,7 @@ def arrays(
     seed: int = SEED,
     val_fraction: float = VAL,
     test_fraction: float = TEST,
+    compact_labels: Optional[bool] = LABELS,
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Import your own arrays (.npz): any fixed sample shape of uint8, int32 or float32."""
@@ -227,10 +242,11 @@ def arrays(
 
     if scheme is not None and scheme not in ("natural", "classes", "dirichlet", "iid"):
         raise SimfedError(f"--scheme must be natural, classes, dirichlet or iid, got {scheme!r}")
+    notes: list[str] = []
     _done(import_arrays(str(src), str(out), scheme=scheme, clients=clients, classes_per_client=classes_per_client,
                         alpha=alpha, input=input_kind, vocab_size=vocab_size, unseen_fraction=unseen_fraction,
                         seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
-                        progress=_progress()))
+                        progress=_progress(), labels=_labels(compact_labels), on_note=notes.append), notes)
 
 
 def store_summary(path: str, verify: bool = True) -> dict:

@@ -100,6 +100,10 @@ def metrics_cmd(
     from simfed.runs import load_run
 
     run = load_run(run_dir)
+    status = run.status
+    if status is not None and status.get("state") == "unknown":  # never a summary beside a state nobody knows
+        raise SimfedError(f"{status.get('error', run_dir)}: the run's state is unknown; delete status.json to read "
+                          "the metrics without it (a resumed run writes it again)")
     df = run.metrics()
     eps = _epsilons(run)
     if curve:
@@ -131,14 +135,13 @@ def metrics_cmd(
             upto = max((r for r in eps if r <= at), default=None)
             out["privacy"] = {"epsilon": _json_eps(eps[upto]) if upto else None, "after_round": upto,
                               "delta": _delta(run)}
-        status = run.status
         if status is not None:
             out["status"] = status
         typer.echo(json.dumps(out, indent=2))
         return
     from simfed.cli.run_cmd import print_summary
 
-    status = run.status or {}
+    status = status or {}
     state = f" ({status['state']})" if "state" in status else ""
     typer.echo(f"{run_dir}{state}: round {at}, split {split} (evaluated rounds: {', '.join(map(str, rounds))})")
     print_summary(rows)

@@ -66,6 +66,7 @@ def launch(
 ) -> None:
     """Run an experiment; prints the run directory."""
     from simfed.cli import progress as views
+    from simfed.engine import signals
     from simfed.runs import launch as run
 
     progress = views.make("none" if quiet else progress_mode.value)
@@ -73,13 +74,13 @@ def launch(
     try:
         run(experiment, out=out, overrides=set_, resume=resume, address=address, verify=verify, on_event=console,
             progress=isinstance(progress, views.BarProgress))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP (engine.signals)
         if console.run_dir is None:
             raise
         if progress:
             progress.stop()
         sys.stderr.write(f"simfed: interrupted; continue with: simfed launch --resume {console.run_dir}\n")
-        raise SystemExit(130)
+        raise SystemExit(signals.exit_code(exc))
     finally:
         if progress and console.run_dir is not None:  # the bar ran (stop prints its last line)
             progress.stop()

@@ -198,7 +198,7 @@ def sweep(
 ) -> None:
     """Run a grid of methods, hyperparameters and seeds as Ray Tune trials; prints the sweep directory."""
     from simfed import plots
-    from simfed.engine import cluster, tracking
+    from simfed.engine import cluster, signals, tracking
     from simfed.engine.plan import check_experiment
     from simfed.sweeps import config as sweep_config
     from simfed.sweeps.sweep import TrialSpec, run_sweep
@@ -210,7 +210,7 @@ def sweep(
         check_experiment(t.experiment)
     tracking.require(trials[0].experiment.run.track)
     by_id = {t.id: t for t in trials}
-    cluster.connect(address or "")
+    cluster.connect(address or "", on_note=lambda text: typer.echo(f"simfed: note: {text}", err=True))
     if not resume:
         _write_sweep(sweep_dir, sweep_file, trials, scheduler)
     typer.echo(str(sweep_dir))
@@ -218,15 +218,26 @@ def sweep(
     try:
         states = run_sweep(sweep_dir, [TrialSpec(t.id, t.experiment) for t in trials], scheduler,
                            max_concurrent=max_concurrent, on_event=console, artifacts=plots.artifact)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP (engine.signals)
+        _stop_trials(sweep_dir, [t.id for t in trials])
         sys.stderr.write(f"simfed: interrupted; continue with: simfed sweep --resume {sweep_dir}\n")
-        raise SystemExit(130)
+        raise SystemExit(signals.exit_code(exc))
     counts = {s: sum(1 for v in states.values() if v == s) for s in ("finished", "stopped", "failed", "pending")}
     typer.echo(f"{counts['finished']} finished, {counts['stopped']} stopped early, {counts['failed']} failed, "
                f"{counts['pending']} not run; table: simfed compare {sweep_dir}", err=True)
     if counts["failed"] or counts["pending"]:
         typer.echo(f"rerun the rest with: simfed sweep --resume {sweep_dir}", err=True)
         raise SystemExit(1)
+
+
+def _stop_trials(sweep_dir: Path, ids: list[str]) -> None:
+    """End the trials' processes (leaving Ray ends this driver's job and its actors) and mark the runs
+    they left "interrupted"; a second signal meanwhile skips the wait."""
+    from simfed.engine import cluster
+    from simfed.sweeps.sweep import settle_interrupted
+
+    cluster.disconnect()
+    settle_interrupted(sweep_dir, ids)
 
 
 def _pm(stat: dict, scale: float = 100.0, digits: int = 2) -> str:

@@ -77,7 +77,9 @@ TOML_MAX_BYTES = 16 << 20  # an experiment file is a few hundred bytes
 
 
 def load_toml(path: str) -> dict[str, Any]:
-    validate.text("experiment file", path)
+    from simfed.core.safeio import local_path
+
+    local_path("experiment file", path)  # a URI or a symlink loop: one line, not "not found"
     if not Path(path).exists():
         raise SimfedError(f"experiment file {path} not found; pass a TOML file (see examples/) or none for the quickstart")
     raw = read_bytes(path, TOML_MAX_BYTES, "experiment file")  # never opens a FIFO

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,6 +24,8 @@ from typing import Any, Iterable
 from simfed.core.errors import SimfedError
 
 JSON_MAX_BYTES = 4 << 30  # LEAF's largest all_data file is ~0.3 GB
+# scheme:// (s3://, file:///x) and scheme:/ (what pathlib makes of file:///x): a URI, not a path.
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 def _kind(mode: int) -> str:
@@ -78,6 +82,24 @@ def load_json(path: str | os.PathLike, limit: int = JSON_MAX_BYTES, what: str = 
     return parse_json(read_bytes(path, limit, what), str(path))
 
 
+def local_path(where: str, path: str | os.PathLike) -> Path:
+    """`path` resolved (symlinks followed), refused with one line when it is a URI (only local
+    paths are supported where this is called) or a symlink loop."""
+    from simfed.core import validate
+
+    text = validate.text(where, os.fspath(path))
+    if URI.match(text):
+        raise SimfedError(f"{where} {text}: a URI, but only a local path is supported here; give a path on this "
+                          "machine")
+    try:
+        return Path(text).resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a symlink loop
+        why = "a symlink loop" if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP \
+            else (getattr(exc, "strerror", None) or str(exc))
+        raise SimfedError(f"{where} {text}: cannot resolve the path ({why}); point it at a real file or "
+                          "directory") from None
+
+
 def _inside(a: Path, b: Path) -> bool:
     """a is b or lies under b (both resolved)."""
     return a == b or b in a.parents
@@ -92,18 +114,15 @@ def check_output(out: str | os.PathLike, overwrite: bool, sources: Iterable[str 
     cannot be created: its nearest existing ancestor must be a writable directory. Missing parents
     are not created here (StoreWriter does it, `missing_parents`): this runs before any input is
     read, and a command refused for bad input must leave nothing behind."""
-    from simfed.core import validate
-
-    validate.text("OUT", str(out))
-    if "://" in str(out):
+    if URI.match(os.fspath(out)):
         raise SimfedError(f"{out}: stores can only be written to a local path; write locally and "
                           "copy the directory")
+    target = local_path("OUT", out)
     out = Path(out)
     if not out.name or out.name in (".", ".."):
         raise SimfedError(f"{out}: name a new directory for the store (e.g. data/my-store)")
-    target = out.resolve()
     for src in sources:
-        s = Path(src).resolve()
+        s = local_path("SRC", src)
         # OUT strictly inside SRC is harmless (only OUT is ever replaced); OUT equal to SRC, or
         # SRC inside OUT, would put the source under the directory --overwrite deletes.
         if _inside(s, target):

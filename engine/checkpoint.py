@@ -44,8 +44,11 @@ def load(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not os.path.lexists(path):
         return None
     regular_file(path, "checkpoint")  # a FIFO would block torch.load forever
+    from simfed.engine import noise
+
     try:
-        ckpt = torch.load(path, weights_only=True)
+        with noise.quiet_warnings():  # torch warns about a foreign pickle before it refuses it
+            ckpt = torch.load(path, weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers
         text = str(exc).strip()
         why = ("torch.load(weights_only=True) refused it: it holds objects other than tensors and plain "

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from simfed.engine import noise, signals
 from simfed.engine.storage import resolve
 from simfed.core.errors import SimfedError
 
@@ -32,7 +33,8 @@ def _load(path: Path, mmap: bool = False) -> Any:
 
     regular_file(path, "client state file")  # a FIFO would block torch.load forever
     try:
-        return torch.load(path, weights_only=True, mmap=mmap)
+        with noise.quiet_warnings():  # torch warns about a foreign pickle before it refuses it
+            return torch.load(path, weights_only=True, mmap=mmap)
     except Exception as exc:  # damaged zip, truncated file, or a pickle weights_only refuses
         raise SimfedError(f"{path}: cannot load client state ({type(exc).__name__}); the run directory is "
                           "damaged: restore the file or start a new run") from None
@@ -81,7 +83,7 @@ class ClientStateStore:
                 if self._fs is None:
                     return _load(Path(path))
                 try:
-                    with self._fs.open_input_stream(path) as f:
+                    with self._fs.open_input_stream(path) as f, noise.quiet_warnings():
                         return torch.load(io.BytesIO(f.read()), weights_only=True)
                 except Exception as exc:  # damaged zip, truncated file, or a pickle weights_only refuses
                     raise SimfedError(f"{path}: cannot load client state ({type(exc).__name__}); restore the "
@@ -110,8 +112,9 @@ class ClientStateStore:
         if self._fs is None:
             os.makedirs(d, exist_ok=True)
             tmp = f"{d}/.r{round:06d}p{phase:02d}.pt.{os.getpid()}.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, final)
+            with signals.deferred():  # in-process (serial backend): no half-written file on a stop signal
+                torch.save(state, tmp)
+                os.replace(tmp, final)
         else:
             buf = io.BytesIO()
             torch.save(state, buf)

@@ -25,12 +25,25 @@ from simfed.core.errors import SimfedError
 _REAPER: list[subprocess.Popen] = []  # held so its pipe stays open for the driver's lifetime
 
 
-def _probe(address: str, timeout: float | None = None) -> None:
-    """Fail in seconds on an address where no Ray GCS answers (Ray itself retries for minutes)."""
-    from simfed.engine import probe
-    from simfed.core import validate
+RAY_FLOOR = (2, 54)  # token authentication since 2.52; CVE-2026-27482 (unauthenticated dashboard endpoint) fixed in 2.54
 
-    probe.ray_gcs(validate.address("--address", address), timeout)
+
+def ray_floor(embedded: bool) -> str | None:
+    """None for a Ray at or above RAY_FLOOR. Below it, starting a cluster here is refused (it would run
+    without authentication); joining one gets a one-line warning, returned."""
+    import re
+
+    import ray
+
+    found = tuple(int(v) for v in re.findall(r"\d+", ray.__version__)[:2])
+    if found >= RAY_FLOOR:
+        return None
+    text = (f"Ray {ray.__version__} is installed; simfed needs Ray >= {'.'.join(map(str, RAY_FLOOR))} (token "
+            "authentication came in 2.52, CVE-2026-27482, an unauthenticated dashboard endpoint, is fixed in 2.54): "
+            "pip install -U 'ray[tune]>=2.54'")
+    if embedded:
+        raise SimfedError(f"{text}; simfed does not start a Ray cluster without them")
+    return text
 
 
 def _ensure_token() -> None:
@@ -89,35 +102,54 @@ def _start_reaper() -> None:
                                     stdin=subprocess.PIPE, start_new_session=True))
 
 
-def connect(address: str = "", num_cpus: int | None = None) -> bool:
-    """Start or join Ray unless already connected; returns True when this call started it."""
+def connect(address: str = "", num_cpus: int | None = None, on_note=None) -> bool:
+    """Start or join Ray unless already connected; returns True when this call started it. `address`
+    "auto" or HOST:PORT is resolved and probed first (engine.address); Ray's own start-up output goes
+    to the run's log (engine.noise); `on_note(text)` gets the warning about an old Ray."""
     import ray
+
+    from simfed.engine import address as addr, noise, signals
 
     if ray.is_initialized():
         return False
+    note = ray_floor(embedded=not address)
+    if note and on_note:
+        on_note(note)
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
-    if address and address != "auto":
-        _probe(address)
-    try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            # address="local" always starts a new instance, even if another Ray runs on this machine.
-            saved = _secure_embedded()
-            try:
-                ray.init(address="local", num_cpus=num_cpus, **kwargs)
-            finally:
-                _restore(saved)
-            _start_reaper()
-    except Exception as exc:  # Ray raises many types here (a startup timeout is a bare Exception)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = address or "this machine"
-        hint = ("; a cluster with token authentication needs its token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
-                "and RAY_AUTH_MODE=token" if "auth" in first.lower() else "")
-        raise SimfedError(f"cannot connect to Ray at {where}: {first}{hint}; start a cluster with `ray start "
-                          "--head` or leave out --address to run on this machine") from None
+    target = addr.resolve(address) if address else ""
+    failure = None
+    with noise.captured() as out:
+        try:
+            _init(ray, target, num_cpus, kwargs)
+        except Exception as exc:  # Ray raises many types here (a startup timeout is a bare Exception)
+            failure = exc
+        finally:
+            signals.reinstall()  # ray.init set its own SIGTERM handler, Ray's core worker absl's
+    if failure is not None:
+        raise _connect_error(failure, address, out.mention())
     return True
+
+
+def _init(ray, target: str, num_cpus: int | None, kwargs: dict) -> None:
+    if target:
+        ray.init(address=target, **kwargs)
+        return
+    # address="local" always starts a new instance, even if another Ray runs on this machine.
+    saved = _secure_embedded()
+    try:
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    finally:
+        _restore(saved)
+    _start_reaper()
+
+
+def _connect_error(exc: BaseException, address: str, mention: str) -> SimfedError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = ("; a cluster with token authentication needs its token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
+            "and RAY_AUTH_MODE=token" if "auth" in first.lower() else "")
+    return SimfedError(f"cannot connect to Ray at {address or 'this machine'}: {first}{hint}; start a cluster with "
+                       f"`ray start --head` or leave out --address to run on this machine{mention}")
 
 
 def alive_nodes() -> int:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from simfed.algorithms import registry
 from simfed.algorithms.base import RoundInfo
 from simfed.core.errors import RunFailed, SimfedError
-from simfed.engine import checkpoint, metrics, rundir, storage
+from simfed.engine import checkpoint, metrics, rundir, signals, storage
 from simfed.engine.backends import Backend, ServerLost, open_backend
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.config import Experiment
@@ -91,7 +91,8 @@ def _run(exp: Experiment, run_dir: Path, plan: Plan, resume: bool, emit: Event, 
             status["state"] = "failed"  # the last checkpoint still stands: --resume after fixing the cause
             raise
         finally:
-            rundir.write_status(run_dir, status)
+            with signals.deferred():
+                rundir.write_status(run_dir, status)
     return {"run_dir": str(run_dir), "rounds": rounds, "summary": summary, "retries": attempt.counters["retries"],
             "dropped": attempt.counters["dropped"], "workers": be.n_workers, "server_restarts": restarts}
 
@@ -197,14 +198,18 @@ class _Attempt:
                       retries=counters["retries"], dropped=counters["dropped"])
         if self.plan.privacy is not None:
             status["epsilon"] = _json_number(self.epsilon)
-        if (run.checkpoint_every > 0 and done % run.checkpoint_every == 0) or done == run.rounds:
-            final = done == run.rounds  # nothing resumes a finished run: the model, no optimizer state
-            checkpoint.save(self.run_dir, done, be.state_dict(final), counters, final=final,
-                            clock=None if self.clock is None else self.clock.time)
-            self.last_ckpt = done
-            status["checkpoint_round"] = done
+        due = (run.checkpoint_every > 0 and done % run.checkpoint_every == 0) or done == run.rounds
+        final = done == run.rounds  # nothing resumes a finished run: the model, no optimizer state
+        state = be.state_dict(final) if due else None
+        with signals.deferred():  # the checkpoint and the status that names it, or neither
+            if due:
+                checkpoint.save(self.run_dir, done, state, counters, final=final,
+                                clock=None if self.clock is None else self.clock.time)
+                self.last_ckpt = done
+                status["checkpoint_round"] = done
+            rundir.write_status(self.run_dir, status)
+        if due:
             self.emit({"type": "checkpoint", "round": done})
-        rundir.write_status(self.run_dir, status)
         # Every file of this round is on disk (metrics, checkpoint, status): a listener that may
         # end the process here (a sweep trial reporting to Tune, which ASHA can stop) leaves a
         # consistent run directory of `done` rounds.

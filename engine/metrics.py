@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simfed.core.errors import SimfedError
+from simfed.engine import signals
 
 SCHEMA = pa.schema([
     ("run", pa.string()), ("round", pa.int32()), ("client_id", pa.int64()), ("cohort", pa.string()),
@@ -55,8 +56,9 @@ class MetricsWriter:
         table = pa.table(cols, schema=SCHEMA)
         path = self.dir / f"r{round:06d}-{kind}.parquet"
         tmp = self.dir / f".{path.name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with signals.deferred():  # no half-written temporary file on a stop signal
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
         return path
 
     def write_rounds(self, stats: dict[str, float], round: int) -> Path | None:
@@ -70,8 +72,9 @@ class MetricsWriter:
         folder.mkdir(exist_ok=True)
         path = folder / f"r{round:06d}.parquet"
         tmp = folder / f".{path.name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with signals.deferred():
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
         return path
 
     def truncate_after(self, round: int) -> None:

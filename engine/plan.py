@@ -51,6 +51,10 @@ def open_store(data: DataConfig, on_event: Event | None = None, progress: bool =
             on_event({"type": "generate", "path": data.path, "clients": data.clients})
         make_synthetic_femnist(data.path, clients=data.clients, seed=data.seed, unseen_fraction=data.unseen_fraction,
                                style_strength=data.style_strength, progress=progress)
+    if "://" not in data.path:
+        from simfed.core.safeio import local_path
+
+        local_path("[data] path", data.path)  # a symlink loop: one line, not "does not exist"
     if not Path(data.path).exists() and "://" not in data.path:
         raise SimfedError(f"[data] path {data.path} does not exist; create it with `simfed partition ...` "
                           "or set generate = \"synthetic-femnist\"")

@@ -21,13 +21,22 @@ EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # length 0, type SETTI
 SETTINGS = 0x04
 
 
-def _fail(address: str, why: str) -> SimfedError:
-    return SimfedError(f"cannot reach a Ray cluster at {address} ({why}); start one with `ray start --head` "
+def failure(address: str, why: str, source: str = "") -> SimfedError:
+    """The one line for an address where no GCS answers; `source` says where it came from."""
+    where = f" (from {source})" if source else ""
+    return SimfedError(f"cannot reach a Ray cluster at {address}{where} ({why}); start one with `ray start --head` "
                        "there, or leave out --address to run on this machine")
 
 
 def ray_gcs(address: str, timeout: float | None = None) -> None:
     """Raise SimfedError unless a Ray GCS answers at HOST:PORT within `timeout` seconds."""
+    why = problem(address, timeout)
+    if why:
+        raise failure(address, why)
+
+
+def problem(address: str, timeout: float | None = None) -> str | None:
+    """Why no Ray GCS answers at HOST:PORT within `timeout` seconds (None: one does)."""
     if timeout is None:
         timeout = float(os.environ.get("SIMFED_PROBE_TIMEOUT", "3"))
     host, _, port = address.rpartition(":")
@@ -36,10 +45,10 @@ def ray_gcs(address: str, timeout: float | None = None) -> None:
     try:
         sock = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as exc:
-        raise _fail(address, exc.strerror or str(exc) or type(exc).__name__) from None
+        return exc.strerror or str(exc) or type(exc).__name__
     with sock:
         if os.environ.get("RAY_USE_TLS", "0") not in ("", "0"):
-            return
+            return None
         try:
             sock.sendall(PREFACE + EMPTY_SETTINGS)
             head = b""
@@ -53,10 +62,11 @@ def ray_gcs(address: str, timeout: float | None = None) -> None:
                     break
                 head += part
         except socket.timeout:
-            raise _fail(address, f"something listens there but did not answer as Ray's GCS within {timeout:g} s; "
-                                 "is this the head's GCS port (default 6379)?") from None
+            return (f"something listens there but did not answer as Ray's GCS within {timeout:g} s; is this the "
+                    "head's GCS port (default 6379)?")
         except OSError as exc:
-            raise _fail(address, exc.strerror or type(exc).__name__) from None
+            return exc.strerror or type(exc).__name__
     if len(head) < 9 or head[3] != SETTINGS:
-        raise _fail(address, "the service there is not a Ray GCS (no gRPC/HTTP2 answer); check the port "
-                             "(the head's GCS port, default 6379)")
+        return "the service there is not a Ray GCS (no gRPC/HTTP2 answer); check the port (the head's GCS port, " \
+               "default 6379)"
+    return None

@@ -119,8 +119,10 @@ def read_status(run_dir: str | os.PathLike) -> dict | None:
         return None
     try:
         status = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"state": "unknown", "error": f"{path} is unreadable"}
+    except OSError as exc:
+        return {"state": "unknown", "error": f"{path} is unreadable ({exc.strerror})"}
+    except ValueError:  # UnicodeDecodeError included
+        return {"state": "unknown", "error": f"{path} is not valid JSON"}
     if not isinstance(status, dict):
         return {"state": "unknown", "error": f"{path} is not a JSON object"}
     if status.get("state") == "running" and not owner_alive(run_dir):

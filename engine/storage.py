@@ -20,12 +20,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from simfed.core.errors import SimfedError
+from simfed.partitions.remote import is_uri, redact  # noqa: F401  (redact: part of this module's API)
 
 MARKER = ".simfed-storage-marker"
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem | None, str]:
@@ -41,21 +38,6 @@ def resolve(path: str) -> tuple[pafs.FileSystem | None, str]:
         return fs, inner.rstrip("/")
     local = path[len("file://"):] if path.startswith("file://") else path
     return None, os.path.abspath(local)
-
-
-def redact(uri: str) -> str:
-    """A URI fit for messages: credentials in user:secret@ and in the query are masked."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return uri
-    if "@" in rest.split("/", 1)[0]:
-        rest = "***@" + rest.split("@", 1)[1]
-    if "?" in rest:
-        base, query = rest.split("?", 1)
-        parts = [p if not p.lower().startswith(("secret", "access_key", "session_token")) else
-                 p.split("=", 1)[0] + "=***" for p in query.split("&")]
-        rest = base + "?" + "&".join(parts)
-    return f"{scheme}://{rest}"
 
 
 def join(base: str, *parts: str) -> str:

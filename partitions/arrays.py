@@ -143,8 +143,9 @@ def import_arrays(src, out, *, scheme: str | None = None, clients: int | None = 
                   vocab_size: int | None = None, unseen_fraction: float = 0.1, seed: int = 0,
                   val_fraction: float = schemes.DEFAULT_VAL_FRACTION,
                   test_fraction: float = schemes.DEFAULT_TEST_FRACTION, overwrite: bool = False,
-                  progress: bool = False) -> str:
-    """Import an npz (x, y, optional client/classes/vocab) into a store at OUT; returns OUT."""
+                  progress: bool = False, labels: str | None = None, on_note: pooled.Note | None = None) -> str:
+    """Import an npz (x, y, optional client/classes/vocab) into a store at OUT; returns OUT. `labels`
+    and `on_note`: empty classes, as in pooled.label_space (class names from the file count as given)."""
     if input is not None and input not in dtypes.INPUTS:
         raise SimfedError(f"--input must be one of {', '.join(dtypes.INPUTS)}, got {input!r}")
     if vocab_size is not None:
@@ -153,8 +154,11 @@ def import_arrays(src, out, *, scheme: str | None = None, clients: int | None = 
         raise SimfedError(f"--scheme {scheme} needs --clients N")
     pooled.check_args(out, overwrite, [src], scheme=scheme or "natural", clients=clients or 1, seed=seed,
                       alpha=alpha, classes_per_client=classes_per_client, val_fraction=val_fraction,
-                      test_fraction=test_fraction, unseen_fraction=unseen_fraction)
-    x, y, client, classes, dtype, input, vocab = check_arrays(load_npz(src), str(src), input, vocab_size)
+                      test_fraction=test_fraction, unseen_fraction=unseen_fraction, labels=labels)
+    members = load_npz(src)
+    x, y, client, classes, dtype, input, vocab = check_arrays(members, str(src), input, vocab_size)
+    y, classes = pooled.label_space(y, classes, derived="classes" not in members, labels=labels, where=str(src),
+                                    note=on_note)
     scheme = scheme or ("natural" if client is not None else None)
     if scheme is None:
         raise SimfedError(f"{src}: no 'client' array, so give --scheme classes, dirichlet or iid and --clients N")
@@ -168,7 +172,8 @@ def import_arrays(src, out, *, scheme: str | None = None, clients: int | None = 
             raise SimfedError(f"{src}: {len(names):,} distinct clients; at most {schemes.MAX_CLIENTS:,}")
     source = {"importer": "arrays", "src": str(src), "scheme": scheme, "clients": len(names) if names else clients,
               "classes_per_client": classes_per_client, "alpha": alpha, "seed": seed,
-              "val_fraction": val_fraction, "test_fraction": test_fraction}
+              "val_fraction": val_fraction, "test_fraction": test_fraction,
+              **({"labels": labels} if labels else {})}
     return pooled.write_by_scheme(out, x, y, classes=classes, scheme=scheme, clients=clients or len(names or ()),
                                   seed=seed, classes_per_client=classes_per_client, alpha=alpha, groups=client,
                                   names=names, unseen_fraction=unseen_fraction, val_fraction=val_fraction,

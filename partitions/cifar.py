@@ -172,6 +172,10 @@ def _batch(data: bytes, where: str, label_key: str, num_classes: int) -> tuple[n
     labels = d.get(label_key)
     if not isinstance(labels, (list, np.ndarray)):
         raise SimfedError(f"{where}: no '{label_key}' list; not a CIFAR file of this kind")
+    odd = next(((i, v) for i, v in enumerate(labels) if type(v) is not int), None) if isinstance(labels, list) else None
+    if odd is not None:  # numpy would turn True into 1 and a mix of ints and strings into strings
+        raise SimfedError(f"{where}: '{label_key}' row {odd[0]} is {type(odd[1]).__name__} {odd[1]!r:.24}, not an "
+                          "integer; not a CIFAR file")
     y = np.asarray(labels)
     if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x):
         raise SimfedError(f"{where}: '{label_key}' must be {len(x)} integers (one per row), got "

@@ -155,24 +155,27 @@ def import_idx(src, out: str, *, scheme: str = "iid", clients: int = 100,
                val_fraction: float = schemes.DEFAULT_VAL_FRACTION,
                test_fraction: float = schemes.DEFAULT_TEST_FRACTION,
                classes: list[str] | None = None, overwrite: bool = False,
-               progress: bool = False) -> str:
-    """Partition an IDX dataset into a store at OUT; returns OUT."""
+               progress: bool = False, labels: str | None = None, on_note: pooled.Note | None = None) -> str:
+    """Partition an IDX dataset into a store at OUT; returns OUT. `labels` ("keep", "compact" or None)
+    and `on_note` (gets the one-line note about empty classes): see pooled.label_space."""
     if scheme == "natural":
         raise SimfedError("IDX files have no writers: use --scheme classes, dirichlet or iid")
     srcs = list(src) if isinstance(src, (tuple, list)) else [src]
     pooled.check_args(out, overwrite, srcs, scheme=scheme, clients=clients, seed=seed, alpha=alpha,
                       classes_per_client=classes_per_client, val_fraction=val_fraction,
-                      test_fraction=test_fraction, unseen_fraction=unseen_fraction)
+                      test_fraction=test_fraction, unseen_fraction=unseen_fraction, labels=labels)
     x, y = load_idx(src)
     num = int(y.max()) + 1 if len(y) else 0
+    derived = classes is None and not ("fashion" in str(src).lower() and num <= 10)
     if classes is None:
-        classes = FASHION_CLASSES if ("fashion" in str(src).lower() and num <= 10) else \
-            [str(i) for i in range(num)]
+        classes = [str(i) for i in range(num)] if derived else FASHION_CLASSES
     if num > len(classes):
         raise SimfedError(f"{src}: label {num - 1} out of range for {len(classes)} classes")
+    y, classes = pooled.label_space(y, list(classes), derived=derived, labels=labels, where=str(src), note=on_note)
     source = {"importer": "idx", "src": str(src), "scheme": scheme, "clients": clients,
               "classes_per_client": classes_per_client, "alpha": alpha, "seed": seed,
-              "val_fraction": val_fraction, "test_fraction": test_fraction}
+              "val_fraction": val_fraction, "test_fraction": test_fraction,
+              **({"labels": labels} if labels else {})}
     return pooled.write_by_scheme(out, x, y, classes=classes, scheme=scheme, clients=clients, seed=seed,
                                   classes_per_client=classes_per_client, alpha=alpha,
                                   unseen_fraction=unseen_fraction, val_fraction=val_fraction,

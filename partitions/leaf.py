@@ -98,34 +98,57 @@ def check_count(where: str, count, n: int) -> None:
         raise SimfedError(f"{where}: num_samples says {count} but user_data has {n}")
 
 
+def _first_bad(values: list, ok: tuple) -> tuple[int, object] | None:
+    """(index, value) of the first entry whose type is not exactly one of `ok` (bool is not int)."""
+    for i, v in enumerate(values):
+        if type(v) not in ok:
+            return i, v
+    return None
+
+
+def _shown(v: object) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 24 else text[:21] + '...'}"
+
+
+def check_types(x: object, y: object, where: str) -> None:
+    """x is a list of rows of PIXELS JSON numbers and y a list of JSON numbers: a string, a boolean or
+    null would otherwise be converted silently by numpy ("0.5" -> 0.5, true -> 1)."""
+    if type(x) is not list:
+        raise SimfedError(f"{where}: x must be a list of rows, got {_shown(x)}")
+    kinds: set[type] = set()
+    for i, row in enumerate(x):
+        if type(row) is not list or len(row) != PIXELS:
+            got = f"the wrong length ({len(row)} values)" if type(row) is list else f"no list but {_shown(row)}"
+            raise SimfedError(f"{where}: x row {i} has {got}; expected {PIXELS} numbers (28x28) per sample")
+        kinds.update(map(type, row))
+    if not kinds <= {float, int}:
+        i, (j, v) = next((i, bad) for i, row in enumerate(x) if (bad := _first_bad(row, (float, int))))
+        raise SimfedError(f"{where}: x row {i} value {j} is {_shown(v)}; LEAF pixels are numbers in [0, 1]")
+    if type(y) is not list:
+        raise SimfedError(f"{where}: y must be a list of integer labels, got {_shown(y)}")
+    bad = _first_bad(y, (int, float))
+    if bad is not None:
+        raise SimfedError(f"{where}: y row {bad[0]} is {_shown(bad[1])}; LEAF labels are integers")
+
+
 def parse_file(path: Path, num_classes: int):
     """Yield (user, x uint8 (n, 784), y int64) for each user of one LEAF JSON file."""
     for user, entry, count in leaf_users(path):
-        try:
-            x = np.asarray(entry["x"], dtype=np.float32)
-        except (ValueError, TypeError):
-            raise SimfedError(f"{path}: user {user!r}: x has the wrong length (rows differ in "
-                              f"length or hold non-numbers); expected {PIXELS} floats per "
-                              "sample") from None
-        if x.ndim != 2 or x.shape[1] != PIXELS:
-            got = x.shape[1] if x.ndim == 2 else "not a list of lists"
-            raise SimfedError(f"{path}: user {user!r}: x has the wrong length ({got}); expected "
-                              f"{PIXELS} floats (28x28) per sample")
+        where = f"{path}: user {user!r}"
+        check_types(entry["x"], entry["y"], where)
+        x = np.asarray(entry["x"], dtype=np.float32).reshape(-1, PIXELS)
         if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-            raise SimfedError(f"{path}: user {user!r}: x values must be finite and in [0, 1]")
-        try:
-            yf = np.asarray(entry["y"], dtype=np.float64)
-        except (ValueError, TypeError):
-            raise SimfedError(f"{path}: user {user!r}: y must be a list of integers") from None
-        if yf.ndim != 1 or not np.all(yf == np.round(yf)):
-            raise SimfedError(f"{path}: user {user!r}: y must be a list of integers")
+            raise SimfedError(f"{where}: x values must be finite and in [0, 1]")
+        yf = np.asarray(entry["y"], dtype=np.float64)
+        if not np.all(yf == np.round(yf)):
+            raise SimfedError(f"{where}: y must be a list of integers")
         if len(yf) != len(x):
-            raise SimfedError(f"{path}: user {user!r}: {len(x)} x rows but {len(yf)} labels")
+            raise SimfedError(f"{where}: {len(x)} x rows but {len(yf)} labels")
         bad = yf[(yf < 0) | (yf >= num_classes)]
         if len(bad):
-            raise SimfedError(f"{path}: user {user!r}: label {int(bad[0])} out of range "
-                              f"0..{num_classes - 1}")
-        check_count(f"{path}: user {user!r}", count, len(yf))
+            raise SimfedError(f"{where}: label {int(bad[0])} out of range 0..{num_classes - 1}")
+        check_count(where, count, len(yf))
         yield str(user), np.rint(x * 255).astype(np.uint8), yf.astype(np.int64)
 
 

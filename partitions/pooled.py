@@ -10,24 +10,57 @@ moderate). ``check_args`` is everything that can be refused before the source is
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
+from simfed.core.errors import SimfedError
 from simfed.core.safeio import check_output
 from simfed.partitions import schemes
 from simfed.partitions.progress import progress_bar
 from simfed.partitions.writer import StoreWriter
 
 CHUNK_CLIENTS = 100
+LABELS = ("keep", "compact")
+Note = Callable[[str], None]
 
 
 def check_args(out, overwrite: bool, sources, *, scheme: str, clients: int, seed: int, alpha: float | None,
                classes_per_client: int | None, val_fraction: float, test_fraction: float,
-               unseen_fraction: float) -> None:
+               unseen_fraction: float, labels: str | None = None) -> None:
     """Every argument and the output path, checked before the (possibly large) source is read."""
+    if labels is not None and labels not in LABELS:
+        raise SimfedError(f"labels must be 'keep' or 'compact' (--keep-labels / --compact-labels), got {labels!r}")
     schemes.check_assign_args(scheme, clients=clients, seed=seed, alpha=alpha,
                               classes_per_client=classes_per_client)
     schemes.check_fractions(val_fraction, test_fraction, unseen_fraction)
     check_output(out, overwrite, sources)
+
+
+def label_space(y: np.ndarray, classes: list[str], *, derived: bool, labels: str | None, where: str,
+                note: Note | None) -> tuple[np.ndarray, list[str]]:
+    """The classes a store gets when some of 0..K-1 have no sample: `labels` "compact" renumbers the
+    labels that occur 0..k-1 (class names keep the original labels), "keep" keeps all K. Unset, a
+    label space taken from max(y) (`derived`) that is mostly empty is refused: one label of 255 among
+    ten classes is far likelier a corrupt or foreign file than 246 classes. One note either way."""
+    used = np.unique(y)
+    empty = len(classes) - len(used)
+    say = note or (lambda text: None)
+    if empty == 0:
+        return y, classes
+    span = f"{len(used)} of the {len(classes)} labels 0..{len(classes) - 1} occur"
+    if labels == "compact":
+        say(f"{where}: {span}; renumbered them 0..{len(used) - 1} (--compact-labels), class names keep the "
+            "original labels")
+        return np.searchsorted(used, y).astype(np.int64), [classes[int(i)] for i in used]
+    if labels is None and derived and 2 * empty > len(classes):
+        raise SimfedError(f"{where}: {span} ({empty} classes would be empty); pass --compact-labels to renumber "
+                          f"them 0..{len(used) - 1}, or --keep-labels to keep all {len(classes)}")
+    missing = np.setdiff1d(np.arange(len(classes)), used)[:5].tolist()
+    hint = "" if labels == "keep" else f"; --compact-labels renumbers the {len(used)} that occur"
+    say(f"{where}: {span}; the store keeps all {len(classes)} classes, {empty} of them empty (e.g. "
+        f"{', '.join(map(str, missing))}){hint}")
+    return y, classes
 
 
 def write_by_scheme(out, x: np.ndarray, y: np.ndarray, *, classes: list[str], scheme: str, clients: int,

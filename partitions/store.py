@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from simfed.core import validate
 from simfed.core.errors import SimfedError
 from simfed.core.safeio import parse_json, read_bytes, regular_file
-from simfed.partitions import dtypes
+from simfed.partitions import dtypes, remote
 from simfed.partitions.storecheck import CLIENTS_MAX_BYTES, MANIFEST_MAX_BYTES, check_clients, check_manifest
 from simfed.partitions.writer import (  # noqa: F401  (write_store is part of this module's API)
     CLIENTS, FORMAT_VERSION, MANIFEST, SPLIT_FILES, SPLITS, StoreWriter, choose_unseen,
@@ -62,11 +62,11 @@ def _resolve(path: str) -> tuple[pafs.FileSystem | None, str, bool]:
     and a process that used pyarrow's LocalFileSystem streams with torch imported was seen to
     abort at interpreter exit ("terminate called without an active exception").
     """
-    if "://" in path and not path.startswith("file://"):
+    if remote.is_uri(path):
         try:
             fs, inner = pafs.FileSystem.from_uri(path)
         except Exception as exc:  # pyarrow raises several types for unknown schemes/hosts
-            raise SimfedError(f"{path}: cannot open store URI ({exc})") from None
+            raise SimfedError(f"{remote.redact(path)}: cannot open store URI ({exc})") from None
         return fs, inner.rstrip("/"), False
     local = path[len("file://"):] if path.startswith("file://") else path
     return None, os.path.abspath(local), True
@@ -121,6 +121,8 @@ class PartitionStore:
         every file's sha256 (reads the whole store)."""
         validate.text("store path", str(path))
         store = cls(str(path))
+        if not store._local:  # an endpoint that does not answer: seconds, not the SDK's minutes
+            remote.probe_endpoint(store.path, "store")
         store._load()  # fail early with a clear message rather than inside a worker
         store.check_files()
         if verify:
@@ -136,7 +138,7 @@ class PartitionStore:
     def _read_bytes(self, name: str, limit: int) -> bytes:
         if self._local:
             if not os.path.lexists(self._file(name)):
-                raise SimfedError(f"{self._file(name)}: missing; {self.path} is not a complete "
+                raise SimfedError(f"{self._file(name)}: missing; {remote.redact(self.path)} is not a complete "
                                   "partition store (re-run `simfed partition`)")
             return read_bytes(self._file(name), limit, "store file")
         try:
@@ -146,7 +148,7 @@ class PartitionStore:
                 raise SimfedError(f"{self._file(name)}: larger than {limit:,} bytes; not a store file")
             return data
         except FileNotFoundError:
-            raise SimfedError(f"{self._file(name)}: missing; {self.path} is not a complete "
+            raise SimfedError(f"{self._file(name)}: missing; {remote.redact(self.path)} is not a complete "
                               "partition store (re-run `simfed partition`)") from None
         except OSError as exc:
             raise SimfedError(f"{self._file(name)}: cannot read ({exc})") from None
@@ -157,9 +159,10 @@ class PartitionStore:
         if self._local:
             missing = not os.path.isdir(self._root)
         else:
-            missing = self._fs.get_file_info(self._root).type == pafs.FileType.NotFound
+            info = remote.call(self.path, "store", self._fs.get_file_info, self._root)
+            missing = info.type == pafs.FileType.NotFound
         if missing:
-            raise SimfedError(f"{self.path}: no such partition store directory")
+            raise SimfedError(f"{remote.redact(self.path)}: no such partition store directory")
         manifest = parse_json(self._read_bytes(MANIFEST, MANIFEST_MAX_BYTES), self._file(MANIFEST))
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             raise SimfedError(f"{self._file(MANIFEST)}: unsupported format_version "
@@ -193,7 +196,7 @@ class PartitionStore:
                     raise SimfedError(f"{path}: missing from the store; re-create it")
                 size = regular_file(path, "store file")
             else:
-                info = self._fs.get_file_info(path)
+                info = remote.call(self.path, "store", self._fs.get_file_info, path)
                 if info.type != pafs.FileType.File:
                     raise SimfedError(f"{path}: missing from the store; re-create it")
                 size = info.size
@@ -326,7 +329,7 @@ class PartitionStore:
         ids = self._index["client_id"]
         i = int(np.searchsorted(ids, client_id))
         if i >= len(ids) or ids[i] != client_id:
-            raise SimfedError(f"{self.path}: no client with id {client_id}")
+            raise SimfedError(f"{remote.redact(self.path)}: no client with id {client_id}")
         return i
 
     @staticmethod

@@ -57,9 +57,12 @@ def trial_bundles(exp: Experiment) -> list[dict[str, float]]:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    from simfed.engine import signals
+
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    with signals.deferred():  # the sweep driver stopped by a signal leaves no half-written record
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -170,6 +173,14 @@ class _Tracker:
         self.emit({"type": "trial", "trial": tid, "state": state, **extra, "counts": counts,
                    "total": len(self.states)})
 
+    def interrupted(self) -> list[str]:
+        """The trials that were running when the sweep was stopped, marked "interrupted" (a resumed
+        sweep runs them again from their last checkpoint)."""
+        ids = [tid for tid, v in self.states.items() if v["state"] == "running"]
+        for tid in ids:
+            self.set(tid, "interrupted")
+        return ids
+
     def callback(self):
         from ray.tune import Callback
 
@@ -219,6 +230,9 @@ def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: S
     # Trials report every round; only the evaluated rounds carry the scheduler's metric (val_acc).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of our own trials on the console
+    # Ctrl-C is ours, as SIGTERM and SIGHUP are (engine.signals): Tune's own handler would end fit()
+    # as if the sweep were done, with its running trials left "running".
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     from ray import tune
 
     from simfed.engine.raybackend import release_pool
@@ -263,8 +277,27 @@ def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: S
                                   verbose=0, callbacks=[tracker.callback(), *_tracking(sweep_dir, specs, artifacts)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:  # a stop signal: the caller ends Ray (and so the trials) and reports
+        tracker.interrupted()
+        raise
     return {k: v["state"] for k, v in tracker.states.items()}
+
+
+def settle_interrupted(sweep_dir: str | os.PathLike, ids: list[str], timeout: float = 20.0) -> None:
+    """After the trials' processes were ended (Ray shut down): each trial run directory that still says
+    "running" says "interrupted" once its owner's lock is free (at most `timeout` seconds in all)."""
+    from simfed.engine import rundir
+
+    deadline = time.monotonic() + timeout
+    for tid in ids:
+        run_dir = Path(sweep_dir) / "trials" / tid
+        while rundir.owner_alive(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = read_json(run_dir / "status.json")
+        if isinstance(status, dict) and status.get("state") == "running" and not rundir.owner_alive(run_dir):
+            rundir.write_status(run_dir, {**status, "state": "interrupted"})
 
 
 def _tracking(sweep_dir: Path, specs: list[TrialSpec], artifacts) -> list:

@@ -5,9 +5,9 @@ as the current directory). test_hostile_corpus.py runs every case and asserts th
 bad input: exit 2, exactly one line on stderr, no traceback, nothing created, changed or deleted
 under WORK (sources intact, no output store, no run directory), and no Ray started.
 
-`cls` names the failure class of issue 11's list that the case exercises; CLASSES lists them all
-so the test can check that every class has a case. (A garbage status.json is not an error: the
-metrics stand and `simfed metrics` reports the state as "unknown"; test_hostile_corpus checks it.) Cases marked `subprocess` run as a real
+`cls` names the failure class of issue 11's list (and of issue 27's, in hostile_round3.py, added
+at the end) that the case exercises; CLASSES lists them all so the test can check that every class
+has a case. Each case must also end within seconds (its time is checked). Cases marked `subprocess` run as a real
 process (those that could block forever if the check regressed, and a sample of the others);
 the rest run in-process through `simfed.cli.main.main(argv)`, the same function the console
 script calls.
@@ -802,3 +802,9 @@ USAGE = [
 ]
 
 CASES = IMPORTERS + STORES + CONFIGS + RUNDIRS + USAGE
+
+# Round three (issue 27): its own module, added here so the corpus stays one list.
+from tests.cli import hostile_round3 as _round3  # noqa: E402  (it uses the helpers above)
+
+CASES += _round3.CASES
+CLASSES |= _round3.CLASSES

@@ -410,3 +410,50 @@ def test_asha_stops_the_hopeless_lr_and_compare_reports_rounds(ray_session, engi
     assert group["config"] == {"algorithm.lr": 0.1} and group["all_finished"]  # the stopped one cannot win
     code, stdout, err = cli(capsys, "compare", str(out))
     assert code == 0 and "001-fedavg stopped 1 rounds" in stdout and "000-fedavg finished 3 rounds" in stdout, stdout
+
+
+def _stopped_sweep(store: str) -> str:
+    from tests.cli.test_signals import EXPERIMENT
+
+    return EXPERIMENT.format(store=store, backend="ray") + '[sweep.grid]\n"run.seed" = [0, 1]\n'
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_and_resume_finishes_it(ray_session, engine_store, tmp_path, capsys):
+    """SIGTERM (what `timeout`, Slurm and Kubernetes send) to a sweep driver mid-trial: exit 143 with the
+    resume line and no Ray stack dump, the running trials marked "interrupted" (state.json and their
+    status.json), and `simfed sweep --resume` finishes them with the numbers of a plain launch."""
+    from simfed.engine.raybackend import release_pool
+
+    release_pool()
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(_stopped_sweep(engine_store))
+    out = tmp_path / "sw"
+    address = ray_session.get_runtime_context().gcs_address
+    proc = driver("sweep", str(spec), "--out", str(out), "--address", address, "--max-concurrent", "1")
+    deadline = time.time() + 900
+    while True:  # a trial mid-run: its first checkpoint written, its last round not reached
+        st = [json.loads(p.read_text()) for p in out.glob("trials/*/status.json")] if out.exists() else []
+        if any(s.get("state") == "running" and 1 <= s.get("checkpoint_round", 0) < s["rounds"] for s in st):
+            break
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"simfed: interrupted; continue with: simfed sweep --resume {out}"
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    states = json.loads((out / "state.json").read_text())
+    stopped = [i for i, v in states.items() if v["state"] == "interrupted"]
+    assert stopped and not [i for i, v in states.items() if v["state"] == "running"], states
+    for i in stopped:
+        assert json.loads((out / "trials" / i / "status.json").read_text())["state"] == "interrupted"
+
+    proc = driver("sweep", "--resume", str(out), "--address", address)
+    stdout, stderr = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert all(v["state"] == "finished" for v in json.loads((out / "state.json").read_text()).values())
+    code, _, err = cli(capsys, "launch", str(out / "trials" / stopped[0] / "config.toml"), "--out",
+                       str(tmp_path / "plain"), "-q")
+    assert code == 0, err
+    assert _rows(out / "trials" / stopped[0]).equals(_rows(tmp_path / "plain"))

@@ -89,3 +89,44 @@ def test_truncated_and_missing(tmp_path):
         import_idx(tmp_path, tmp_path / "out", scheme="iid", clients=2)
     with pytest.raises(SimfedError, match="no such file"):
         import_idx(tmp_path / "nope", tmp_path / "out", scheme="iid", clients=2)
+
+
+def _sparse(tmp_path, labels):
+    rng = np.random.default_rng(1)
+    write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.asarray(labels, np.uint8))
+    return tmp_path
+
+
+def test_a_mostly_empty_label_space_is_refused_compacted_or_kept_with_one_note(tmp_path):
+    """Labels reaching 255 while 11 values occur: refused by default (naming both options);
+    --compact-labels renumbers them 0..10 with the original labels as class names; --keep-labels
+    keeps 256 classes. Each written store comes with exactly one note."""
+    labels = np.arange(60) % 10
+    labels[::6] = 255
+    (tmp_path / "src").mkdir()
+    src = _sparse(tmp_path / "src", labels)
+    with pytest.raises(SimfedError, match="11 of the 256 labels.*--compact-labels.*--keep-labels"):
+        import_idx(src, str(tmp_path / "refused"), scheme="iid", clients=3)
+    assert not (tmp_path / "refused").exists()
+    notes: list[str] = []
+    store = PartitionStore.open(import_idx(src, str(tmp_path / "compact"), scheme="iid", clients=3,
+                                           labels="compact", on_note=notes.append))
+    assert store.num_classes == 11 and store.manifest["classes"] == [*map(str, range(10)), "255"]
+    ys = np.concatenate([store.read(c, s)[1] for c in store.client_ids() for s in ("train", "val", "test")])
+    assert sorted(np.bincount(ys).tolist()) == sorted(np.bincount(np.searchsorted(np.unique(labels), labels)).tolist())
+    assert len(notes) == 1 and "renumbered them 0..10" in notes[0]
+    notes.clear()
+    store = PartitionStore.open(import_idx(src, str(tmp_path / "keep"), scheme="iid", clients=3, labels="keep",
+                                           on_note=notes.append))
+    assert store.num_classes == 256 and len(notes) == 1 and "245 of them empty" in notes[0]
+
+
+def test_a_few_empty_classes_are_kept_with_a_note(tmp_path):
+    labels = np.arange(60) % 10
+    labels[labels == 7] = 3  # class 7 never occurs
+    notes: list[str] = []
+    store = PartitionStore.open(import_idx(_sparse(tmp_path, labels), str(tmp_path / "out"), scheme="iid",
+                                           clients=3, on_note=notes.append))
+    assert store.num_classes == 10
+    assert len(notes) == 1 and "9 of the 10 labels" in notes[0] and "e.g. 7" in notes[0] and "--compact-labels" in notes[0]

@@ -77,7 +77,7 @@ def test_leaf_train_test_layout_keeps_leaf_split(tmp_path):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda o: o["user_data"].pop("f0001_1"), "user 'f0001_1' has no data"),
-    (lambda o: o["user_data"]["f0002_2"].update(x=[[0.5] * 783]), "x has the wrong length"),
+    (lambda o: o["user_data"]["f0002_2"].update(x=[[0.5] * 783]), "x row 0 has the wrong length"),
     (lambda o: o["user_data"]["f0000_0"]["y"].__setitem__(0, 62), "label 62 out of range"),
     (lambda o: o["num_samples"].__setitem__(0, 999), "num_samples says 999"),
     (lambda o: o["user_data"]["f0000_0"]["x"][0].__setitem__(3, 1.5), r"in \[0, 1\]"),
