@@ -66,7 +66,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simfed.algorithms.base import Capabilities, ClientData, Eval
+from simfed.algorithms.base import Capabilities, ClientData, Eval, ModelNeeds
 from simfed.algorithms.kit.acnnl import AnalyticFields, LayerwiseMethod, outputs_eval, predict
 from simfed.algorithms.registry import register
 
@@ -81,7 +81,8 @@ class FedACnnL(LayerwiseMethod):
     name = "fedacnnl"
     Config = FedACnnLConfig
     summary = "FedACnnL: layer-wise closed-form least squares, summed Gram matrices (Gu et al. 2025)"
-    capabilities = Capabilities(chunk_sums=True)  # its layer phases: one stacked Gram per chunk
+    # its layer phases: one stacked Gram per chunk; the network: a chain of solvable layers
+    capabilities = Capabilities(chunk_sums=True, model=ModelNeeds(chain=True, own_network=True))
 
     def evaluate(self, cfg, layers, bcast, data: ClientData, ctx) -> dict[str, Eval]:
         out = {}

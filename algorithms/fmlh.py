@@ -179,6 +179,8 @@ class FMLH(hn.HyperNetMethod):
     Config = FMLHConfig
     summary = "FMLH: federated meta-learning with a norm-constrained hypernetwork offset (Wu et al. 2025)"
     capabilities = Capabilities(payloads=True)
+    over_budget = ("fmlh's offset covers every client parameter: use a smaller [model] or raise max_generated "
+                   "(pefll and pfedhn can generate the head only: generate = \"head\")")
 
     def init(self, cfg, task: Task, seed: int) -> FMLHState:
         hnet, dim = hn.build(cfg, task, derive_seed(seed, "fmlh-hnet"), self.name)

@@ -146,6 +146,11 @@ def meta_client_step(cfg, w: torch.Tensor, f, x: torch.Tensor, y: torch.Tensor,
     return w, seen, sum(losses) / max(len(losses), 1)
 
 
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs in the model's float dtype (a float64 model in the tests); token ids stay integers."""
+    return x.to(dtype) if x.is_floating_point() else x
+
+
 @register
 class MetaFL(GlobalModelMethod):
     """The kit's global model and server step (weighted mean change); the client runs meta-steps."""
@@ -166,7 +171,7 @@ class MetaFL(GlobalModelMethod):
         x, y = data.split("train")
         p = next(model.parameters())
         w0 = bcast.to(p.device, p.dtype)
-        w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), x.to(p.dtype), y, ctx.generator("meta"))
+        w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), as_dtype(x, p.dtype), y, ctx.generator("meta"))
         delta = (w0 - w).to(bcast.device, bcast.dtype)
         return Reply(sums=update_sums(delta, float(n)), n_train=seen, train_loss=loss)
 
@@ -193,7 +198,7 @@ class MetaFL(GlobalModelMethod):
         p = next(model.parameters())
         w0 = bcast.to(p.device, p.dtype)
         splits = [d.split("train") for d in datas]
-        w, seen, losses = meta_chunk_step(cfg, model, w0, [x.to(p.dtype) for x, _ in splits], [y for _, y in splits],
+        w, seen, losses = meta_chunk_step(cfg, model, w0, [as_dtype(x, p.dtype) for x, _ in splits], [y for _, y in splits],
                                           [c.generator("meta") for c in ctxs])
         return [Reply(sums=update_sums((w0 - row).to(bcast.device, bcast.dtype), float(n)), n_train=s, train_loss=loss)
                 for n, row, s, loss in zip(ns, w, seen, losses)]

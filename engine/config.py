@@ -1,8 +1,9 @@
-"""The typed experiment: [data], [run], [engine] and [algorithm] as frozen dataclasses, parsed
-from a TOML document (a dict) and checked before any work.
+"""The typed experiment: [data], [run], [engine], [algorithm] and [model] as frozen dataclasses,
+parsed from a TOML document (a dict) and checked before any work.
 
 Sections map onto the dataclasses below; [algorithm] holds `name` plus the method's own keys (its
-frozen Config dataclass). Unknown sections or keys are errors that list the valid ones (every dict
+frozen Config dataclass); [model] holds the client network's `name` plus its own keys (a
+`ModelSpec`; absent = the LeNet, kit/models/catalog.py). Unknown sections or keys are errors that list the valid ones (every dict
 becomes a dataclass through simfed.core.config.config_from_dict). After parsing, `check` adds what
 each key means: ranges, names that must be one path component, addresses simfed can reach, and the
 method's keys by naming convention (every `*lr` is a step size in [0, MAX_LR], `momentum` in
@@ -16,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from simfed.algorithms.base import ModelSpec
 from simfed.core import validate as v
 from simfed.core.config import config_from_dict, to_toml
 from simfed.core.errors import SimfedError
@@ -65,19 +67,22 @@ class Experiment:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    model: ModelSpec = ModelSpec()
 
 
 SECTIONS = {"data": DataConfig, "run": RunConfig, "engine": EngineConfig}
-TOML_ORDER = ("data", "run", "algorithm", "engine")
+TOML_ORDER = ("data", "run", "model", "algorithm", "engine")
 
 
 def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
     """The experiment of a TOML document; `where` (the file) starts messages about the document itself."""
     from simfed.algorithms import registry  # imports torch: not at import time (`simfed --help` stays light)
+    from simfed.algorithms.kit import models
 
-    unknown = sorted(set(doc) - set(SECTIONS) - {"algorithm"})
+    unknown = sorted(set(doc) - set(SECTIONS) - {"algorithm", "model"})
     if unknown:
-        raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]; valid: [algorithm], [data], [engine], [run]")
+        raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]; valid: [algorithm], [data], [engine], "
+                          "[model], [run]")
     parts = {}
     for name, cls in SECTIONS.items():
         section = doc.get(name, {})
@@ -94,13 +99,17 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
         raise SimfedError(f"{where}: [algorithm] name must be a string, got {name!r}")
     algo = registry.get(v.text("[algorithm] name", name, max_len=200))
     cfg = config_from_dict(algo.Config, algo_doc, f"[algorithm] ({name})")
-    return check(Experiment(algorithm=name, algorithm_config=cfg, **parts))
+    model = models.parse_spec(doc["model"]) if "model" in doc else ModelSpec()
+    return check(Experiment(algorithm=name, algorithm_config=cfg, model=model, **parts))
 
 
 def to_dict(exp: Experiment) -> dict[str, Any]:
     out = {"algorithm": {"name": exp.algorithm, **dataclasses.asdict(exp.algorithm_config)}}
     for name in SECTIONS:
         out[name] = dataclasses.asdict(getattr(exp, name))
+    from simfed.algorithms.kit import models
+
+    out["model"] = models.to_table(exp.model)
     return out
 
 

@@ -1,17 +1,18 @@
 """The global model of the FedAvg family, as one piece that methods compose.
 
 FedAvg, Ditto, kNN-Per, Meta-FL, Per-FedAvg and pFedMe keep one global model theta (the client
-LeNet's flat parameters) on the server and move it by the sample-weighted mean change of the
+model's flat parameters; the task's [model], LeNet by default) on the server and move it by the sample-weighted mean change of the
 clients; FedRep does the same with the body only, and Local starts every client from the same
 seeded theta. What they share lives here, once:
 
 - config field groups: `SGDFields` (the local optimizer), `LocalSGDFields` (+ how long a client
   trains), `GlobalSGDFields` (+ the server step); a method's config inherits the group it uses;
-- `GlobalModelState` and `initial_model` (the client LeNet, initialized from the run seed);
+- `GlobalModelState` and `initial_model` (the task's client model, initialized from the run seed);
 - the client side: `client_model`, `local_sgd` / `local_sgd_chunk`, `local_update`,
   `finetune_and_evaluate` / `finetune_reply`, and `update_sums`, the summable reply {delta_i * n_i, n_i};
 - the server step `descend`: theta <- theta - rate * sum_i(delta_i n_i) / sum_i n_i;
-- `GlobalModelMethod`: init, validation, phases, broadcast and finish of such a method.
+- `GlobalModelMethod`: init, phases, broadcast and finish of such a method (the engine checks the
+  model against the task before any work: kit/models/needs.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 
 from simfed.algorithms.base import Algorithm, ClientContext, ClientData, Reply, RoundInfo, ServerState, Task
 from simfed.algorithms.kit import training, vectorized
-from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
-from simfed.core.errors import SimfedError
+from simfed.algorithms.kit import models
+from simfed.algorithms.kit.models import flat_params, load_flat
 
 
 @dataclass(frozen=True)
@@ -73,20 +74,13 @@ class GlobalModelState(ServerState):
 
 
 def initial_model(task: Task, seed: int) -> torch.Tensor:
-    """The client LeNet's flat parameters, initialized from the run seed alone."""
-    return flat_params(init_model(lenet_for(task.input_shape, task.num_classes), seed))
-
-
-def check_lenet(method: str, task: Task) -> None:
-    """SimfedError, before any work, for a task the client LeNet cannot take."""
-    try:
-        lenet_for(task.input_shape, task.num_classes)
-    except ValueError as exc:
-        raise SimfedError(f"[algorithm] {method}: {exc}") from None
+    """The client model's flat parameters, initialized from the run seed alone."""
+    return flat_params(models.initial(task, seed))
 
 
 def client_model(ctx: ClientContext) -> torch.nn.Module:
-    return ctx.module("lenet", lambda: lenet_for(ctx.task.input_shape, ctx.task.num_classes))
+    """The worker's one instance of the task's client model (each client loads its parameters)."""
+    return ctx.module(models.cache_key(ctx.task), lambda: models.build(ctx.task))
 
 
 def local_sgd(model, data: ClientData, cfg, gen) -> tuple[int, float]:
@@ -164,9 +158,6 @@ class GlobalModelMethod(Algorithm):
 
     def init(self, cfg, task: Task, seed: int) -> GlobalModelState:
         return GlobalModelState(initial_model(task, seed))
-
-    def validate(self, cfg, task: Task) -> None:
-        check_lenet(self.name, task)
 
     def train_phases(self, cfg, state, round):
         return ("update",)
