@@ -103,6 +103,18 @@ def test_init_rules_per_layer_type():
 def test_user_factory_gets_the_task_and_its_keys():
     m = models.build(with_model(CIFAR, f"{USER}:small_cnn", channels=3, hidden=5))
     assert m[0].out_channels == 3 and m[4].out_features == 5 and m[-1].out_features == 10
+    from tests.engine import user_models
+
+    models.build(with_model(CIFAR, f"{USER}:record_keys", sizes=[3, 4], name_of="x", flag=True))
+    assert user_models.SEEN_KEYS == {"sizes": (3, 4), "name_of": "x", "flag": True}  # TOML lists as tuples
+
+
+def test_a_factory_in_the_current_directory_imports(tmp_path, monkeypatch):
+    (tmp_path / "my_nets_here.py").write_text("from torch import nn\n"
+                                              "def net(task):\n    return nn.Linear(16, task.num_classes)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    assert models.check_task(with_model(FEATURES, "my_nets_here:net")).out_features == 4
 
 
 def test_entry_point_names_a_factory(monkeypatch):
@@ -140,6 +152,10 @@ def test_model_checks_before_a_run_are_one_line(factory, needle):
     with pytest.raises(SimfedError) as exc:
         models.check_task(with_model(CIFAR, factory))
     assert needle in one_line(exc)
+
+
+def test_batchnorm_without_running_statistics_is_accepted():
+    assert isinstance(models.check_task(with_model(CIFAR, f"{USER}:stateless_batchnorm")), nn.Sequential)
 
 
 def test_built_ins_refuse_inputs_they_cannot_take():
