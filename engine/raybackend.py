@@ -180,9 +180,11 @@ class RayBackend(Backend):
     def _setup(self, server_args: dict) -> None:
         ray, engine = self.ray, self.engine
         try:
-            ray.get(self.server.setup.remote(server_args))
+            # Server and workers set up at once: each starts a process that imports torch and warms up.
+            server = self.server.setup.remote(server_args)
             self._info = ray.get([w.setup.remote(self.spec, i) for i, w in enumerate(self.workers)],
                                  timeout=PLACEMENT_TIMEOUT_S)
+            ray.get(server)
         except ray.exceptions.GetTimeoutError:
             raise SimfedError(f"{self.n_workers} workers with {engine.cpus_per_worker} CPUs and "
                               f"{engine.gpus_per_worker} GPUs each could not be placed within {PLACEMENT_TIMEOUT_S} s; "

@@ -12,7 +12,8 @@ seeded theta. What they share lives here, once:
   `finetune_and_evaluate` / `finetune_reply`, and `update_sums`, the summable reply {delta_i * n_i, n_i};
 - the server step `descend`: theta <- theta - rate * sum_i(delta_i n_i) / sum_i n_i;
 - `GlobalModelMethod`: init, phases, broadcast and finish of such a method (the engine checks the
-  model against the task before any work: kit/models/needs.py).
+  model against the task before any work: kit/models/needs.py);
+- `global_privacy`: what [privacy] protects in such a method (the "update" phase's delta).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Algorithm, ClientContext, ClientData, Reply, RoundInfo, ServerState, Task
+from simfed.algorithms.base import (Algorithm, ClientContext, ClientData, PrivacySupport, Reply, RoundInfo, ServerState,
+                                   Task)
 from simfed.algorithms.kit import training, vectorized
 from simfed.algorithms.kit import models
 from simfed.algorithms.kit.models import flat_params, load_flat
@@ -144,11 +146,18 @@ def descend(theta: torch.Tensor, total: torch.Tensor, n, rate: float) -> tuple[t
 
 
 def server_step(state: GlobalModelState, sums, n_clients: int, rate: float) -> dict[str, float]:
-    """The FedAvg server step on `state.theta` from `update_sums` added over the clients."""
-    if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:
+    """The FedAvg server step on `state.theta` from `update_sums` added over the clients. Under
+    [privacy] the sums are the noised release and "n" the fixed denominator, even with no client."""
+    if "n" not in sums or float(sums["n"]) <= 0:
         return {"clients": 0.0}
     state.theta, step = descend(state.theta, sums["delta"], float(sums["n"]), rate)
     return {"update_norm": float(step.norm())}
+
+
+def global_privacy(covers: str) -> PrivacySupport:
+    """[privacy] of a method whose only release is the kit's global-model update: the "update"
+    phase's `update_sums` (delta weighted by n) form it."""
+    return PrivacySupport(released=(("update", ("delta",)),), covers=covers)
 
 
 class GlobalModelMethod(Algorithm):
@@ -170,3 +179,6 @@ class GlobalModelMethod(Algorithm):
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         return server_step(state, sums, n_clients, cfg.server_lr)
+
+    def privacy_zeros(self, phase, cfg, state):
+        return {"delta": torch.zeros_like(state.theta)}

@@ -128,7 +128,7 @@ def test_entry_point_names_a_factory(monkeypatch):
 
 
 @pytest.mark.parametrize("table, needle", [
-    ({"name": "resnet18", "depth": 50}, "unknown key(s) depth in [model] (resnet18); valid keys: groups, width"),
+    ({"name": "resnet18", "depth": 50}, "unknown key(s) depth in [model] (resnet18) (did you mean 'width'?); valid keys: groups, width"),
     ({"name": "vgg"}, "is not a model; built-in: lenet, resnet18, mlp, charlstm"),
     ({"width": 4}, "name is missing"),
     ({"name": "mlp", "hidden": {"a": 1}}, "[model] hidden must be a number, string, boolean or list"),
