@@ -89,3 +89,22 @@ def test_pefll_embedding_net_for_tokens_and_images():
     assert torch.allclose(embednet.phi(net, x.flip(1), y, 5), embednet.phi(net, x, y, 5), atol=1e-6)
     image = embednet.embed_net(Task((3, 32, 32), 10), dim=4, use_labels=True)
     assert isinstance(image, models.LeNet) and image.features[0].in_channels == 3 + 10
+
+
+def test_pefll_refuses_privacy_when_it_shares_a_body():
+    from simfed.algorithms.pefll import PeFLL, PeFLLConfig
+
+    PeFLL().validate_privacy(PeFLLConfig(descriptor_norm="public"))  # generate = "all": the paper's release
+    with pytest.raises(SimfedError) as exc:
+        PeFLL().validate_privacy(PeFLLConfig(descriptor_norm="public", generate="head"))
+    assert "\n" not in str(exc.value) and 'generate = "head" shares a body' in str(exc.value)
+
+
+def test_pefll_public_norm_takes_token_ids():
+    from simfed.algorithms.pefll import PeFLLConfig, public_norm
+
+    t = Task((80,), 80, input="tokens", vocab=tuple(chr(32 + i) for i in range(80)), model=models.parse_spec(
+        {"name": "charlstm", "hidden": 8}))
+    embed = embednet.embed_net(t, 4, True)
+    m, s = public_norm(embed, PeFLLConfig(descriptor_batch=8), t, 0)
+    assert torch.isfinite(m).all() and torch.isfinite(s).all()  # float noise would not index an embedding
