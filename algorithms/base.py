@@ -77,9 +77,25 @@ KEEP = "__simfed_keep_state__"  # Reply.state default: leave the client's persis
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """Which client network a run trains (the [model] table): a built-in name, an entry point of the
+    `simfed.models` group, or "package.module:factory", and the table's other keys as sorted
+    (key, value) pairs, lists as tuples, so that the spec is hashable. `kit.models.build(task)`
+    turns it into a module; the default is the LeNet every method trained before models existed."""
+
+    name: str = "lenet"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
 class Task:
-    """What the data look like: input shape, number of classes, number of training clients, and how
-    inputs reach the model (`PartitionStore.task_fields()` gives the data half).
+    """What the data look like: input shape, number of classes, number of training clients, how
+    inputs reach the model (`PartitionStore.task_fields()` gives the data half), and which model
+    the run trains (the engine adds the experiment's [model]).
 
     `input_shape` is one sample's shape: (C, H, W) for images, (L,) for a token sequence, (D,) for
     features. `dtype` is how the store keeps it ("uint8", "int32", "float32"); `input` is what
@@ -93,6 +109,7 @@ class Task:
     dtype: str = "uint8"
     input: str = "unit"
     vocab: tuple[str, ...] = ()
+    model: ModelSpec = ModelSpec()
 
 
 @dataclass(frozen=True)
@@ -259,6 +276,23 @@ class ServerState:
 
 
 @dataclass(frozen=True)
+class ModelNeeds:
+    """What a method needs of the client model beyond building for the task (checked by the engine
+    before any work, `kit.models.needs_problem`; a config-dependent need, such as a hypernetwork's
+    generated-parameter budget, is the method's `validate`)."""
+
+    # a plain chain of Conv2d / ReLU / MaxPool2d / Flatten / Linear layers, each linear in its weights
+    # given its inputs (the analytic methods solve it layer by layer)
+    chain: bool = False
+    # a separable head: the model's `head` submodule, else its last Linear layer, whose parameters
+    # come last in the model's parameter order (FedRep's local head, kNN-Per's features)
+    head: bool = False
+    # without a [model] table the method builds its own network from its config (FedACnnL's `layers`),
+    # so the default model is not built or checked for it
+    own_network: bool = False
+
+
+@dataclass(frozen=True)
 class PrivacySupport:
     """What [privacy] protects in a method, declared (engine.privacy does the clipping and noise).
 
@@ -307,6 +341,7 @@ class Capabilities:
     # `chunk_sums` may answer a train phase for a whole chunk with the chunk's summed statistics
     # only (it returns None for a phase it does not cover); always used where it answers.
     chunk_sums: bool = False
+    model: ModelNeeds = ModelNeeds()  # what the method needs of the client model
     # What [privacy] protects (PrivacySupport), or why the method refuses it (NoPrivacy); None: the
     # method says nothing, and [privacy] is refused.
     privacy: PrivacySupport | NoPrivacy | None = None
@@ -414,31 +449,31 @@ class Algorithm:
 
     def work(self, phase: str, cfg: Any, task: Task, n_train: int) -> Work:
         """What a client with `n_train` train samples does in training phase `phase` (the clock's
-        inputs). Default: the client LeNet down (float32) and its change plus the float64 weight up
+        inputs). Default: the client model down (float32) and its change plus the float64 weight up
         (`update_sums`), and the `local_steps`/`local_epochs`/`batch_size` convention for samples
         (`training.batches`). A method whose messages or steps differ overrides this; the engine's
         tests check every method's prediction against its metric rows."""
-        from simfed.algorithms.kit.workload import default_steps, lenet_bytes
+        from simfed.algorithms.kit.workload import default_steps, model_bytes
 
         steps, samples = default_steps(cfg, n_train)
-        model = lenet_bytes(task.input_shape, task.num_classes)
+        model = model_bytes(task)
         return Work(samples=samples, steps=steps, bytes_down=model, bytes_up=model + 8)
 
     def warmup(self, cfg: Any, task: Task, device: torch.device) -> None:
         """Run once when a worker starts, outside any round: one tiny forward/backward/SGD step of
         the client model on zeros, so that round 1 does not pay torch's first-use costs (lazy
         kernel and allocator set-up, autograd's engine) and costs what round 2 costs. Default: the
-        LeNet most methods train, at the method's batch size; a method with another client model
-        overrides this. Touches no client, state or random stream."""
-        from simfed.algorithms.kit.models import lenet_for
+        task's model (`kit.models.build`) most methods train, at the method's batch size; a method
+        with another client model overrides this. Touches no client, state or random stream."""
+        from simfed.algorithms.kit import models
+        from simfed.core.errors import SimfedError
 
         try:
-            model = lenet_for(task.input_shape, task.num_classes).to(device)
-        except ValueError:  # a task LeNet cannot take: validate() reports it, nothing to warm
+            model = models.build(task).to(device)
+        except (SimfedError, ValueError):  # a task the model cannot take: validation reports it
             return
-        batch = max(1, int(getattr(cfg, "batch_size", 32)))
-        x = torch.zeros((batch, *task.input_shape), device=device)
-        y = torch.zeros(batch, dtype=torch.long, device=device)
+        x = models.dummy_input(task, max(1, int(getattr(cfg, "batch_size", 32))), device)
+        y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
         opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()

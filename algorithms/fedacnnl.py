@@ -75,7 +75,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simfed.algorithms.base import Capabilities, ClientData, Eval, NoPrivacy
+from simfed.algorithms.base import Capabilities, ClientData, Eval, ModelNeeds, NoPrivacy
 from simfed.algorithms.kit.acnnl import AnalyticFields, LayerwiseMethod, outputs_eval, predict
 from simfed.algorithms.registry import register
 
@@ -90,7 +90,8 @@ class FedACnnL(LayerwiseMethod):
     name = "fedacnnl"
     Config = FedACnnLConfig
     summary = "FedACnnL: layer-wise closed-form least squares, summed Gram matrices (Gu et al. 2025)"
-    capabilities = Capabilities(chunk_sums=True, partial="refuse", privacy=NoPrivacy(  # its layer phases: one stacked Gram per chunk
+    # its layer phases: one stacked Gram per chunk; the network: a chain of solvable layers
+    capabilities = Capabilities(chunk_sums=True, partial="refuse", model=ModelNeeds(chain=True, own_network=True), privacy=NoPrivacy(
         "its server solves least squares from summed Gram matrices; clipping each client's Gram statistics and "
         "noising them per layer (kept positive definite) is not implemented, so no guarantee is offered"))
 

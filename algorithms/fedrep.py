@@ -13,11 +13,12 @@ PeFLL's settings (after the FedRep paper). From PeFLL's appendix: a new client g
 initialized head trained for 20 epochs with the body frozen (`unseen_head_epochs`). Ours:
 - A seen client's first head is the server's initial head (the authors start every head from the
   same initial model); a seen client that was never sampled is evaluated like a new client.
-- The random head of a new client uses PyTorch's default Linear initialization, drawn from
+- The random head of a new client uses PyTorch's default initialization per layer type
+  (kit/models/init.py), drawn from
   `ClientContext.generator("head")` (run seed, round, mode, client, phase).
-- The split is by parameter order: LeNet's parameters end with its classifier, so the head is a
-  suffix of the flat vector. A model whose trailing parameterized layers are not `head_layers`
-  linear layers, or whose body would be empty, has no separable head: a config error.
+- The split is by parameter order: the head (the model's `head` submodule, else its last
+  `head_layers` linear layers; LeNet's classifier ends its parameters) is a suffix of the flat
+  vector. A model without such a head, or whose body would be empty, is refused before any work.
 - The reported training loss (`Reply.train_loss`, the train rows' `loss`) is the mean cross-entropy
   over every sample of the round's local training, head steps AND body steps together, weighted
   by samples: (head samples x head mean loss + body samples x body mean loss) / all samples. Each
@@ -36,6 +37,7 @@ body the client received.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import dataclass
@@ -43,12 +45,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from simfed.algorithms.base import Capabilities, Reply, Task, Work
-from simfed.algorithms.kit import training
+from simfed.algorithms.base import Capabilities, ModelNeeds, Reply, Task, Work
+from simfed.algorithms.kit import models, training
 from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, GlobalModelState, SGDFields, client_model,
                                                global_privacy, update_sums)
-from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
-from simfed.algorithms.kit.workload import epoch_steps, lenet_values, tensor_bytes
+from simfed.algorithms.kit.models import flat_params, load_flat
+from simfed.algorithms.kit.workload import epoch_steps, model_values, tensor_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
@@ -73,38 +75,26 @@ class FedRepConfig(SGDFields):
 
 def head_params(model: nn.Module, head_layers: int) -> int:
     """How many trailing parameter tensors form the head; ValueError if the model has no such head."""
-    layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    head = layers[-head_layers:]
-    if len(layers) <= head_layers or not all(isinstance(m, nn.Linear) for m in head):
-        kinds = ", ".join(type(m).__name__ for m in layers)
-        raise ValueError(f"the model ({kinds}) has no separable head of {head_layers} linear layer(s) after a "
-                         "non-empty body; lower head_layers")
-    own = [p for m in head for p in m.parameters(recurse=False)]
-    if any(p is not q for p, q in zip(own, list(model.parameters())[-len(own):])):
-        raise ValueError("the model's head parameters are not the last in its parameter order")
-    return len(own)
+    return sum(1 for m in models.head_modules(model, head_layers) for _ in m.parameters())
 
 
 def head_size(model: nn.Module, head_layers: int) -> int:
     """Number of trailing flat values that form the head."""
-    return sum(p.numel() for p in list(model.parameters())[-head_params(model, head_layers):])
+    return models.head_size(model, head_layers)
 
 
 @functools.lru_cache(maxsize=16)
-def _head_values(input_shape: tuple, num_classes: int, head_layers: int) -> int:
-    return head_size(lenet_for(input_shape, num_classes), head_layers)
+def _head_values(task: Task, head_layers: int) -> int:
+    return head_size(models.build(task), head_layers)
 
 
 def random_head(model: nn.Module, head_layers: int, gen: torch.Generator) -> torch.Tensor:
-    """A freshly initialized head (PyTorch's default Linear init), as a flat vector."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)][-head_layers:]
-    parts = []
-    for m in layers:
-        bound = 1.0 / math.sqrt(m.in_features)
-        parts.append(torch.empty(m.weight.numel()).uniform_(-bound, bound, generator=gen))
-        if m.bias is not None:
-            parts.append(torch.empty(m.bias.numel()).uniform_(-bound, bound, generator=gen))
-    return torch.cat(parts)
+    """A freshly initialized head (PyTorch's default rule per layer type, kit/models/init.py), as a
+    flat vector; the model itself is left as it is."""
+    # drawn in float32 whatever the model's dtype, as the client's other random draws are
+    head = [h.float() for h in copy.deepcopy(models.head_modules(model, head_layers))]
+    models.init_modules_((m for h in head for m in h.modules()), gen)
+    return torch.cat([p.detach().reshape(-1) for h in head for p in h.parameters()])
 
 
 def train_part(model: nn.Module, head_layers: int, part: str, x, y, *, epochs: float, cfg, gen) -> tuple[int, float]:
@@ -143,25 +133,26 @@ class FedRep(GlobalModelMethod):
     name = "fedrep"
     Config = FedRepConfig
     summary = "FedRep: global body, per-client heads trained first (Collins et al. 2021)"
-    capabilities = Capabilities(client_state=True, asynchronous=True, partial="drop", privacy=global_privacy(
+    capabilities = Capabilities(client_state=True, asynchronous=True, partial="drop", model=ModelNeeds(head=True),
+                                privacy=global_privacy(
         "the shared body; the heads never leave their clients, so they are not released"))
 
     def work(self, phase, cfg, task, n_train) -> Work:
         """Head epochs then body epochs; the body and the initial head down, the body change up."""
         passes = [epoch_steps(n_train, cfg.batch_size, e) for e in (cfg.head_epochs, cfg.body_epochs)]
-        total = lenet_values(task.input_shape, task.num_classes)
-        body = total - _head_values(tuple(task.input_shape), task.num_classes, cfg.head_layers)
+        total = model_values(task)
+        body = total - _head_values(task, cfg.head_layers)
         return Work(samples=sum(s for _, s in passes), steps=sum(k for k, _ in passes),
                     bytes_down=tensor_bytes(total), bytes_up=tensor_bytes(body) + 8)
 
     def init(self, cfg, task: Task, seed: int) -> FedRepState:
-        model = init_model(lenet_for(task.input_shape, task.num_classes), seed)
+        model = models.initial(task, seed)
         flat, n_head = flat_params(model), head_size(model, cfg.head_layers)
         return FedRepState(flat[:-n_head].clone(), flat[-n_head:].clone())
 
     def validate(self, cfg, task: Task) -> None:
         try:
-            head_size(lenet_for(task.input_shape, task.num_classes), cfg.head_layers)
+            head_size(models.build(task), cfg.head_layers)
         except ValueError as exc:
             raise SimfedError(f"[algorithm] {self.name}: {exc}") from None
 

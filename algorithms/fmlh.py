@@ -83,7 +83,7 @@ from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
 from simfed.algorithms.kit.globalmodel import client_model, descend, finetune_reply, initial_model
 from simfed.algorithms.kit.models import flat_params, load_flat
-from simfed.algorithms.kit.workload import FLOAT64, lenet_bytes
+from simfed.algorithms.kit.workload import FLOAT64, model_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 from simfed.core.seeds import derive_seed
@@ -190,6 +190,8 @@ class FMLH(hn.HyperNetMethod):
     capabilities = Capabilities(payloads=True, partial="drop", privacy=NoPrivacy(
         "fmlh keeps a per-client embedding e_i on the server, fitted to that client's fine-tuned model alone and "
         "released in its model w + P(h(e_i)); a guarantee could cover w and h (sums over clients), never e_i"))
+    over_budget = ("fmlh's offset covers every client parameter: use a smaller [model] or raise max_generated "
+                   "(pefll and pfedhn can generate the head only: generate = \"head\")")
 
     def work(self, phase, cfg, task, n_train) -> Work:
         """w and w_i down; u_i, its count and phi_i - w up; meta_steps x (inner steps on the support
@@ -198,7 +200,7 @@ class FMLH(hn.HyperNetMethod):
         k = n if n < 2 else min(max(1, round(cfg.support_fraction * n)), n - 1)
         q = n if n < 2 else n - k
         per = cfg.inner_steps * min(cfg.batch_size, k) + min(cfg.batch_size, q)
-        model = lenet_bytes(task.input_shape, task.num_classes)
+        model = model_bytes(task)
         return Work(samples=cfg.meta_steps * per if n else 0, steps=cfg.meta_steps, bytes_down=2 * model,
                     bytes_up=2 * model + FLOAT64)
 

@@ -1,8 +1,8 @@
 """kNN-Per (Marfoq, Neglia, Vidal, Kameni, ICML 2022, arXiv 2111.09360): FedAvg model + local kNN.
 
 Training is FedAvg (the kit's global model: the same client and server steps). At evaluation every client, seen or new,
-embeds its own train split with the global model (the features are the input of the last linear
-layer) and predicts
+embeds its own train split with the global model (the features are the input of the model's head:
+its `head` submodule, else its last linear layer) and predicts
     p(y | x) = lam * p_kNN(y | x) + (1 - lam) * softmax(model(x)),
     p_kNN(c | x) = sum_{j in N_k(x)} w_j [y_j = c] / sum_{j in N_k(x)} w_j,  w_j = exp(-d_j / (D * scale)),
 with N_k(x) the k train samples nearest to x in squared Euclidean distance d_j and D the feature
@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from simfed.algorithms.base import Capabilities, Eval, Reply
+from simfed.algorithms.base import Capabilities, Eval, ModelNeeds, Reply
+from simfed.algorithms.kit import models
 from simfed.algorithms.kit.globalmodel import GlobalModelMethod, GlobalSGDFields, client_model, global_privacy, sgd_reply
 from simfed.algorithms.kit.models import load_flat
 from simfed.algorithms.registry import register
@@ -69,10 +70,10 @@ class KNNPerConfig(GlobalSGDFields):
 
 @torch.no_grad()
 def features_and_probs(model, x: torch.Tensor, batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input of the last linear layer, softmax of the output) for every row of x."""
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    """(input of the head, softmax of the output) for every row of x; features flattened per row."""
+    last = models.head_modules(model)[0]
     feats, probs = [], []
-    hook = last.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach()))
+    hook = last.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach().flatten(1)))
     model.eval()
     try:
         for s in range(0, int(x.shape[0]), batch_size):
@@ -104,7 +105,8 @@ class KNNPer(GlobalModelMethod):
     name = "knnper"
     Config = KNNPerConfig
     summary = "kNN-Per: FedAvg model interpolated with a local kNN on its features (Marfoq et al. 2022)"
-    capabilities = Capabilities(asynchronous=True, partial="steps", privacy=global_privacy(
+    # features: the head's input
+    capabilities = Capabilities(asynchronous=True, partial="steps", model=ModelNeeds(head=True), privacy=global_privacy(
         "the global model; the kNN datastore is each client's own data and is never sent"))
 
     def check_clients(self, cfg, n_train) -> None:

@@ -56,7 +56,7 @@ from simfed.algorithms.base import Capabilities, ClientContext, Reply, Work
 from simfed.algorithms.kit.functional import BatchStream, loss_fn, meta_gradient
 from simfed.algorithms.kit.globalmodel import GlobalModelMethod, client_model, finetune_reply, global_privacy, update_sums
 from simfed.algorithms.kit.vectorized_meta import meta_chunk_step
-from simfed.algorithms.kit.workload import lenet_bytes
+from simfed.algorithms.kit.workload import model_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
@@ -158,6 +158,11 @@ def meta_client_step(cfg, w: torch.Tensor, f, x: torch.Tensor, y: torch.Tensor,
     return w, seen, sum(losses) / max(len(losses), 1)
 
 
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs in the model's float dtype (a float64 model in the tests); token ids stay integers."""
+    return x.to(dtype) if x.is_floating_point() else x
+
+
 @register
 class MetaFL(GlobalModelMethod):
     """The kit's global model and server step (weighted mean change); the client runs meta-steps."""
@@ -173,7 +178,7 @@ class MetaFL(GlobalModelMethod):
         return float(cfg.tau)  # tau meta-steps of fixed-size batches, whatever the client's size
 
     def work(self, phase, cfg, task, n_train) -> Work:
-        model = lenet_bytes(task.input_shape, task.num_classes)
+        model = model_bytes(task)
         n = int(n_train)
         return Work(samples=cfg.tau * cfg.samples_per_meta_step(n) if n > 0 else 0, steps=cfg.tau,
                     bytes_down=model, bytes_up=model + 8)
@@ -186,7 +191,8 @@ class MetaFL(GlobalModelMethod):
         x, y = data.split("train")
         p = next(model.parameters())
         w0 = bcast.to(p.device, p.dtype)
-        w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), x.to(p.dtype), y, ctx.generator("meta"), ctx.budget)
+        w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), as_dtype(x, p.dtype), y, ctx.generator("meta"),
+                                         ctx.budget)
         delta = (w0 - w).to(bcast.device, bcast.dtype)
         return Reply(sums=update_sums(delta, float(n), ctx.staleness), n_train=seen, train_loss=loss)
 
@@ -213,8 +219,9 @@ class MetaFL(GlobalModelMethod):
         p = next(model.parameters())
         w0 = bcast.to(p.device, p.dtype)
         splits = [d.split("train") for d in datas]
-        w, seen, losses = meta_chunk_step(cfg, model, w0, [x.to(p.dtype) for x, _ in splits], [y for _, y in splits],
-                                          [c.generator("meta") for c in ctxs], [c.budget for c in ctxs])
+        w, seen, losses = meta_chunk_step(cfg, model, w0, [as_dtype(x, p.dtype) for x, _ in splits],
+                                          [y for _, y in splits], [c.generator("meta") for c in ctxs],
+                                          [c.budget for c in ctxs])
         return [Reply(sums=update_sums((w0 - row).to(bcast.device, bcast.dtype), float(n), c.staleness), n_train=s,
                       train_loss=loss) for n, c, row, s, loss in zip(ns, ctxs, w, seen, losses)]
 

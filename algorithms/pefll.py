@@ -96,6 +96,16 @@ stragglers = "partial" too: its exchanges are all-or-nothing (a descriptor witho
 step, or a model step without the embed exchange, leaves the server's gradient half made).
 Not asynchronous: the three exchanges of a round share one h and one phi; `fedbuff` is refused.
 
+Models other than the paper's (ours; docs/models.md):
+- `generate` ["all"] (kit/partial.py): "all" generates every client parameter, as the paper;
+  "head" generates only the model's head, the body is shared and moved FedAvg-style in the model
+  phase (its change summed, weighted by train samples, `body_lr` [1.0]); `max_generated`
+  [2,000,000] refuses, before any work, a model whose generated part is larger (ResNet-18: use
+  "head").
+- The embedding network phi is Table 4's LeNet for images LeNet can take; for any other input an
+  MLP over the flattened input (token ids: an embedding, mean-pooled) with the one-hot label
+  appended (kit/embednet.py).
+
 Collapse gauge (every round, in the round's stats, persisted in RUN_DIR/metrics/rounds/):
 `model.descriptor_spread` (spread of the normalized descriptors of the cohort) and
 `model.model_spread` (spread of the generated models h(v_i)), see `hypernet.spread`; 0 = collapse.
@@ -110,11 +120,11 @@ import torch
 import functools
 
 from simfed.algorithms.base import Capabilities, PrivacySupport, Reply, ServerState, Task, Work
+from simfed.algorithms.kit import embednet, models, partial, training
 from simfed.algorithms.kit import hypernet as hn
-from simfed.algorithms.kit import training
 from simfed.algorithms.kit.globalmodel import client_model
 from simfed.algorithms.kit.models import flat_params, init_model, load_flat
-from simfed.algorithms.kit.workload import FLOAT64, SCALAR, default_steps, lenet_bytes, tensor_bytes
+from simfed.algorithms.kit.workload import FLOAT64, SCALAR, default_steps, model_bytes, tensor_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 from simfed.core.seeds import derive_seed
@@ -199,16 +209,18 @@ def public_norm(embed, cfg, task: Task, seed: int) -> tuple[torch.Tensor, torch.
     """(m, s) of phi's descriptor of a seeded batch of uniform-noise inputs with uniform labels:
     `descriptor_norm = "public"`, a normalization no client's data enters (what [privacy] needs)."""
     gen = torch.Generator().manual_seed(derive_seed(seed, "pefll-public"))
-    x = torch.rand((cfg.descriptor_batch, *task.input_shape), generator=gen)
+    if task.input == "tokens":  # ids, as the embedding network takes them
+        x = torch.randint(max(len(task.vocab), 1), (cfg.descriptor_batch, *task.input_shape), generator=gen)
+    else:
+        x = torch.rand((cfg.descriptor_batch, *task.input_shape), generator=gen)
     y = torch.randint(task.num_classes, (cfg.descriptor_batch,), generator=gen)
     with torch.no_grad():
         return norm_of(descriptor(embed, cfg, x, y, task.num_classes))
 
 
 def embed_module(ctx, cfg, dim: int):
-    c = ctx.task.input_shape[0] + (0 if cfg.label_free else ctx.task.num_classes)
-    return ctx.module(("pefll-embed", c, dim),
-                      lambda: hn.embed_net(ctx.task.input_shape, ctx.task.num_classes, dim, not cfg.label_free))
+    return ctx.module(("pefll-embed", models.cache_key(ctx.task), dim, cfg.label_free),
+                      lambda: embednet.embed_net(ctx.task, dim, not cfg.label_free))
 
 
 def descriptor_batch(cfg, data, ctx) -> torch.Tensor:
@@ -224,13 +236,13 @@ def descriptor_batch(cfg, data, ctx) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _embed_values(input_shape: tuple, num_classes: int, dim: int, use_labels: bool) -> int:
-    return sum(p.numel() for p in hn.embed_net(input_shape, num_classes, dim, use_labels).parameters())
+def _embed_values(task: Task, dim: int, use_labels: bool) -> int:
+    return models.count(models.constructed(lambda: embednet.embed_net(task, dim, use_labels), 0))
 
 
 def descriptor(net, cfg, x, y, num_classes) -> torch.Tensor:
     """v = mean phi(x, y) over the rows given (differentiable w.r.t. the net's parameters)."""
-    return net(hn.embed_input(x, None if cfg.label_free else y, num_classes)).mean(0)
+    return embednet.phi(net, x, None if cfg.label_free else y, num_classes).mean(0)
 
 
 @register
@@ -247,21 +259,23 @@ class PeFLL(hn.HyperNetMethod):
         """describe: phi down, u_i up; model: theta_i down, delta_i up (the SGD steps); embed: phi and
         du_i down, phi's gradient and a count up."""
         dim = hn.default_embed_dim(task, cfg.embed_dim)
-        phi = tensor_bytes(_embed_values(tuple(task.input_shape), task.num_classes, dim, not cfg.label_free))
+        phi = tensor_bytes(_embed_values(task, dim, not cfg.label_free))
         if phase == "describe":
             return Work(bytes_down=phi + SCALAR, bytes_up=tensor_bytes(dim))
         if phase == "embed":
             return Work(bytes_down=phi + SCALAR + tensor_bytes(dim), bytes_up=phi + FLOAT64)
         steps, samples = default_steps(cfg, n_train)
-        model = lenet_bytes(task.input_shape, task.num_classes)
+        model = model_bytes(task)
         return Work(samples=samples, steps=steps, bytes_down=model, bytes_up=model)
 
     def init(self, cfg, task: Task, seed: int) -> PeFLLState:
         hnet, dim = hn.build(cfg, task, seed, self.name)
-        embed = init_model(hn.embed_net(task.input_shape, task.num_classes, dim, not cfg.label_free),
-                           derive_seed(seed, "pefll-embed"))
+        eseed = derive_seed(seed, "pefll-embed")
+        embed = init_model(models.constructed(lambda: embednet.embed_net(task, dim, not cfg.label_free), eseed), eseed)
         opt = torch.optim.Adam(list(hnet.parameters()) + list(embed.parameters()), lr=cfg.server_lr)
         state = PeFLLState(hnet, embed, opt)
+        if cfg.generate == "head":  # only then: "all" keeps the state (and checkpoints) of the paper's PeFLL
+            state.body = partial.initial_body(task, seed, partial.split(task, "head")[1])
         if cfg.descriptor_norm == "public":
             state.norm = public_norm(embed, cfg, task, seed)
         return state
@@ -271,6 +285,10 @@ class PeFLL(hn.HyperNetMethod):
             raise SimfedError("[privacy] with pefll: descriptor_norm = \"first\" standardizes every descriptor by one "
                               "client's descriptor, a release no noise covers; set descriptor_norm = \"public\" (from "
                               "a seeded data-free batch) or \"none\"")
+        if cfg.generate != "all":
+            raise SimfedError(f"[privacy] with pefll: generate = \"{cfg.generate}\" shares a body whose summed "
+                              "changes are released without clipping or noise; use generate = \"all\" (and a model "
+                              "within max_generated) for a guarantee")
 
     def privacy_zeros(self, phase, cfg, state):
         if phase == "model":
@@ -287,7 +305,7 @@ class PeFLL(hn.HyperNetMethod):
     def broadcast(self, phase, cfg, state, info):
         if phase in ("describe", "embed"):
             return {"eta_v": flat_params(state.embed), "dim": state.hnet.mlp[0].in_features}
-        return None
+        return getattr(state, "body", None)  # model, evaluate: the shared body (generate = "head")
 
     def payloads(self, phase, cfg, state, client_ids, info):
         if phase in ("model", "evaluate"):
@@ -335,7 +353,11 @@ class PeFLL(hn.HyperNetMethod):
                 state._n_h = int(float(sums["n"]))
             ids = sorted(state._v)  # sorted: the same float64 sums on serial and Ray
             inputs = [normalized(state, state._v[c]) for c in ids]
-            return {"descriptor_spread": hn.spread(inputs), "model_spread": hn.model_spread(state.hnet, inputs)}
+            out = {"descriptor_spread": hn.spread(inputs), "model_spread": hn.model_spread(state.hnet, inputs)}
+            if hasattr(state, "body"):
+                state.body, step = partial.body_step(state.body, sums, cfg.body_lr)
+                out.update(step)
+            return out
         n_h, n_v = state._n_h, int(float(sums.get("n", 0.0))) if sums else 0
         hparams, vparams = list(state.hnet.parameters()), list(state.embed.parameters())
         out = {"clients_h": float(n_h), "clients_v": float(n_v)}
@@ -400,13 +422,15 @@ class PeFLL(hn.HyperNetMethod):
             return Reply(sums={"grad_v": flat, "n": torch.tensor(1.0, dtype=torch.float64)})
         model = client_model(ctx)
         if phase == "evaluate":
-            load_flat(model, payload)
+            load_flat(model, partial.theta(bcast, payload))
             mask = None
             if cfg.label_mask:
                 mask = torch.bincount(data.split("train")[1], minlength=K)[:K] > 0
             return Reply(evals=training.evaluate_splits(model, data, class_mask=mask))
-        delta, seen, loss = hn.train_payload(model, cfg, payload, data, ctx)
-        return Reply(item=delta, n_train=seen, train_loss=loss)
+        n_body = 0 if bcast is None else bcast.numel()
+        delta, seen, loss = hn.train_payload(model, cfg, partial.theta(bcast, payload), data, ctx)
+        return Reply(item=delta[n_body:], sums=partial.body_sums(delta, n_body, float(data.n("train"))), n_train=seen,
+                     train_loss=loss)
 
     def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
         """The model phase for a chunk of clients in one vectorized SGD run (hypernet.train_delta_chunk),
@@ -415,6 +439,9 @@ class PeFLL(hn.HyperNetMethod):
             return super().chunk_replies(phase, cfg, bcast, payloads, datas, cstates, ctxs)
         replies = [Reply() for _ in payloads]  # no payload: its descriptor was dropped
         model = client_model(ctxs[0])
-        for j, (delta, s, loss) in hn.train_payload_clients(model, cfg, payloads, datas, ctxs).items():
-            replies[j] = Reply(item=delta, n_train=s, train_loss=loss)
+        n_body = 0 if bcast is None else bcast.numel()
+        thetas = [None if p is None else partial.theta(bcast, p) for p in payloads]
+        for j, (delta, s, loss) in hn.train_payload_clients(model, cfg, thetas, datas, ctxs).items():
+            replies[j] = Reply(item=delta[n_body:], sums=partial.body_sums(delta, n_body, float(datas[j].n("train"))),
+                               n_train=s, train_loss=loss)
         return replies

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Capabilities, ClientData, Eval, NoPrivacy, Reply, Task, Work
+from simfed.algorithms.base import Capabilities, ClientData, Eval, ModelNeeds, NoPrivacy, Reply, Task, Work
 from simfed.algorithms.kit import analytic
 from simfed.algorithms.kit.acnnl import (AnalyticFields, LayerwiseMethod, geometry, layer_statistics, outputs_eval,
-                                         selected)
+                                         selected, tokens)
 from simfed.algorithms.kit.workload import FLOAT64, tensor_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
@@ -79,8 +79,8 @@ class PFedACnnL(LayerwiseMethod):
     name = "pfedacnnl"
     Config = PFedACnnLConfig
     summary = "pFedACnnL: FedACnnL + per-client closed-form head toward the global one (Gu et al. 2025)"
-    # the shared layers; group and head phases per client
-    capabilities = Capabilities(chunk_sums=True, partial="refuse", privacy=NoPrivacy(
+    # the shared layers; group and head phases per client; the network: a chain of solvable layers
+    capabilities = Capabilities(chunk_sums=True, partial="refuse", model=ModelNeeds(chain=True, own_network=True), privacy=NoPrivacy(
         "its layers are least-squares solves from summed Gram matrices (and per-group sums with groups > 0); "
         "clipping and noising those statistics is not implemented, so no guarantee is offered"))
 
@@ -114,21 +114,21 @@ class PFedACnnL(LayerwiseMethod):
             return layers
         return tuple(f"cluster{j}" for j in range(cfg.cluster_iters + 1)) + tuple(layers)
 
-    def _head_phase(self, cfg, phase) -> bool:
-        return cfg.groups > 0 and phase == f"layer{len(cfg.layers) - 1}"
+    def _head_phase(self, cfg, task, phase) -> bool:
+        return cfg.groups > 0 and phase == f"layer{len(tokens(cfg, task)) - 1}"
 
     def broadcast(self, phase, cfg, state, info):
         if phase.startswith("cluster"):
             return {"centroids": None if phase == "cluster0" else state.centroids}
         out = dict(super().broadcast(phase, cfg, state, info))
-        if info.mode == "eval" or self._head_phase(cfg, phase):
+        if info.mode == "eval" or self._head_phase(cfg, state._task, phase):
             out["centroids"] = state.centroids if cfg.groups > 0 else None
             out["group_heads"] = state.group_heads if cfg.groups > 0 else None
         return out
 
     def client(self, phase, cfg, bcast, payload, data: ClientData, cstate, ctx) -> Reply:
         k = ctx.task.num_classes
-        if ctx.mode == "train" and (phase.startswith("cluster") or self._head_phase(cfg, phase)):
+        if ctx.mode == "train" and (phase.startswith("cluster") or self._head_phase(cfg, ctx.task, phase)):
             if not selected(cfg, ctx.seed, ctx.round, ctx.client_id):
                 return Reply()  # outside this round's client_fraction
             x, y = data.split("train")
@@ -152,7 +152,7 @@ class PFedACnnL(LayerwiseMethod):
         return super().client(phase, cfg, bcast, payload, data, cstate, ctx)
 
     def chunk_sums(self, phase, cfg, bcast, clients):
-        if self._head_phase(cfg, phase):
+        if clients and self._head_phase(cfg, clients[0][1].task, phase):
             return None  # per-group sums need each client's group: one client at a time
         return super().chunk_sums(phase, cfg, bcast, clients)
 
@@ -166,12 +166,12 @@ class PFedACnnL(LayerwiseMethod):
             has = sums["cnt"] > 0
             state.centroids[has] = sums["S"][has] / sums["cnt"][has, None]
             return {"groups_nonempty": float(has.sum())}
-        if not self._head_phase(cfg, phase):
+        if not self._head_phase(cfg, state._task, phase):
             return super().finish(phase, cfg, state, sums, n_clients, info)
-        i = len(cfg.layers) - 1
+        i = len(state.weights) - 1
         if n_clients == 0 or "Ag" not in sums:
             return super().finish(phase, cfg, state, {}, 0, info)  # the clear zero-clients error
-        where = f"{self.name} layer {i} ({cfg.layers[i]})"
+        where = f"{self.name} layer {i} ({tokens(cfg, state._task)[i]})"
         out = super().finish(phase, cfg, state, {"A": sums["Ag"].sum(0), "b": sums["bg"].sum(0), "n": sums["n"]},
                              n_clients, info)
         heads = state.weights[i].expand(cfg.groups, -1, -1).clone()

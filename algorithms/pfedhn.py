@@ -46,6 +46,12 @@ with the same seeded batches, momentum, weight decay and clip; its replies equal
 rounding (float64 tests: 1e-10). Only the "train" phase: the unseen-embedding fits are evaluation,
 which the engine never vectorizes.
 
+Models other than the paper's LeNet (ours; docs/models.md): `generate` ["all"] (kit/partial.py)
+generates every client parameter, as the paper; "head" generates only the model's head, the body
+is one shared vector moved FedAvg-style (its change summed, weighted by train samples, stepped at
+`body_lr` [1.0] in `finish`); `max_generated` [2,000,000] refuses, before any work, a model whose
+generated part is larger (ResNet-18: use "head").
+
 [privacy] is refused (docs/privacy.md): a guarantee from noising h's summed gradient would cover
 h alone; each embedding e_i is fitted to one client's updates without noise and is released in
 that client's model h(e_i).
@@ -68,10 +74,10 @@ import torch
 
 from simfed.algorithms.base import Capabilities, NoPrivacy, Reply, ServerState, Task, Work
 from simfed.algorithms.kit import hypernet as hn
-from simfed.algorithms.kit import training
+from simfed.algorithms.kit import partial, training
 from simfed.algorithms.kit.globalmodel import client_model
 from simfed.algorithms.kit.models import load_flat
-from simfed.algorithms.kit.workload import default_steps, lenet_bytes
+from simfed.algorithms.kit.workload import default_steps, model_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
@@ -117,14 +123,20 @@ class PFedHN(hn.HyperNetMethod):
 
     def work(self, phase, cfg, task, n_train) -> Work:
         steps, samples = default_steps(cfg, n_train)
-        model = lenet_bytes(task.input_shape, task.num_classes)  # theta_i = h(e_i) down, delta_i up
+        model = model_bytes(task)  # theta_i = h(e_i) down, delta_i up
         return Work(samples=samples, steps=steps, bytes_down=model, bytes_up=model)
 
     def init(self, cfg, task: Task, seed: int) -> PFedHNState:
         hnet, dim = hn.build(cfg, task, seed, self.name)
         opt = torch.optim.SGD(hnet.parameters(), lr=cfg.server_lr, momentum=cfg.server_momentum,
                               weight_decay=cfg.server_weight_decay)
-        return PFedHNState(hnet, opt, {}, dim, seed)
+        state = PFedHNState(hnet, opt, {}, dim, seed)
+        if cfg.generate == "head":  # only then: "all" keeps the state (and checkpoints) of the paper's pFedHN
+            state.body = partial.initial_body(task, seed, partial.split(task, "head")[1])
+        return state
+
+    def broadcast(self, phase, cfg, state, info):
+        return getattr(state, "body", None)  # the shared body (generate = "head")
 
     def train_phases(self, cfg, state, round):
         return ("train",)
@@ -153,14 +165,20 @@ class PFedHN(hn.HyperNetMethod):
             return Reply()
         model = client_model(ctx)
         if phase == "evaluate":
-            load_flat(model, payload)
+            load_flat(model, partial.theta(bcast, payload))
             return Reply(evals=training.evaluate_splits(model, data))
         if data.n("train") < 1:
             raise SimfedError(f"pfedhn: client {ctx.client_id} has no training samples; every client needs >= 1")
-        delta, seen, loss = hn.train_payload(model, cfg, payload, data, ctx)
+        delta, seen, loss = hn.train_payload(model, cfg, partial.theta(bcast, payload), data, ctx)
+        return self._reply(delta, bcast, seen, loss, data, ctx)
+
+    def _reply(self, delta, bcast, seen, loss, data, ctx) -> Reply:
+        """The generated part's change as the item; in training also the body's summable change."""
+        n_body = 0 if bcast is None else bcast.numel()
         if ctx.mode != "train":  # fitting an unseen client's embedding is evaluation, not training
-            return Reply(item=delta)
-        return Reply(item=delta, n_train=seen, train_loss=loss)
+            return Reply(item=delta[n_body:])
+        return Reply(item=delta[n_body:], sums=partial.body_sums(delta, n_body, float(data.n("train"))),
+                     n_train=seen, train_loss=loss)
 
     def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
         """`client` for a chunk of clients in one vectorized SGD run (hypernet.train_delta_chunk),
@@ -174,8 +192,9 @@ class PFedHN(hn.HyperNetMethod):
                                   "every client needs >= 1")
         replies = [Reply() for _ in payloads]
         model = client_model(ctxs[0])
-        for j, (delta, s, loss) in hn.train_payload_clients(model, cfg, payloads, datas, ctxs).items():
-            replies[j] = Reply(item=delta, n_train=s, train_loss=loss) if ctxs[j].mode == "train" else Reply(item=delta)
+        thetas = [None if p is None else partial.theta(bcast, p) for p in payloads]
+        for j, (delta, s, loss) in hn.train_payload_clients(model, cfg, thetas, datas, ctxs).items():
+            replies[j] = self._reply(delta, bcast, s, loss, datas[j], ctxs[j])
         return replies
 
     def absorb(self, phase, cfg, state, client_id, item, info):
@@ -223,6 +242,9 @@ class PFedHN(hn.HyperNetMethod):
         state.opt.zero_grad(set_to_none=True)
         momentum_rows_(state.emb, state.emb_mom, egrads, cfg.embed_lr, cfg.embed_momentum, cfg.embed_weight_decay)
         state._egrad = {}
+        if hasattr(state, "body"):
+            state.body, step = partial.body_step(state.body, sums, cfg.body_lr)
+            out.update(step)
         return out
 
 

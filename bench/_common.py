@@ -58,6 +58,34 @@ def ensure_store(path: str | os.PathLike, clients: int, unseen_fraction: float =
     return str(path), time.perf_counter() - t0
 
 
+def ensure_model_store(path: str | os.PathLike, model: str, clients: int, seed: int = 0) -> tuple[str, float]:
+    """A store in the layout a built-in model takes, from partitions/samples.py's generators:
+    CIFAR-10 (32x32x3, 2 classes per client, about 100 training rows each) for resnet18, LEAF
+    Shakespeare (one role per client) for charlstm, synthetic FEMNIST otherwise."""
+    from simfed.partitions import samples
+
+    if model not in ("resnet18", "charlstm"):
+        return ensure_store(path, clients, seed=seed)
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        return str(path), 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if model == "resnet18":
+            from simfed.partitions.cifar import import_cifar
+
+            src = samples.write_cifar(Path(tmp) / "cifar-10.tar.gz",
+                                      samples.cifar10_contents(per_batch=25 * clients, test=20 * clients, seed=seed))
+            import_cifar(src, path, scheme="classes", classes_per_client=2, clients=clients, seed=seed)
+        else:
+            from simfed.partitions.shakespeare import import_shakespeare
+
+            src = samples.write_shakespeare(Path(tmp) / "leaf", samples.shakespeare_json(roles=clients, seed=seed))
+            import_shakespeare(src, path, seed=seed)
+    return str(path), time.perf_counter() - t0
+
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -151,13 +179,16 @@ def cpu_delta(a: dict, b: dict) -> dict[str, float]:
 
 def run_engine(store: str, *, rounds: int, clients_per_round: int, workers: int, algo_cfg, eval_clients: int,
                seed: int = 0, run_dir: str | None = None, backend: str = "ray", after_round=None,
-               exclude_pids: set | None = None) -> EngineRun:
-    """One FedAvg run through `run_experiment`. Ray must already be connected for the Ray backend."""
+               exclude_pids: set | None = None, model: dict | None = None) -> EngineRun:
+    """One FedAvg run through `run_experiment` (`model`: a [model] table, default LeNet). Ray must
+    already be connected for the Ray backend."""
+    from simfed.algorithms.kit.models import parse_spec
     from simfed.engine.config import DataConfig, EngineConfig, Experiment, RunConfig
     from simfed.engine.loop import run_experiment
 
     exp = Experiment(
         algorithm="fedavg", algorithm_config=algo_cfg, data=DataConfig(path=store),
+        model=parse_spec(model or {"name": "lenet"}),
         # eval_every = checkpoint_every = 0: evaluate and checkpoint only after the last round,
         # both outside the engine's per-round timing (the "round" event is emitted before them).
         run=RunConfig(rounds=rounds, clients_per_round=clients_per_round, eval_every=0, checkpoint_every=0,

@@ -1,7 +1,8 @@
 """The plain-PyTorch baseline of bench/efficiency.py and bench/femnist_scale.py (not part of the package).
 
-The same clients, the same local steps, batch size and even the same batch indices as the engine
-(its per-client generator seed is reproduced), trained by a hand-written PyTorch loop in one
+The same clients, the same network ([model] table in cfg["model"], default LeNet), the same local
+steps, batch size and even the same batch indices as the engine (its per-client generator seed is
+reproduced), trained by a hand-written PyTorch loop in one
 1-thread process per core (multiprocessing, spawn), clients split across the processes
 largest-first (LPT), with a barrier at each round (FedAvg rounds are synchronous).
 """
@@ -31,6 +32,18 @@ def ray_worker_niceness() -> int:
     return int(os.environ.get("RAY_worker_niceness", "15"))
 
 
+def as_input(x, kind: str):
+    """The store's samples as the model takes them (ClientData's rule): "unit" images / 255,
+    "raw" float32 values, "tokens" int64 ids."""
+    import torch
+
+    if kind == "unit":
+        return torch.from_numpy(x).float().div_(255.0)
+    if kind == "raw":
+        return torch.from_numpy(x).float()
+    return torch.from_numpy(x).long()
+
+
 def _plain_worker(rank: int, store_path: str, jobs_by_round: list[list[tuple[int, int]]], cfg: dict, seed: int,
                   commands, results, nice: int = 0) -> None:
     """One plain-PyTorch process: loads its clients, warms up, then trains round i on command i."""
@@ -42,14 +55,16 @@ def _plain_worker(rank: int, store_path: str, jobs_by_round: list[list[tuple[int
     from torch.nn import functional as F
 
     from simfed.algorithms.base import Task
-    from simfed.core.seeds import derive_seed
-    from simfed.algorithms.kit.models import flat_params, init_model, lenet_for
+    from simfed.algorithms.kit import models
+    from simfed.algorithms.kit.models import flat_params
     from simfed.algorithms.kit.training import batches
+    from simfed.core.seeds import derive_seed
     from simfed.partitions.store import PartitionStore
 
     torch.set_num_threads(1)
     store = PartitionStore.open(store_path)
-    task = Task(tuple(int(v) for v in store.sample_shape), int(store.num_classes))
+    # The engine's task for this store and [model] table (plan.py), so both sides train one network.
+    task = Task(**store.task_fields(), model=models.parse_spec(cfg.get("model") or {"name": "lenet"}))
     # The data, copied out of the memory map before timing (a plain script holds its data in memory).
     data = {}
     for jobs in jobs_by_round:
@@ -57,8 +72,8 @@ def _plain_worker(rank: int, store_path: str, jobs_by_round: list[list[tuple[int
             if cid not in data:
                 x, y = store.read(cid, "train")
                 data[cid] = (np.array(x), np.array(y, dtype=np.int64))
-    model = lenet_for(task.input_shape, task.num_classes)
-    theta = flat_params(init_model(lenet_for(task.input_shape, task.num_classes), seed)).clone()
+    model = models.build(task)
+    theta = flat_params(models.initial(task, seed)).clone()
     params = list(model.parameters())
     numels = [p.numel() for p in params]
     bs_cfg, lr, momentum, wd = cfg["batch_size"], cfg["lr"], cfg["momentum"], cfg["weight_decay"]
@@ -70,7 +85,7 @@ def _plain_worker(rank: int, store_path: str, jobs_by_round: list[list[tuple[int
 
     def train_client(rnd: int, cid: int, steps_override: int = 0) -> int:
         xu, yu = data[cid]
-        x = torch.from_numpy(xu).float().div_(255.0)
+        x = as_input(xu, task.input)
         y = torch.from_numpy(yu)
         n = int(y.shape[0])
         epochs = 0.0 if steps_override else cfg["local_epochs"]

@@ -32,8 +32,14 @@ the workers' warm-up at pool start), and neither side's start-up is in any ratio
   processes), worker_cpu_ratio: engine worker actors only (isolates per-client overhead from the
   cost of the driver/server/Ray daemons).
 
+Models (--model, a built-in name or "package.module:factory"; --model-key KEY=VALUE for its keys,
+values in TOML syntax): both sides train the same network on the same samples. The default store
+fits the model: synthetic FEMNIST for lenet, a CIFAR-10-layout store for resnet18 and a LEAF
+Shakespeare-layout store for charlstm (bench/_common.ensure_model_store; --clients clients).
+
 Usage: python bench/efficiency.py [--clients 400] [--rounds 6] [--clients-per-round 40]
        [--local-steps 20] [--batch-size 32] [--store DIR] [--no-plain] [--json]
+       [--model lenet|resnet18|charlstm|pkg.mod:factory] [--model-key KEY=VALUE ...]
        [--profile-serial N]  (cProfile of N clients through the serial backend's Worker.run; no Ray)
 """
 
@@ -49,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 
-def profile_serial(store: str, cfg, n_clients: int, top: int = 25) -> str:
+def profile_serial(store: str, cfg, n_clients: int, top: int = 25, model: dict | None = None) -> str:
     """cProfile of the engine's client path (Worker.run) in this process, for the overhead diagnosis."""
     import cProfile
     import io
@@ -65,7 +71,9 @@ def profile_serial(store: str, cfg, n_clients: int, top: int = 25) -> str:
 
     torch.set_num_threads(1)
     st = PartitionStore.open(store)
-    task = Task(tuple(int(v) for v in st.sample_shape), int(st.num_classes))
+    from simfed.algorithms.kit.models import parse_spec
+
+    task = Task(**st.task_fields(), model=parse_spec(model or {"name": "lenet"}))
     ids = [int(c) for c in st.client_ids("seen")][:n_clients]
     with tempfile.TemporaryDirectory() as d:
         spec = WorkerSpec(store_path=store, algorithm="fedavg", cfg=cfg, task=task, seed=0, state_dir=d, threads=1)
@@ -82,6 +90,19 @@ def profile_serial(store: str, cfg, n_clients: int, top: int = 25) -> str:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
     return out.getvalue()
+
+
+def model_table(name: str, keys: list[str]) -> dict:
+    """The [model] table of --model and --model-key KEY=VALUE (VALUE parsed as TOML)."""
+    import tomllib
+
+    table: dict = {"name": name}
+    for item in keys:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model-key: expected KEY=VALUE, got {item!r}")
+        table[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+    return table
 
 
 def main() -> None:
@@ -105,6 +126,9 @@ def main() -> None:
     ap.add_argument("--profile-serial", type=int, default=0, metavar="N",
                     help="only print a cProfile of N clients through Worker.run (serial, no Ray)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--model", default="lenet", help="[model] name (default lenet, today's network)")
+    ap.add_argument("--model-key", action="append", default=[], metavar="KEY=VALUE",
+                    help="a key of the [model] table, VALUE in TOML syntax (repeatable)")
     a = ap.parse_args()
     if a.rounds < 2:
         ap.error("--rounds must be >= 2 (round 1 is reported apart from the steady state)")
@@ -113,13 +137,17 @@ def main() -> None:
 
     ncores = C.cores()
     workers = a.workers or ncores
-    store, gen_s = C.ensure_store(a.store or C.ROOT / "data" / f"synthetic-femnist-{a.clients}", a.clients)
+    model = model_table(a.model, a.model_key)
+    default_store = {"resnet18": "cifar10-sample", "charlstm": "shakespeare-sample"}.get(a.model, "synthetic-femnist")
+    store, gen_s = C.ensure_model_store(a.store or C.ROOT / "data" / f"{default_store}-{a.clients}", a.model,
+                                        a.clients, seed=0)
     cfg = FedAvgConfig(local_steps=a.local_steps, batch_size=a.batch_size)
     if a.profile_serial:
-        print(profile_serial(store, cfg, a.profile_serial))
+        print(profile_serial(store, cfg, a.profile_serial, model=model))
         return
     plain_cfg = {"batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
-                 "weight_decay": cfg.weight_decay, "local_steps": cfg.local_steps, "local_epochs": cfg.local_epochs}
+                 "weight_decay": cfg.weight_decay, "local_steps": cfg.local_steps, "local_epochs": cfg.local_epochs,
+                 "model": model}
     round_cohorts = C.cohorts(store, a.seed, a.rounds, a.clients_per_round)
     load0 = C.loadavg()
 
@@ -141,7 +169,7 @@ def main() -> None:
     try:
         rec = C.run_engine(store, rounds=a.rounds, clients_per_round=a.clients_per_round, workers=workers,
                            algo_cfg=cfg, eval_clients=a.eval_clients, seed=a.seed, after_round=after_round,
-                           exclude_pids=plain_pids)
+                           exclude_pids=plain_pids, model=model)
     finally:
         shutdown_s = C.disconnect_ray()
         if pool:
@@ -202,7 +230,7 @@ def main() -> None:
         "store": store, "store_generated_s": round(gen_s, 1),
         "config": {"clients": a.clients, "rounds": a.rounds, "clients_per_round": a.clients_per_round,
                    "local_steps": a.local_steps, "batch_size": a.batch_size, "lr": cfg.lr,
-                   "momentum": cfg.momentum, "eval_clients": a.eval_clients, "seed": a.seed},
+                   "momentum": cfg.momentum, "eval_clients": a.eval_clients, "seed": a.seed, "model": model},
         "engine": engine,
     }
     if pool:

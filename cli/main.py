@@ -56,6 +56,7 @@ _COMMAND_MODULES = (
     "simfed.cli.run_cmd",
     "simfed.cli.sweep_cmd",
     "simfed.cli.report_cmd",
+    "simfed.cli.models_cmd",
 )
 
 for _name in _COMMAND_MODULES:

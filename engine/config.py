@@ -1,10 +1,12 @@
-"""The typed experiment: [data], [run], [engine] and [algorithm] as frozen dataclasses, and the
-optional [privacy] (engine.privacy) and [system] (clients as they really are, engine/system.py;
-absent: None, today's ideal clients), parsed from a TOML document (a dict) and checked before any work.
+"""The typed experiment: [data], [run], [engine], [algorithm] and [model] as frozen dataclasses,
+and the optional [privacy] (engine.privacy) and [system] (clients as they really are,
+engine/system.py; absent: None, today's ideal clients), parsed from a TOML document (a dict) and
+checked before any work.
 
 Sections map onto the dataclasses below; [algorithm] holds `name` plus the method's own keys (its
-frozen Config dataclass). Unknown sections or keys are errors that list the valid ones (every dict
-becomes a dataclass through simfed.core.config.config_from_dict). After parsing, `check` adds what
+frozen Config dataclass); [model] holds the client network's `name` plus its own keys (a
+`ModelSpec`; absent = the LeNet, kit/models/catalog.py). Unknown sections or keys are errors that
+list the valid ones (every dict becomes a dataclass through simfed.core.config.config_from_dict). After parsing, `check` adds what
 each key means: ranges, names that must be one path component, addresses simfed can reach, and the
 method's keys by naming convention (every `*lr` is a step size in [0, MAX_LR], `momentum` in
 [0, 1), ...). Machine-dependent limits (workers vs CPUs and GPUs) live in engine.resources; they
@@ -17,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from simfed.algorithms.base import ModelSpec
 from simfed.core import validate as v
 from simfed.core.config import config_from_dict, to_toml
 from simfed.core.errors import SimfedError
@@ -75,6 +78,7 @@ class Experiment:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    model: ModelSpec = ModelSpec()
     privacy: PrivacyConfig | None = None  # [privacy]: absent = no differential privacy (engine.privacy)
     system: SystemConfig | None = None  # [system]; None: ideal clients (no virtual clock)
 
@@ -82,18 +86,19 @@ class Experiment:
 SECTIONS = {"data": DataConfig, "run": RunConfig, "engine": EngineConfig}
 # tables whose absence means "off" (None), not "defaults"
 OPTIONAL = {"privacy": PrivacyConfig, "system": SystemConfig}
-TOML_ORDER = ("data", "run", "algorithm", "engine", "privacy", "system")
+TOML_ORDER = ("data", "run", "model", "algorithm", "engine", "privacy", "system")
 
 
 def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
     """The experiment of a TOML document; `where` (the file) starts messages about the document itself."""
     from simfed.algorithms import registry  # imports torch: not at import time (`simfed --help` stays light)
+    from simfed.algorithms.kit import models
 
-    unknown = sorted(set(doc) - set(SECTIONS) - set(OPTIONAL) - {"algorithm"})
+    unknown = sorted(set(doc) - set(SECTIONS) - set(OPTIONAL) - {"algorithm", "model"})
     if unknown:
-        hint = v.did_you_mean(unknown[0], [*SECTIONS, *OPTIONAL, "algorithm"]) if len(unknown) == 1 else ""
+        hint = v.did_you_mean(unknown[0], [*SECTIONS, *OPTIONAL, "algorithm", "model"]) if len(unknown) == 1 else ""
         raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]{hint}; valid: [algorithm], [data], "
-                          "[engine], [privacy], [run], [system]")
+                          "[engine], [model], [privacy], [run], [system]")
     parts = {}
     for name, cls in SECTIONS.items():
         section = doc.get(name, {})
@@ -110,15 +115,20 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
         raise SimfedError(f"{where}: [algorithm] name must be a string, got {name!r}")
     algo = registry.get(v.text("[algorithm] name", name, max_len=200))
     cfg = config_from_dict(algo.Config, algo_doc, f"[algorithm] ({name})")
+    model = models.parse_spec(doc["model"]) if "model" in doc else ModelSpec()
     privacy = parse_privacy(doc["privacy"]) if "privacy" in doc else None
     clients = system.parse(doc["system"]) if "system" in doc else None
-    return check(Experiment(algorithm=name, algorithm_config=cfg, privacy=privacy, system=clients, **parts))
+    return check(Experiment(algorithm=name, algorithm_config=cfg, model=model, privacy=privacy, system=clients,
+                            **parts))
 
 
 def to_dict(exp: Experiment) -> dict[str, Any]:
     out = {"algorithm": {"name": exp.algorithm, **dataclasses.asdict(exp.algorithm_config)}}
     for name in SECTIONS:
         out[name] = dataclasses.asdict(getattr(exp, name))
+    from simfed.algorithms.kit import models
+
+    out["model"] = models.to_table(exp.model)
     for name in OPTIONAL:
         if getattr(exp, name) is not None:
             out[name] = dataclasses.asdict(getattr(exp, name))

@@ -1,5 +1,5 @@
-"""Everything checked before a run does any work, once: the store, the method against it, the
-cohort, and for a resumed run its directory. The result, a `Plan`, is what the run then uses.
+"""Everything checked before a run does any work, once: the store, the model and the method against
+it, the cohort, and for a resumed run its directory. The result, a `Plan`, is what the run then uses.
 """
 
 from __future__ import annotations
@@ -90,10 +90,31 @@ def check_resume(exp: Experiment, task: Task, run_dir: Path, privacy: Any = None
     return ckpt
 
 
+def _check_model(exp: Experiment, task: Task) -> None:
+    """The [model] builds for the data (output size, no buffers, no dropout), meets what the method
+    declares it needs (`Capabilities.model`), and, with vectorize = "on", can be vmapped."""
+    from simfed.algorithms.kit import models
+
+    algo = registry.get(exp.algorithm)
+    needs = algo.capabilities.model
+    if needs.own_network and task.model == models.DEFAULT:
+        return  # the method's own config defines its network (FedACnnL's layers)
+    model = models.check_task(task)
+    problem = models.needs_problem(needs, model)
+    if problem:
+        raise SimfedError(f"[model] {task.model.name} cannot be used by {exp.algorithm}: {problem}")
+    if exp.engine.vectorize == "on" and algo.capabilities.chunk_replies:
+        why = models.vmap_problem(model, task)
+        if why:
+            raise SimfedError(f"[engine] vectorize = \"on\" but the vectorized trainer cannot train [model] "
+                              f"{task.model.name}: {why}; use \"auto\" (it falls back to the per-client loop) or \"off\"")
+
+
 def _check_method(exp: Experiment, table, task: Task, seen: list[int], store_path: str) -> None:
-    """The method's config against the data, and the cohort size against the seen clients."""
+    """The model and the method's config against the data, and the cohort size against the seen clients."""
     run = exp.run
     algo = registry.get(exp.algorithm)
+    _check_model(exp, task)
     algo.validate(exp.algorithm_config, task)
     algo.check_clients(exp.algorithm_config, n_train(table))
     if exp.engine.vectorize == "on" and not algo.capabilities.chunk_replies:
@@ -120,7 +141,7 @@ def check_experiment(exp: Experiment, on_event: Event | None = None,
     `progress`: draw a bar while the store is generated (default: when there is an `on_event`)."""
     store = open_store(exp.data, on_event, on_event is not None if progress is None else progress)
     seen, unseen = [int(c) for c in store.client_ids("seen")], [int(c) for c in store.client_ids("unseen")]
-    task = Task(**store.task_fields(), num_clients=len(seen), total_clients=len(seen) + len(unseen))
+    task = Task(**store.task_fields(), num_clients=len(seen), total_clients=len(seen) + len(unseen), model=exp.model)
     table = store.clients
     _check_method(exp, table, task, seen, store.path)
     if exp.system is not None or exp.run.aggregation != "sync":

@@ -156,6 +156,11 @@ class Worker:
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
         # The batched trainer pays off where kernel launches dominate (a GPU); on CPU only on request.
         self.vectorize = spec.vectorize == "on" or (spec.vectorize == "auto" and self.device.type == "cuda")
+        if self.vectorize and self.algo.capabilities.chunk_replies:
+            from simfed.algorithms.kit import models
+
+            # "auto" falls back to the loop for a model vmap cannot train ("on" was refused before the run)
+            self.vectorize = models.vmap_problem(models.build(spec.task), spec.task) is None
         self.cache: dict = {}
         self.node_id = os.environ.get("SIMFED_NODE", "local")
         try:

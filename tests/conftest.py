@@ -80,3 +80,35 @@ def s3_store(engine_store, s3_server):
         with fs.open_output_stream(f"{inner}/{path.name}") as f:
             f.write(path.read_bytes())
     return uri
+
+
+@pytest.fixture(scope="session")
+def cifar_store(tmp_path_factory):
+    """A CIFAR-10-layout store (32x32x3, from a generated archive): 12 clients of 2 classes each,
+    10 seen and 2 unseen, ~30 images per client."""
+    from simfed.partitions.cifar import import_cifar
+    from simfed.partitions.samples import cifar10_contents, write_cifar
+
+    d = tmp_path_factory.mktemp("cifar")
+    src = write_cifar(d / "cifar-10-python.tar.gz", cifar10_contents(per_batch=60, test=60))
+    return import_cifar(src, str(d / "store"), scheme="classes", classes_per_client=2, clients=12, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_store(tmp_path_factory):
+    """A LEAF-Shakespeare-layout store: 8 roles (7 seen, 1 unseen), 80-character token rows."""
+    from simfed.partitions.samples import shakespeare_json, write_shakespeare
+    from simfed.partitions.shakespeare import import_shakespeare
+
+    d = tmp_path_factory.mktemp("shakespeare")
+    return import_shakespeare(write_shakespeare(d / "leaf", shakespeare_json(roles=8)), str(d / "store"))
+
+
+@pytest.fixture(scope="session")
+def features_store(tmp_path_factory):
+    """An arrays store of float32 feature vectors (16 features, 4 classes), 6 natural clients."""
+    from simfed.partitions.arrays import import_arrays
+    from simfed.partitions.samples import arrays_sample, write_npz
+
+    d = tmp_path_factory.mktemp("features")
+    return import_arrays(write_npz(d / "features.npz", arrays_sample("features")), str(d / "store"))

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from simfed.algorithms.base import (Algorithm, ChunkSums, ClientContext, ClientData, Eval, Reply, RoundInfo,
                                     ServerState, Task, Work)
-from simfed.algorithms.kit import analytic
+from simfed.algorithms.kit import analytic, models
 from simfed.algorithms.kit.workload import FLOAT64, tensor_bytes
 from simfed.core.errors import SimfedError
 from simfed.core.seeds import derive_seed
@@ -72,8 +72,48 @@ def _geometry(layers: tuple[str, ...], input_shape: tuple[int, ...], num_classes
     return tuple(analytic.build_layers(layers, input_shape, num_classes, pool))
 
 
+@functools.lru_cache(maxsize=64)
+def _model_chain(task: Task) -> tuple[tuple[str, ...], int]:
+    return models.chain_tokens(models.build(task))
+
+
+def tokens(cfg, task: Task) -> tuple[str, ...]:
+    """The layer tokens: `layers` with the default model (LeNet, the [model] table absent), else
+    those of the task's model, a Conv2d/ReLU/MaxPool2d/Flatten/Linear chain (kit/models/needs.py)."""
+    if task.model == models.DEFAULT:
+        return tuple(cfg.layers)
+    return _model_chain(task)[0]
+
+
 def geometry(cfg, task: Task) -> tuple[analytic.Layer, ...]:
-    return _geometry(tuple(cfg.layers), tuple(task.input_shape), int(task.num_classes), int(cfg.pool))
+    return _geometry(tokens(cfg, task), tuple(task.input_shape), int(task.num_classes), int(cfg.pool))
+
+
+def check_model(cfg, task: Task) -> None:
+    """A [model] other than the default must agree with the layer keys and compute what the analytic
+    layers compute: its forward pass, with its own weights as analytic weights, is analytic.forward."""
+    if task.model == models.DEFAULT:
+        return
+    where = f"[algorithm] layers: [model] {task.model.name}"
+    chain, pool = _model_chain(task)
+    if tuple(cfg.layers) not in (analytic.LENET, chain):
+        raise SimfedError(f"{where} is the chain {list(chain)}, but layers = {list(cfg.layers)}; remove layers "
+                          "(a [model] table defines the network)")
+    if pool and pool != cfg.pool:
+        raise SimfedError(f"{where} max-pools {pool}x{pool} after its convolutions; set pool = {pool}")
+    if cfg.activation != "relu":
+        raise SimfedError(f"{where} uses ReLU; set activation = \"relu\"")
+    model = models.build(task).double()
+    layers = geometry(cfg, task)
+    weights = [torch.cat([m.weight.detach().reshape(m.weight.shape[0], -1).T,
+                          (m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]))[None]])
+               for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    x = torch.rand((2, *task.input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        same = torch.allclose(model(x), analytic.forward(layers, weights, x, "relu", cfg.pool), atol=1e-9)
+    if not same:
+        raise SimfedError(f"{where}: its forward pass does not run its layers in registration order as a plain "
+                          "chain, which the analytic methods solve layer by layer")
 
 
 class AnalyticState(ServerState):
@@ -158,10 +198,12 @@ class LayerwiseMethod(Algorithm):
             bound = 1.0 / math.sqrt(layer.d - 1)  # PyTorch's default init, used by the frozen regime
             weights.append(torch.empty(layer.d, layer.width, dtype=torch.float64).uniform_(-bound, bound, generator=gen))
             projections.append(torch.randn(task.num_classes, layer.width, dtype=torch.float64, generator=gen))
-        return AnalyticState(task, weights, projections)
+        state = AnalyticState(task, weights, projections)
+        state._task = task  # the layers' tokens come from its model (not checkpointed: set by init)
+        return state
 
     def train_phases(self, cfg, state, round):
-        n = len(cfg.layers)
+        n = len(cfg.layers) if state is None else len(state.weights)  # the [model]'s layers when it has one
         if cfg.hidden == "frozen":
             return (f"layer{n - 1}",)
         return tuple(f"layer{i}" for i in range(n))
@@ -195,7 +237,7 @@ class LayerwiseMethod(Algorithm):
         if info.mode == "eval":
             return {"weights": state.weights}
         i = layer_index(phase)
-        layers = geometry(cfg, Task(tuple(state.input_shape), int(state.num_classes)))
+        layers = geometry(cfg, state._task)
         return {"weights": state.weights[:i], "projection": state.projections[i],
                 "positions": self.positions(cfg, layers[i], info)}
 
@@ -203,7 +245,7 @@ class LayerwiseMethod(Algorithm):
         if info.mode == "eval":
             return None  # evaluation never changes the model
         i = layer_index(phase)
-        token = cfg.layers[i]
+        token = tokens(cfg, state._task)[i]
         if n_clients == 0 or "A" not in sums:
             raise SimfedError(
                 f"{self.name} layer {i} ({token}): statistics arrived from 0 clients (empty cohort, clients without "
@@ -244,9 +286,10 @@ class LayerwiseMethod(Algorithm):
 
     def validate(self, cfg, task: Task) -> None:
         try:
-            analytic.check_tokens(cfg.layers)
+            analytic.check_tokens(tokens(cfg, task))
         except ValueError as exc:
             raise SimfedError(f"[algorithm] layers: {exc}") from None
+        check_model(cfg, task)
         layers = geometry(cfg, task)
         big = max(layers, key=lambda layer: layer.d)
         if big.d > MAX_D:

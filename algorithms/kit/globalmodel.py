@@ -1,18 +1,19 @@
 """The global model of the FedAvg family, as one piece that methods compose.
 
 FedAvg, Ditto, kNN-Per, Meta-FL, Per-FedAvg and pFedMe keep one global model theta (the client
-LeNet's flat parameters) on the server and move it by the sample-weighted mean change of the
+model's flat parameters; the task's [model], LeNet by default) on the server and move it by the sample-weighted mean change of the
 clients; FedRep does the same with the body only, and Local starts every client from the same
 seeded theta. What they share lives here, once:
 
 - config field groups: `SGDFields` (the local optimizer), `LocalSGDFields` (+ how long a client
   trains), `GlobalSGDFields` (+ the server step); a method's config inherits the group it uses;
-- `GlobalModelState` and `initial_model` (the client LeNet, initialized from the run seed);
+- `GlobalModelState` and `initial_model` (the task's client model, initialized from the run seed);
 - the client side: `client_model`, `local_sgd` / `local_sgd_chunk`, `local_update`,
   `finetune_and_evaluate` / `finetune_reply`, and `update_sums`, the summable reply {delta_i * n_i, n_i}
   (an asynchronous update's change also weighted by FedBuff's 1/sqrt(1 + staleness));
 - the server step `descend`: theta <- theta - rate * sum_i(delta_i n_i) / sum_i n_i;
-- `GlobalModelMethod`: init, validation, phases, broadcast and finish of such a method;
+- `GlobalModelMethod`: init, phases, broadcast and finish of such a method (the engine checks the
+  model against the task before any work: kit/models/needs.py);
 - `global_privacy`: what [privacy] protects in such a method (the "update" phase's delta).
 """
 
@@ -25,7 +26,8 @@ import torch
 from simfed.algorithms.base import (Algorithm, ClientContext, ClientData, PrivacySupport, Reply, RoundInfo, ServerState,
                                    Task)
 from simfed.algorithms.kit import training, vectorized
-from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.kit import models
+from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.kit.workload import staleness_weight
 from simfed.core.errors import SimfedError
 
@@ -77,20 +79,13 @@ class GlobalModelState(ServerState):
 
 
 def initial_model(task: Task, seed: int) -> torch.Tensor:
-    """The client LeNet's flat parameters, initialized from the run seed alone."""
-    return flat_params(init_model(lenet_for(task.input_shape, task.num_classes), seed))
-
-
-def check_lenet(method: str, task: Task) -> None:
-    """SimfedError, before any work, for a task the client LeNet cannot take."""
-    try:
-        lenet_for(task.input_shape, task.num_classes)
-    except ValueError as exc:
-        raise SimfedError(f"[algorithm] {method}: {exc}") from None
+    """The client model's flat parameters, initialized from the run seed alone."""
+    return flat_params(models.initial(task, seed))
 
 
 def client_model(ctx: ClientContext) -> torch.nn.Module:
-    return ctx.module("lenet", lambda: lenet_for(ctx.task.input_shape, ctx.task.num_classes))
+    """The worker's one instance of the task's client model (each client loads its parameters)."""
+    return ctx.module(models.cache_key(ctx.task), lambda: models.build(ctx.task))
 
 
 def local_sgd(model, data: ClientData, cfg, gen, budget: int | None = None) -> tuple[int, float]:
@@ -182,9 +177,6 @@ class GlobalModelMethod(Algorithm):
 
     def init(self, cfg, task: Task, seed: int) -> GlobalModelState:
         return GlobalModelState(initial_model(task, seed))
-
-    def validate(self, cfg, task: Task) -> None:
-        check_lenet(self.name, task)
 
     def train_phases(self, cfg, state, round):
         return ("update",)

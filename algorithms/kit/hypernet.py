@@ -1,20 +1,20 @@
 """The hypernetwork pieces of pFedHN, PeFLL and FMLH; not a method itself.
 
-- `HyperNetFields` (embed_dim, hidden, n_hidden, target_shapes) and `GeneratedSGDFields` (local SGD
-  from a generated model, pFedHN's and PeFLL's client step): config field groups.
+- `HyperNetFields` (embed_dim, hidden, n_hidden, target_shapes, max_generated) and
+  `GeneratedSGDFields` (local SGD from a generated model, pFedHN's and PeFLL's client step, and
+  which parameters are generated: `generate`, `body_lr`, kit/partial.py): config field groups.
 - `HyperNet`: the pFedHN/PeFLL fully connected hypernetwork (PeFLL Table 5, arXiv 2306.05515):
   Linear(d, 100), then `n_hidden` x [ReLU, Linear(100, 100)], then one linear head per target
   tensor of the client model. It maps a batch of inputs (B, d) to a batch of flat parameter
   vectors (B, D) in one forward pass, which is how a chunk of clients gets its models.
-- `build`: a config's hypernetwork on a task (target shapes checked against the client model,
-  the embedding size, the seeded initialization); `HyperNetMethod` validates the target shapes
-  before any work; `generate`: the models of a chunk of clients.
+- `build`: a config's hypernetwork on a task (target shapes checked against the generated part of
+  the client model, the embedding size, the seeded initialization); `HyperNetMethod` validates the
+  target shapes and the generated-parameter budget before any work; `generate`: the models of a
+  chunk of clients.
 - `vjp_`: the server's backward pass at one client: accumulates J_h(x)^T g into the
   hypernetwork's `.grad` (streaming, O(model) memory) and returns the input gradient; `vjp_flat`
   returns the client's term instead (clipped per client under [privacy]); `load_grads_` sets
   `.grad` from a flat vector.
-- `embed_net` / `embed_input`: PeFLL's embedding network (Table 4): the client LeNet with
-  C + num_classes input channels (the one-hot label broadcast as constant planes) and output l.
 - `train_delta` / `train_payload`: k local SGD steps from a given flat model; returns
   theta - theta' (a gradient-like step: the server descends along it).
 - `train_delta_chunk` / `train_payload_clients`: the same for a chunk of clients at once, each
@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from simfed.algorithms.base import Algorithm, Reply, RoundInfo, Task
-from simfed.algorithms.kit import training, vectorized
-from simfed.algorithms.kit.models import LeNet, flat_params, init_model, lenet_for, load_flat, param_shapes
+from simfed.algorithms.kit import partial, training, vectorized
+from simfed.algorithms.kit.models import flat_params, init_model, load_flat
 from simfed.core.errors import SimfedError
 from simfed.core.seeds import derive_seed
 
@@ -55,11 +54,14 @@ class HyperNetFields:
     hidden: int = 100
     n_hidden: int = 3
     target_shapes: tuple = ()
+    max_generated: int = 2_000_000  # most client parameters the hypernetwork may generate (kit/partial.py)
 
     def __post_init__(self):
         object.__setattr__(self, "target_shapes", normalize_shapes(self.target_shapes))
         if self.embed_dim < 0 or self.hidden < 1 or self.n_hidden < 0:
             raise ValueError("embed_dim must be >= 0 (0 = 1 + n/4), hidden >= 1, n_hidden >= 0")
+        if self.max_generated < 1:
+            raise ValueError("max_generated must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,17 @@ class GeneratedSGDFields(HyperNetFields):
     momentum: float = 0.9
     weight_decay: float = 5e-5
     clip: float = 50.0
+    generate: str = "all"  # "all": every client parameter (the papers); "head": the head, the body shared
+    body_lr: float = 1.0  # generate = "head": server step of the shared body (1 = FedAvg's average)
 
     def __post_init__(self):
         super().__post_init__()
         if self.local_steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("local_steps and batch_size must be >= 1, lr > 0")
+        if self.generate not in partial.GENERATE:
+            raise ValueError(f"generate must be one of {', '.join(partial.GENERATE)}, got {self.generate!r}")
+        if not self.body_lr > 0:
+            raise ValueError("body_lr must be > 0")
 
 
 class HyperNet(nn.Module):
@@ -96,10 +104,6 @@ class HyperNet(nn.Module):
         return torch.cat([head(f) for head in self.heads], dim=-1)
 
 
-def client_shapes(input_shape, num_classes) -> list[tuple[str, tuple[int, ...]]]:
-    return [(n, tuple(s)) for n, s in param_shapes(lenet_for(tuple(input_shape), num_classes))]
-
-
 def normalize_shapes(value) -> tuple:
     """Config helper: TOML lists of lists -> a tuple of int tuples (frozen dataclasses need hashables)."""
     try:
@@ -108,11 +112,12 @@ def normalize_shapes(value) -> tuple:
         raise ValueError(f"target_shapes must be a list of integer lists, got {value!r}") from None
 
 
-def check_targets(target_shapes: tuple, task, method: str) -> list[tuple[str, tuple[int, ...]]]:
-    """The hypernetwork's head shapes: the client LeNet's, or the configured ones if they match it."""
-    want = client_shapes(task.input_shape, task.num_classes)
-    if target_shapes:
-        got = [tuple(s) for s in target_shapes]
+def check_targets(cfg, task, method: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The hypernetwork's head shapes: the generated part of the client model's (`generate`), or the
+    configured `target_shapes` if they match it."""
+    want, _ = partial.split(task, getattr(cfg, "generate", "all"))
+    if cfg.target_shapes:
+        got = [tuple(s) for s in cfg.target_shapes]
         if got != [s for _, s in want]:
             raise SimfedError(
                 f"[algorithm] target_shapes of {method} = {got} do not match the client model for input "
@@ -124,16 +129,20 @@ def check_targets(target_shapes: tuple, task, method: str) -> list[tuple[str, tu
 def build(cfg, task: Task, seed: int, method: str) -> tuple[HyperNet, int]:
     """The hypernetwork of a config (`HyperNetFields`) on a task, initialized from `seed`, and its
     input dimension."""
-    shapes = check_targets(cfg.target_shapes, task, method)
+    shapes = check_targets(cfg, task, method)
     dim = default_embed_dim(task, cfg.embed_dim)
     return init_model(HyperNet(dim, shapes, cfg.hidden, cfg.n_hidden), seed), dim
 
 
 class HyperNetMethod(Algorithm):
-    """A method whose config has `HyperNetFields`: its target shapes are checked before any work."""
+    """A method whose config has `HyperNetFields`: its target shapes and generated-parameter budget
+    are checked before any work. `over_budget` says what would work instead (one line)."""
+
+    over_budget: ClassVar[str] = 'set generate = "head" (the body shared, kit/partial.py) or raise max_generated'
 
     def validate(self, cfg, task: Task) -> None:
-        check_targets(cfg.target_shapes, task, self.name)
+        check_targets(cfg, task, self.name)
+        partial.check_budget(cfg, task, self.name, self.over_budget)
 
 
 def generate(hnet: nn.Module, ids: Sequence[int], rows: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -191,20 +200,6 @@ def grad_norm_clip_(params: Sequence[torch.Tensor], max_norm: float) -> float:
     if max_norm > 0:
         return float(nn.utils.clip_grad_norm_(ps, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ps])))
-
-
-def embed_net(input_shape, num_classes: int, dim: int, use_labels: bool) -> LeNet:
-    c, h, _ = input_shape
-    return LeNet(in_channels=c + (num_classes if use_labels else 0), num_classes=dim, image_size=h)
-
-
-def embed_input(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> torch.Tensor:
-    """x (N, C, H, W) and labels -> (N, C + K, H, W) with the one-hot label as K constant planes."""
-    if y is None:
-        return x
-    onehot = F.one_hot(y, num_classes).to(x.dtype)
-    planes = onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
-    return torch.cat([x, planes], dim=1)
 
 
 def train_delta(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, steps: int,

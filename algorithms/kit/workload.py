@@ -9,7 +9,9 @@ asynchronous schedule from these numbers before anyone trains, so each method st
 hold every method's statement to the metric rows it then writes (samples and bytes).
 
 - `default_steps`: local steps and samples of `training.batches` with the usual config keys.
-- `lenet_values` / `lenet_bytes`: the client LeNet's parameter count and float32 size.
+- `model_values` / `model_bytes`: the client model's parameter count and float32 size (the
+  whole model: with PeFLL's or pFedHN's `generate = "head"` the clock counts the whole model's
+  bytes, an upper bound on what moves).
 - `tensor_bytes`: the size `engine.worker.nbytes` counts for a message of given element counts.
 - `staleness_weight`: FedBuff's down-weighting of an update computed on an older model.
 """
@@ -48,18 +50,19 @@ def epoch_steps(n: int, batch: int, epochs: float) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def lenet_values(input_shape: tuple[int, ...], num_classes: int) -> int:
-    """Parameters of the client LeNet for this task (0 if LeNet cannot take it)."""
-    from simfed.algorithms.kit.models import lenet_for
+def model_values(task: Any) -> int:
+    """Parameters of the task's client model (`kit.models.build`; 0 if it cannot be built)."""
+    from simfed.algorithms.kit import models
+    from simfed.core.errors import SimfedError
 
     try:
-        return sum(p.numel() for p in lenet_for(tuple(input_shape), int(num_classes)).parameters())
-    except ValueError:
+        return models.count(models.build(task))
+    except (ValueError, SimfedError):
         return 0
 
 
-def lenet_bytes(input_shape: tuple[int, ...], num_classes: int) -> int:
-    return FLOAT32 * lenet_values(tuple(input_shape), int(num_classes))
+def model_bytes(task: Any) -> int:
+    return FLOAT32 * model_values(task)
 
 
 def tensor_bytes(*values: int, itemsize: int = FLOAT32) -> int:

@@ -12,7 +12,7 @@ from simfed.algorithms import registry
 from simfed.algorithms.kit import training
 from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
 from simfed.core.config import config_from_dict
-from simfed.algorithms.kit.models import LeNet, flat_params, init_model, load_flat
+from simfed.algorithms.kit.models import LeNet, cache_key, flat_params, init_model, load_flat
 from simfed.core.errors import SimfedError
 
 TASK = Task(input_shape=(1, 16, 16), num_classes=5)
@@ -123,7 +123,7 @@ def client_data(n_train, seed=0, n_eval=6):
 def ctx_for(cid, mode="train", model=None):
     ctx = ClientContext(client_id=cid, cohort="seen", round=3, seed=42, phase="update", mode=mode, task=TASK)
     if model is not None:
-        ctx.cache["lenet"] = model  # the worker's cached client model, here in float64
+        ctx.cache[cache_key(TASK)] = model  # the worker's cached client model, here in float64
     return ctx
 
 

@@ -11,7 +11,7 @@ import torch
 from simfed.algorithms import registry
 from simfed.algorithms.kit import training
 from simfed.algorithms.base import ClientContext, Task
-from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.kit.models import cache_key, flat_params, init_model, lenet_for, load_flat
 from simfed.algorithms.kit.vectorized import sgd_train_chunk
 
 SIZES = [7, 33, 64, 90]  # partial batches, a client smaller than one batch, unequal step counts
@@ -105,7 +105,7 @@ class Data64:
 def _method_clients(phase, seed=0, sizes=CHUNK_SIZES):
     """(datas, ctxs) of float64 clients; the contexts share one cache holding a float64 LeNet."""
     g = torch.Generator().manual_seed(seed)
-    cache = {"lenet": lenet_for(TASK.input_shape, TASK.num_classes).double()}
+    cache = {cache_key(TASK): lenet_for(TASK.input_shape, TASK.num_classes).double()}
     datas, ctxs = [], []
     for cid, n in enumerate(sizes):
         datas.append(Data64(cid, torch.rand(n, 1, 16, 16, generator=g, dtype=torch.float64),

@@ -1,0 +1,157 @@
+"""Method x model table: every registered method with every built-in model and a user model.
+
+Each cell is 2 rounds through the real engine (serial backend, `simfed.launch`) on a small store
+that fits the model, with the method's small test config (tests/engine/test_method_parity.py's
+SMALL): "runs" with the seen clients' mean test accuracy after the last round and whether it beats
+the store's majority class (chance), or the one-line refusal the run gave before any work. A
+hypernetwork method refused for its generated-parameter budget is tried again with
+generate = "head" where it has that option (pefll, pfedhn); the cell then says so.
+
+Stores (built under --data on first use, from partitions/samples.py's generators): CIFAR-10 layout
+(32x32x3, 12 clients of 2 classes) for lenet, resnet18 and the user model; LEAF Shakespeare for
+charlstm; float feature vectors (16 features, 4 classes) for mlp. The user model is
+tests/engine/user_models.py's small_cnn, loaded by module path.
+
+Usage: python bench/models_table.py [--resnet-width 64] [--rounds 2] [--methods a,b] [--models a,b]
+       [--data data/models-table] [--markdown]
+Prints JSON (cells and the markdown table); --markdown prints only the table for docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.engine.user_models and the parity configs
+USER = "tests.engine.user_models:small_cnn"
+MODELS = ("lenet", "resnet18", "mlp", "charlstm", USER)
+STORE_OF = {"lenet": "cifar", "resnet18": "cifar", "mlp": "features", "charlstm": "shakespeare", USER: "cifar"}
+
+
+def build_stores(root: Path) -> dict[str, str]:
+    from simfed.partitions.arrays import import_arrays
+    from simfed.partitions.cifar import import_cifar
+    from simfed.partitions.samples import (arrays_sample, cifar10_contents, shakespeare_json, write_cifar, write_npz,
+                                           write_shakespeare)
+    from simfed.partitions.shakespeare import import_shakespeare
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = {k: str(root / k) for k in ("cifar", "shakespeare", "features")}
+    if not (root / "cifar" / "manifest.json").exists():
+        src = write_cifar(root / "cifar-10-sample.tar.gz", cifar10_contents(per_batch=60, test=60))
+        import_cifar(src, out["cifar"], scheme="classes", classes_per_client=2, clients=12, seed=0)
+    if not (root / "shakespeare" / "manifest.json").exists():
+        import_shakespeare(write_shakespeare(root / "leaf-shakespeare", shakespeare_json(roles=8)), out["shakespeare"])
+    if not (root / "features" / "manifest.json").exists():
+        import_arrays(write_npz(root / "features.npz", arrays_sample("features")), out["features"])
+    return out
+
+
+def majority(store: str) -> float:
+    """Share of the most frequent label in the store's test rows: the accuracy of always guessing it."""
+    import numpy as np
+
+    from simfed.partitions.store import PartitionStore
+
+    st = PartitionStore.open(store)
+    ys = np.concatenate([np.asarray(st.read(int(c), "test")[1]) for c in st.client_ids("seen")])
+    return float(np.bincount(ys).max() / len(ys))
+
+
+def run_cell(method: str, model: dict, store: str, rounds: int, extra: dict) -> dict:
+    """One method on one model: {"status": "runs", accuracy, seconds} or {"status": "refused", refusal}."""
+    import polars as pl
+
+    from simfed import SimfedError, launch, load_run
+    from tests.engine.test_method_parity import SMALL
+
+    doc = {"data": {"path": store}, "model": model, "algorithm": {"name": method, **SMALL[method], **extra},
+           "run": {"rounds": rounds, "clients_per_round": 4, "eval_every": 0, "checkpoint_every": 0, "eval_clients": 4},
+           "engine": {"backend": "serial"}}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            launch(doc, out=os.path.join(tmp, "run"))
+        except SimfedError as exc:
+            return {"status": "refused", "refusal": str(exc)}
+        df = load_run(os.path.join(tmp, "run")).metrics()
+    test = df.filter((pl.col("split") == "test") & (pl.col("cohort") == "seen"))
+    return {"status": "runs", "accuracy": round(float(test["accuracy"].mean()), 4),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def cell(method: str, name: str, store: str, rounds: int, resnet_width: int) -> dict:
+    from simfed.algorithms import registry
+
+    model = {"name": name, **({"width": resnet_width} if name == "resnet18" and resnet_width != 64 else {})}
+    out = run_cell(method, model, store, rounds, {})
+    over = out["status"] == "refused" and "max_generated" in out["refusal"]
+    if over and "generate" in {f for f in registry.get(method).Config.__dataclass_fields__}:
+        head = run_cell(method, model, store, rounds, {"generate": "head"})
+        out = {**head, "generate": "head", "default_refusal": out["refusal"]}
+    return out
+
+
+def markdown(cells: dict, models: list[str]) -> str:
+    notes: dict[str, int] = {}
+
+    def text(c: dict) -> str:
+        if c["status"] == "runs":
+            mark = "" if c["above_chance"] else " (not above chance)"
+            how = ' with `generate = "head"`' if c.get("generate") else ""
+            return f"runs{how}, {c['accuracy']:.2f}{mark}"
+        n = notes.setdefault(c["refusal"], len(notes) + 1)
+        return f"refused ({n})"
+
+    label = {USER: "user model"}
+    lines = ["| method | " + " | ".join(label.get(m, f"`{m}`") for m in models) + " |",
+             "| --- |" + " --- |" * len(models)]
+    for method, row in cells.items():
+        lines.append(f"| `{method}` | " + " | ".join(text(row[m]) for m in models) + " |")
+    lines.append("")
+    lines += [f"({n}) {msg}" for msg, n in notes.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT / "data" / "models-table"))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--resnet-width", type=int, default=64, help="64 = the real ResNet-18")
+    ap.add_argument("--methods", default="", help="comma-separated (default: every registered method)")
+    ap.add_argument("--models", default="", help=f"comma-separated among {', '.join(MODELS)}")
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+    os.chdir(ROOT)  # the user model's module path is importable from the repository root
+    from simfed.algorithms import registry
+
+    stores = build_stores(Path(a.data))
+    chance = {k: majority(v) for k, v in stores.items()}
+    methods = a.methods.split(",") if a.methods else registry.names()
+    models = a.models.split(",") if a.models else list(MODELS)
+    cells: dict[str, dict] = {}
+    for method in methods:
+        cells[method] = {}
+        for name in models:
+            c = cell(method, name, stores[STORE_OF[name]], a.rounds, a.resnet_width)
+            if c["status"] == "runs":
+                c["chance"] = round(chance[STORE_OF[name]], 4)
+                c["above_chance"] = c["accuracy"] > c["chance"]
+            cells[method][name] = c
+            print(json.dumps({"method": method, "model": name, **c}), file=sys.stderr, flush=True)
+    table = markdown(cells, models)
+    if a.markdown:
+        print(table)
+        return
+    print(json.dumps({"benchmark": "models_table", "rounds": a.rounds, "resnet_width": a.resnet_width,
+                      "chance": chance, "cells": cells, "markdown": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
