@@ -31,6 +31,7 @@ def _probe(address: str, timeout: float | None = None) -> None:
     from simfed.core import validate
 
     probe.ray_gcs(validate.address("--address", address), timeout)
+    probe.ray_token(address)
 
 
 def _ensure_token() -> None:
