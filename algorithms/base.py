@@ -40,6 +40,15 @@ Server state is any object with `state_dict()`/`load_state_dict()`; `ServerState
 that for attributes holding modules, optimizers, tensors and plain values. Attributes whose name
 starts with `_` are round scratch and are not checkpointed (checkpoints fall between rounds).
 
+Differential privacy ([privacy], engine.privacy) needs a method to declare what it releases:
+`capabilities.privacy` is a `PrivacySupport` (per train phase, the sums keys that form the update
+the server releases; the engine clips each client's part and noises the sum, the method never
+sees either) or a `NoPrivacy` that says in one line why no honest guarantee exists. A method
+whose server computes per-client terms from items (PeFLL's hypernetwork gradient) returns them
+from `absorb` when `info.private` is set, instead of accumulating them, so the engine can clip
+each before summing; `privacy_zeros` gives the shape of every released key (a Poisson-sampled
+cohort may be empty, and its noise still has to be drawn).
+
 Randomness comes only from seeds derived (simfed.core.seeds.derive_seed) from the run seed and
 the parts that identify a draw: `ClientContext.generator(...)` / `numpy_rng(...)` on clients and
 `RoundInfo.generator(...)` on the server add (round, client id, phase); a method's initial state
@@ -88,6 +97,7 @@ class RoundInfo:
     mode: str = "train"  # "train" or "eval"
     cohort: str = "seen"  # which clients this pass is over: "seen" or "unseen"
     phase_index: int = 0
+    private: bool = False  # a training pass of a run with [privacy]: the engine clips and noises the release
 
     def generator(self, *tags: Any) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.mode, "server", *tags))
@@ -221,6 +231,42 @@ class ServerState:
 
 
 @dataclass(frozen=True)
+class PrivacySupport:
+    """What [privacy] protects in a method, declared (engine.privacy does the clipping and noise).
+
+    `released`: (train phase, sums keys) pairs: the keys that form the update the server releases
+    in that phase. Per round, each client's contribution to every pair is clipped to L2 norm
+    clip / sqrt(number of pairs) (so the whole round's contribution is at most `clip`), and the
+    server adds Gaussian noise to each key's sum. Keys a method's server computes from items
+    (returned by `absorb` under `info.private`) are named here too.
+    `weight`: the sums key holding a client's weight (FedAvg's sample count): each released key is
+    divided by it before clipping (the client's unweighted update), every client then weighs 1, and
+    the server's sum holds the fixed denominator instead of the data-dependent total.
+    `covers`: one line, what the guarantee covers (docs and `simfed algorithms NAME`).
+    `no_local`: why local DP (each client noises its own report) cannot hold, where clients also
+    send the server something un-noised (items); empty: local DP is supported."""
+
+    released: tuple[tuple[str, tuple[str, ...]], ...]
+    covers: str
+    weight: str = "n"
+    no_local: str = ""
+
+    def keys(self, phase: str) -> tuple[str, ...]:
+        return tuple(k for p, keys in self.released for k in (keys if p == phase else ()))
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for p, _ in self.released))
+
+
+@dataclass(frozen=True)
+class NoPrivacy:
+    """A method for which no honest client-level guarantee exists: `why`, one line, is the refusal."""
+
+    why: str
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What a method does, declared once on its class. The engine reads this and nothing else about
     a method's shape: never its class hierarchy, never which hooks it overrides."""
@@ -233,6 +279,9 @@ class Capabilities:
     # `chunk_sums` may answer a train phase for a whole chunk with the chunk's summed statistics
     # only (it returns None for a phase it does not cover); always used where it answers.
     chunk_sums: bool = False
+    # What [privacy] protects (PrivacySupport), or why the method refuses it (NoPrivacy); None: the
+    # method says nothing, and [privacy] is refused.
+    privacy: PrivacySupport | NoPrivacy | None = None
 
 
 class Algorithm:
@@ -260,13 +309,22 @@ class Algorithm:
                  info: RoundInfo) -> Mapping[int, Any] | None:
         return None
 
-    def absorb(self, phase: str, cfg: Any, state: Any, client_id: int, item: Any, info: RoundInfo) -> None:
+    def absorb(self, phase: str, cfg: Any, state: Any, client_id: int, item: Any,
+               info: RoundInfo) -> Mapping[str, Any] | None:
+        """Take one client's item. Under `info.private`, a method whose released update has terms the
+        server computes per client returns them ({key: tensor}, keys of `capabilities.privacy`)
+        instead of accumulating them; the engine clips them and adds them to the phase's sums."""
         return None
 
     def finish(self, phase: str, cfg: Any, state: Any, sums: Mapping[str, Any], n_clients: int,
                info: RoundInfo) -> Mapping[str, float] | None:
         """Close a phase; may return server-side scalars (logged with the round)."""
         return None
+
+    def privacy_zeros(self, phase: str, cfg: Any, state: Any) -> Mapping[str, torch.Tensor]:
+        """Zeros shaped (and typed) like each released key of `phase` (capabilities.privacy): the
+        server noises them when no client contributed (a Poisson-sampled cohort can be empty)."""
+        raise NotImplementedError(f"{self.name} declares privacy support but no privacy_zeros")
 
     # --- client side ---------------------------------------------------------------------
     def client(self, phase: str, cfg: Any, bcast: Any, payload: Any, data: ClientData, cstate: Any,
@@ -327,6 +385,11 @@ class Algorithm:
 
     def validate(self, cfg: Any, task: Task) -> None:
         """Raise SimfedError for a config that cannot run on this task (called before any work)."""
+        return None
+
+    def validate_privacy(self, cfg: Any) -> None:
+        """Raise SimfedError for a config whose release [privacy] cannot cover (called before any work,
+        for methods declaring `capabilities.privacy`)."""
         return None
 
     def check_clients(self, cfg: Any, n_train: Mapping[int, int]) -> None:

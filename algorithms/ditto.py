@@ -19,6 +19,8 @@ model is the one evaluated. Ours (each a config key; defaults in brackets):
   client that has never been sampled is evaluated the same way.
 - Batches come from `ClientContext.generator`: "sgd" for the global steps, "personal" for the
   personal ones, "unseen" for a new client's.
+[privacy] (docs/privacy.md) protects the global model w, FedAvg's release; the personal models
+never leave their clients.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import math
 from dataclasses import dataclass
 
 from simfed.algorithms.base import Capabilities, Reply
-from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, GlobalSGDFields, client_model, local_update,
-                                               update_sums)
+from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, GlobalSGDFields, client_model, global_privacy,
+                                               local_update, update_sums)
 from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.kit.proximal import evaluate_personal, proximal_sgd
 from simfed.algorithms.registry import register
@@ -65,7 +67,8 @@ class Ditto(GlobalModelMethod):
     name = "ditto"
     Config = DittoConfig
     summary = "Ditto: FedAvg global model plus proximal personal models (Li et al. 2021)"
-    capabilities = Capabilities(client_state=True)
+    capabilities = Capabilities(client_state=True, privacy=global_privacy(
+        "the global model w; the personal models v_i never leave their clients, so they are not released"))
 
     def cost(self, cfg, n_train: int) -> float:
         glob = math.ceil(cfg.local_epochs * n_train / cfg.batch_size) if cfg.local_epochs > 0 else cfg.local_steps

@@ -60,13 +60,15 @@ docstring says where each seed comes from); this module adds the evaluation of t
   workers included); replies come back on the CPU.
 - rounds: each round re-solves every layer from that round's cohort (the method is one-shot:
   run.rounds = 1 with clients_per_round = all seen clients trains the whole network).
+- [privacy] is refused: a guarantee would need each client's Gram statistics clipped and noised
+  per layer (a noised Gram kept positive definite), which is not implemented.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simfed.algorithms.base import Capabilities, ClientData, Eval
+from simfed.algorithms.base import Capabilities, ClientData, Eval, NoPrivacy
 from simfed.algorithms.kit.acnnl import AnalyticFields, LayerwiseMethod, outputs_eval, predict
 from simfed.algorithms.registry import register
 
@@ -81,7 +83,9 @@ class FedACnnL(LayerwiseMethod):
     name = "fedacnnl"
     Config = FedACnnLConfig
     summary = "FedACnnL: layer-wise closed-form least squares, summed Gram matrices (Gu et al. 2025)"
-    capabilities = Capabilities(chunk_sums=True)  # its layer phases: one stacked Gram per chunk
+    capabilities = Capabilities(chunk_sums=True, privacy=NoPrivacy(  # its layer phases: one stacked Gram per chunk
+        "its server solves least squares from summed Gram matrices; clipping each client's Gram statistics and "
+        "noising them per layer (kept positive definite) is not implemented, so no guarantee is offered"))
 
     def evaluate(self, cfg, layers, bcast, data: ClientData, ctx) -> dict[str, Eval]:
         out = {}

@@ -17,6 +17,8 @@ authors is involved. Ours (config keys, defaults in brackets):
 - Vectorized client step (`engine.vectorize`): `chunk_replies` trains a whole chunk of clients at
   once (kit/vectorized.py), equal to the per-client loop to rounding.
 The global model, the client step and the server step are the shared kit/globalmodel.py.
+[privacy] (DP-FedAvg, docs/privacy.md) protects the global model: the engine clips each client's
+update and noises their sum.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 from simfed.algorithms.base import Capabilities, Reply
 from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, GlobalSGDFields, client_model, finetune_reply,
-                                               local_sgd_chunk, sgd_reply, update_sums)
+                                               global_privacy, local_sgd_chunk, sgd_reply, update_sums)
 from simfed.algorithms.registry import register
 
 
@@ -45,7 +47,8 @@ class FedAvg(GlobalModelMethod):
     name = "fedavg"
     Config = FedAvgConfig
     summary = "FedAvg: weighted average of local SGD updates (McMahan et al. 2017)"
-    capabilities = Capabilities(chunk_replies=frozenset({"update"}))
+    capabilities = Capabilities(chunk_replies=frozenset({"update"}),
+                                privacy=global_privacy("the global model (every round's noised mean update)"))
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
         if ctx.mode == "eval":

@@ -23,7 +23,8 @@ initialized head trained for 20 epochs with the body frozen (`unseen_head_epochs
   by samples: (head samples x head mean loss + body samples x body mean loss) / all samples. Each
   value is the minibatch loss before its step, as for FedAvg; with 5 head epochs and 1 body epoch
   the head pass weighs five times the body pass.
-The body's server state and step are the kit's global model (kit/globalmodel.py).
+The body's server state and step are the kit's global model (kit/globalmodel.py). [privacy]
+(docs/privacy.md) protects the shared body, the only release; the heads never leave the clients.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from torch import nn
 
 from simfed.algorithms.base import Capabilities, Reply, Task
 from simfed.algorithms.kit import training
-from simfed.algorithms.kit.globalmodel import GlobalModelMethod, GlobalModelState, SGDFields, client_model, update_sums
+from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, GlobalModelState, SGDFields, client_model,
+                                               global_privacy, update_sums)
 from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
@@ -127,7 +129,8 @@ class FedRep(GlobalModelMethod):
     name = "fedrep"
     Config = FedRepConfig
     summary = "FedRep: global body, per-client heads trained first (Collins et al. 2021)"
-    capabilities = Capabilities(client_state=True)
+    capabilities = Capabilities(client_state=True, privacy=global_privacy(
+        "the shared body; the heads never leave their clients, so they are not released"))
 
     def init(self, cfg, task: Task, seed: int) -> FedRepState:
         model = init_model(lenet_for(task.input_shape, task.num_classes), seed)

@@ -59,6 +59,10 @@ What the authors' code (Wlzzzz-del/FMLH, PFML.py, client.py) does and we do not,
 - The code does not run as published (undefined names `num_step`, `embed_lr`); nothing there can
   be matched exactly, which is why this module is a reconstruction.
 
+[privacy] is refused (docs/privacy.md): the meta-model w and h are sums over clients and could be
+noised, but each embedding e_i is fitted to one client's update without noise and is released
+in that client's model w + P(h(e_i)).
+
 Collapse gauge (every round, in the round's stats, persisted in RUN_DIR/metrics/rounds/):
 `meta.embedding_spread` and `meta.model_spread` (of w_i over the cohort; `hypernet.spread`).
 """
@@ -70,7 +74,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from simfed.algorithms.base import Capabilities, Reply, ServerState, Task
+from simfed.algorithms.base import Capabilities, NoPrivacy, Reply, ServerState, Task
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
 from simfed.algorithms.kit.globalmodel import client_model, descend, finetune_reply, initial_model
@@ -178,7 +182,9 @@ class FMLH(hn.HyperNetMethod):
     name = "fmlh"
     Config = FMLHConfig
     summary = "FMLH: federated meta-learning with a norm-constrained hypernetwork offset (Wu et al. 2025)"
-    capabilities = Capabilities(payloads=True)
+    capabilities = Capabilities(payloads=True, privacy=NoPrivacy(
+        "fmlh keeps a per-client embedding e_i on the server, fitted to that client's fine-tuned model alone and "
+        "released in its model w + P(h(e_i)); a guarantee could cover w and h (sums over clients), never e_i"))
 
     def init(self, cfg, task: Task, seed: int) -> FMLHState:
         hnet, dim = hn.build(cfg, task, derive_seed(seed, "fmlh-hnet"), self.name)

@@ -23,6 +23,8 @@ weights normalized over the k neighbours. From PeFLL's appendix: scale = 100 (be
 - k larger than a client's train split is an error by default (`strict_k` = true); with
   `strict_k` = false it falls back to k = n_train (all of the client's samples are neighbours).
   Every client's size is checked before the run starts (Algorithm.check_clients).
+- [privacy] (docs/privacy.md) protects the global model (FedAvg's release); the kNN datastore is
+  the client's own data and never leaves it.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ import torch
 from torch.nn import functional as F
 
 from simfed.algorithms.base import Capabilities, Eval, Reply
-from simfed.algorithms.kit.globalmodel import GlobalModelMethod, GlobalSGDFields, client_model, sgd_reply
+from simfed.algorithms.kit.globalmodel import GlobalModelMethod, GlobalSGDFields, client_model, global_privacy, sgd_reply
 from simfed.algorithms.kit.models import load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
-LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
+LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # a literal: `simfed algorithms` reads it from source
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class KNNPer(GlobalModelMethod):
     name = "knnper"
     Config = KNNPerConfig
     summary = "kNN-Per: FedAvg model interpolated with a local kNN on its features (Marfoq et al. 2022)"
-    capabilities = Capabilities()
+    capabilities = Capabilities(privacy=global_privacy(
+        "the global model; the kNN datastore is each client's own data and is never sent"))
 
     def check_clients(self, cfg, n_train) -> None:
         if cfg.strict_k and n_train:

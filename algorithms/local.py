@@ -6,6 +6,7 @@ its model as engine-held client state, starting from the same seeded initial mod
 local optimizer keys. Ours: an unseen client has no state, so at evaluation it trains from the
 initial model for `unseen_steps` [200] steps on its own train split, which is what "Local" means
 for a newcomer. Batches come from `ClientContext.generator` (tags "sgd" and "unseen").
+[privacy] is refused: nothing leaves a client, so there is nothing to protect.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Capabilities, Reply
+from simfed.algorithms.base import Capabilities, NoPrivacy, Reply
 from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, LocalSGDFields, client_model, finetune_and_evaluate,
                                                local_sgd, local_sgd_chunk)
 from simfed.algorithms.kit.models import flat_params, load_flat
@@ -38,7 +39,9 @@ class Local(GlobalModelMethod):
     name = "local"
     Config = LocalConfig
     summary = "Local: each client trains its own model, no federation"
-    capabilities = Capabilities(client_state=True, chunk_replies=frozenset({"train"}))
+    capabilities = Capabilities(client_state=True, chunk_replies=frozenset({"train"}), privacy=NoPrivacy(
+        "local sends nothing to the server, so there is no release to protect (nothing leaves a client); "
+        "run it without [privacy]"))
 
     def train_phases(self, cfg, state, round):
         return ("train",)

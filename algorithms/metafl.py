@@ -38,6 +38,8 @@ Vectorized client step (ours; `engine.vectorize`): `chunk_replies` runs the tau 
 chunk of clients at once (`vectorized_meta.meta_chunk_step`), for every `gradient` (exact,
 first_order, hessian_free) and `hessian_batch`; its replies equal `client`'s to rounding (float64
 tests: 1e-10). See that module for how each variant is expressed with torch.func.
+
+[privacy] (docs/privacy.md) protects the global meta-model, the only release (Per-FedAvg too).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import torch
 
 from simfed.algorithms.base import Capabilities, ClientContext, Reply
 from simfed.algorithms.kit.functional import BatchStream, loss_fn, meta_gradient
-from simfed.algorithms.kit.globalmodel import GlobalModelMethod, client_model, finetune_reply, update_sums
+from simfed.algorithms.kit.globalmodel import GlobalModelMethod, client_model, finetune_reply, global_privacy, update_sums
 from simfed.algorithms.kit.vectorized_meta import meta_chunk_step
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
@@ -153,7 +155,8 @@ class MetaFL(GlobalModelMethod):
     name = "metafl"
     Config = MetaFLConfig
     summary = "Generalized meta-FL: FedAvg on the loss after nu fine-tuning steps (Jamali et al. 2025)"
-    capabilities = Capabilities(chunk_replies=frozenset({"update"}))  # the tau local meta-steps, every variant
+    capabilities = Capabilities(chunk_replies=frozenset({"update"}),  # the tau local meta-steps, every variant
+                                privacy=global_privacy("the global meta-model (every round's noised mean update)"))
 
     def cost(self, cfg, n_train: int) -> float:
         return float(cfg.tau)  # tau meta-steps of fixed-size batches, whatever the client's size

@@ -37,7 +37,21 @@ h hands every client the same model (PeFLL then degenerates to FedAvg). Here m a
 from the descriptor of the lowest client id that replied in the first training round (the authors
 take their first sampled client; ours is the same rule on serial and Ray), are server state
 (checkpointed) and are applied before h in training and evaluation. "none" feeds u to h as is.
-An evaluation before any training round (m unset) feeds u as is.
+"public" (ours) takes m and s at initialization from phi's descriptor of a seeded batch of
+uniform-noise inputs with uniform labels: no client's data enters it. An evaluation before any
+training round (m unset) feeds u as is.
+
+Differential privacy ([privacy], docs/privacy.md; ours): the released update is eta_h's and
+eta_v's gradients, each a sum over clients of per-client terms. A client's eta_v term is its
+embed-phase reply (clipped by the worker); its eta_h term J_h(v_i)^T g_i is computed here, so
+under `info.private` `absorb` returns it (`hypernet.vjp_flat`) instead of accumulating it, and
+the engine clips it per client and adds it to the model phase's sums. Each term is clipped to
+clip / sqrt(2), so a client's round stays within `clip`; the engine noises both sums, and
+finish divides them by the fixed denominator (the expected cohort). What is protected: h and
+phi. Descriptors and generated models are computed from a client's own data when it needs
+them. Local DP is refused (clients send descriptors and updates un-noised: the server computes
+eta_h's terms from them). descriptor_norm = "first" is refused with [privacy] (one client's descriptor would set
+m and s, a release no noise covers); use "public" or "none".
 
 Weight decay (`decay` ["decoupled"]): the L2 terms lambda_h ||eta_h||^2 + lambda_v ||eta_v||^2 of
 objective (1) act as eta <- (1 - 2 server_lr lambda) eta after the Adam step, as the paper's
@@ -87,7 +101,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Capabilities, Reply, ServerState, Task
+from simfed.algorithms.base import Capabilities, PrivacySupport, Reply, ServerState, Task
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
 from simfed.algorithms.kit.globalmodel import client_model
@@ -95,6 +109,14 @@ from simfed.algorithms.kit.models import flat_params, init_model, load_flat
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 from simfed.core.seeds import derive_seed
+
+
+PRIVACY_COVERS = ("the hypernetwork and the embedding network (every round's noised gradients); a client's "
+                  "descriptor and generated model are computed from its own data when it needs them")
+
+
+NO_LOCAL = ("its clients send descriptors and model updates un-noised, from which the server computes the "
+            "hypernetwork's gradient; use mode = \"central\"")
 
 
 @dataclass(frozen=True)
@@ -125,8 +147,8 @@ class PeFLLConfig(hn.GeneratedSGDFields):
             raise ValueError(f"eval_descriptor must be 'train' or 'batch', got {self.eval_descriptor!r}")
         if self.short_clients not in ("all", "error"):
             raise ValueError(f"short_clients must be 'all' or 'error', got {self.short_clients!r}")
-        if self.descriptor_norm not in ("first", "none"):
-            raise ValueError(f"descriptor_norm must be 'first' or 'none', got {self.descriptor_norm!r}")
+        if self.descriptor_norm not in ("first", "public", "none"):
+            raise ValueError(f"descriptor_norm must be 'first', 'public' or 'none', got {self.descriptor_norm!r}")
         if self.decay not in ("decoupled", "none"):
             raise ValueError(f"decay must be 'decoupled' or 'none', got {self.decay!r}")
 
@@ -149,15 +171,29 @@ def normalized(state, u: torch.Tensor) -> torch.Tensor:
     return (u - m) / s
 
 
+def norm_of(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, s): the mean and standard deviation over a descriptor's components."""
+    m, s = u.mean(), (u.std() if u.numel() > 1 else torch.ones(()))
+    if not torch.isfinite(s) or float(s) <= 0:  # a constant descriptor: centre only
+        s = torch.ones(())
+    return m.detach().clone(), s.detach().clone()
+
+
 def fix_norm_(cfg, state) -> None:
     """Set (m, s) from the lowest client id's descriptor of the first training round that had one."""
     if cfg.descriptor_norm != "first" or state.norm is not None or not state._v:
         return
-    u = state._v[min(state._v)]
-    m, s = u.mean(), (u.std() if u.numel() > 1 else torch.ones(()))
-    if not torch.isfinite(s) or float(s) <= 0:  # a constant descriptor: centre only
-        s = torch.ones(())
-    state.norm = (m.detach().clone(), s.detach().clone())
+    state.norm = norm_of(state._v[min(state._v)])
+
+
+def public_norm(embed, cfg, task: Task, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, s) of phi's descriptor of a seeded batch of uniform-noise inputs with uniform labels:
+    `descriptor_norm = "public"`, a normalization no client's data enters (what [privacy] needs)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "pefll-public"))
+    x = torch.rand((cfg.descriptor_batch, *task.input_shape), generator=gen)
+    y = torch.randint(task.num_classes, (cfg.descriptor_batch,), generator=gen)
+    with torch.no_grad():
+        return norm_of(descriptor(embed, cfg, x, y, task.num_classes))
 
 
 def embed_module(ctx, cfg, dim: int):
@@ -188,14 +224,30 @@ class PeFLL(hn.HyperNetMethod):
     name = "pefll"
     Config = PeFLLConfig
     summary = "PeFLL: embedding net + hypernetwork learn to produce client models (Scott et al. 2024)"
-    capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"model"}))  # k SGD steps from h(v_i)
+    capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"model"}),  # k SGD steps from h(v_i)
+                                privacy=PrivacySupport(released=(("model", ("grad_h",)), ("embed", ("grad_v",))),
+                                                       covers=PRIVACY_COVERS, no_local=NO_LOCAL))
 
     def init(self, cfg, task: Task, seed: int) -> PeFLLState:
         hnet, dim = hn.build(cfg, task, seed, self.name)
         embed = init_model(hn.embed_net(task.input_shape, task.num_classes, dim, not cfg.label_free),
                            derive_seed(seed, "pefll-embed"))
         opt = torch.optim.Adam(list(hnet.parameters()) + list(embed.parameters()), lr=cfg.server_lr)
-        return PeFLLState(hnet, embed, opt)
+        state = PeFLLState(hnet, embed, opt)
+        if cfg.descriptor_norm == "public":
+            state.norm = public_norm(embed, cfg, task, seed)
+        return state
+
+    def validate_privacy(self, cfg) -> None:
+        if cfg.descriptor_norm == "first":
+            raise SimfedError("[privacy] with pefll: descriptor_norm = \"first\" standardizes every descriptor by one "
+                              "client's descriptor, a release no noise covers; set descriptor_norm = \"public\" (from "
+                              "a seeded data-free batch) or \"none\"")
+
+    def privacy_zeros(self, phase, cfg, state):
+        if phase == "model":
+            return {"grad_h": torch.zeros(sum(p.numel() for p in state.hnet.parameters()))}
+        return {"grad_v": torch.zeros(sum(p.numel() for p in state.embed.parameters()))}
 
     def train_phases(self, cfg, state, round):
         return ("describe", "model", "embed")
@@ -229,10 +281,17 @@ class PeFLL(hn.HyperNetMethod):
         elif phase == "model":
             lam = cfg.lambda_theta
             grad = (lambda out: item[None] + 2 * lam * out) if lam > 0 else item[None]
-            dv = hn.vjp_(state.hnet, normalized(state, state._v[cid])[None], grad)[0]
+            x, terms = normalized(state, state._v[cid])[None], None
+            if info.private:  # this client's term of eta_h's gradient, for the engine to clip and sum
+                dv, flat = hn.vjp_flat(state.hnet, x, grad)
+                dv, terms = dv[0], {"grad_h": flat}
+            else:
+                dv = hn.vjp_(state.hnet, x, grad)[0]
             # chain rule through v = (u - m) / s, m and s constants: du = dv / s
             state._dv[cid] = dv / state.norm[1] if state.norm is not None else dv
             state._n_h += 1
+            return terms
+        return None
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         if info.mode == "eval":
@@ -243,6 +302,9 @@ class PeFLL(hn.HyperNetMethod):
             fix_norm_(cfg, state)
             return None
         if phase == "model":
+            if info.private:  # the clipped terms' noised sum, over the fixed denominator in finish(embed)
+                hn.load_grads_(list(state.hnet.parameters()), sums["grad_h"])
+                state._n_h = int(float(sums["n"]))
             ids = sorted(state._v)  # sorted: the same float64 sums on serial and Ray
             inputs = [normalized(state, state._v[c]) for c in ids]
             return {"descriptor_spread": hn.spread(inputs), "model_spread": hn.model_spread(state.hnet, inputs)}
@@ -257,12 +319,7 @@ class PeFLL(hn.HyperNetMethod):
             for p in hparams:
                 p.grad = None
         if n_v > 0:
-            g = sums["grad_v"].to(torch.float32) / n_v
-            offset = 0
-            for p in vparams:
-                k = p.numel()
-                p.grad = g[offset:offset + k].view_as(p).clone()
-                offset += k
+            hn.load_grads_(vparams, sums["grad_v"].to(torch.float32) / n_v)
             out["eta_v_grad_norm"] = hn.grad_norm_clip_(vparams, 0.0)
         else:
             for p in vparams:

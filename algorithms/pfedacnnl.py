@@ -26,6 +26,8 @@ global model toward the client's data, and grouping clients with similar data di
   shared; the head is solved once per group (per-group Gram sums, G x d x d), and W_ref of a
   client is the head of its nearest centroid (ties to the lower index; unseen clients too).
   A group without data uses the global head.
+[privacy] is refused, as for FedACnnL: its Gram (and group) statistics would need per-client
+clipping and noise, which is not implemented.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Capabilities, ClientData, Eval, Reply, Task
+from simfed.algorithms.base import Capabilities, ClientData, Eval, NoPrivacy, Reply, Task
 from simfed.algorithms.kit import analytic
 from simfed.algorithms.kit.acnnl import (AnalyticFields, LayerwiseMethod, geometry, layer_statistics, outputs_eval,
                                          selected)
@@ -73,7 +75,9 @@ class PFedACnnL(LayerwiseMethod):
     name = "pfedacnnl"
     Config = PFedACnnLConfig
     summary = "pFedACnnL: FedACnnL + per-client closed-form head toward the global one (Gu et al. 2025)"
-    capabilities = Capabilities(chunk_sums=True)  # the shared layers; group and head phases per client
+    capabilities = Capabilities(chunk_sums=True, privacy=NoPrivacy(  # the shared layers; group and head phases per client
+        "its layers are least-squares solves from summed Gram matrices (and per-group sums with groups > 0); "
+        "clipping and noising those statistics is not implemented, so no guarantee is offered"))
 
     def init(self, cfg, task: Task, seed: int):
         state = super().init(cfg, task, seed)

@@ -46,6 +46,10 @@ with the same seeded batches, momentum, weight decay and clip; its replies equal
 rounding (float64 tests: 1e-10). Only the "train" phase: the unseen-embedding fits are evaluation,
 which the engine never vectorizes.
 
+[privacy] is refused (docs/privacy.md): a guarantee from noising h's summed gradient would cover
+h alone; each embedding e_i is fitted to one client's updates without noise and is released in
+that client's model h(e_i).
+
 Collapse gauge (every round, in the round's stats, persisted in RUN_DIR/metrics/rounds/):
 `train.embedding_spread` and `train.model_spread` over the cohort (`hypernet.spread`; 0 = every
 client gets the same model).
@@ -57,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Capabilities, Reply, ServerState, Task
+from simfed.algorithms.base import Capabilities, NoPrivacy, Reply, ServerState, Task
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
 from simfed.algorithms.kit.globalmodel import client_model
@@ -100,7 +104,10 @@ class PFedHN(hn.HyperNetMethod):
     name = "pfedhn"
     Config = PFedHNConfig
     summary = "pFedHN: server hypernetwork maps per-client embeddings to client models (Shamsian et al. 2021)"
-    capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"train"}))  # k SGD steps from h(e_i)
+    capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"train"}),  # k SGD steps from h(e_i)
+                                privacy=NoPrivacy(
+        "pfedhn keeps a per-client embedding e_i on the server, moved by that client's updates alone and released "
+        "in its model h(e_i); noise on h's summed gradient would cover h only, never e_i or h(e_i)"))
 
     def init(self, cfg, task: Task, seed: int) -> PFedHNState:
         hnet, dim = hn.build(cfg, task, seed, self.name)

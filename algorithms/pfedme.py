@@ -25,6 +25,8 @@ is weighted by train samples; personal_lr = 0.01 and lr = 0.005 are the authors'
   model's inner-objective loss f_i(theta) (cross-entropy only, without the lam/2 ||theta - w_i||^2
   term) on the minibatches, evaluated at each of the K inner steps before that step's update and
   averaged over all R x K evaluations weighted by batch size (the samples `n_train` counts).
+- [privacy] (docs/privacy.md) protects the global model w: the mean of w - w_i is clipped and
+  noised as FedAvg's update; the personal models theta_i never leave their clients.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 
 from simfed.algorithms.base import Capabilities, Reply
 from simfed.algorithms.kit import training
-from simfed.algorithms.kit.globalmodel import GlobalModelMethod, client_model, server_step, update_sums
+from simfed.algorithms.kit.globalmodel import GlobalModelMethod, client_model, global_privacy, server_step, update_sums
 from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.kit.proximal import evaluate_personal, proximal_grads
 from simfed.algorithms.registry import register
@@ -99,7 +101,8 @@ class PFedMe(GlobalModelMethod):
     name = "pfedme"
     Config = PFedMeConfig
     summary = "pFedMe: Moreau-envelope personal models, K-step inner solve (Dinh et al. 2020)"
-    capabilities = Capabilities(client_state=True)
+    capabilities = Capabilities(client_state=True, privacy=global_privacy(
+        "the global model w; the personal models theta_i never leave their clients, so they are not released"))
 
     def cost(self, cfg, n_train: int) -> float:
         return float(cfg.K) * super().cost(cfg, n_train)

@@ -9,12 +9,19 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from simfed.algorithms.base import Algorithm
+from typing import TYPE_CHECKING
+
 from simfed.core.errors import SimfedError
+from simfed.core.validate import did_you_mean
+
+if TYPE_CHECKING:  # importing this module stays free of torch: `simfed algorithms` lists methods from source
+    from simfed.algorithms.base import Algorithm
 
 _REGISTRY: dict[str, Algorithm] = {}
 BUILTIN = ("fedavg", "local", "ditto", "fedrep", "pfedme", "knnper", "metafl", "pfedhn", "pefll", "fmlh",
            "fedacnnl", "pfedacnnl")
+# Registered name -> module of the built-in methods whose name differs from their module's.
+BUILTIN_NAMES = {**{m: m for m in BUILTIN}, "perfedavg": "metafl"}
 _loaded = False
 
 
@@ -38,9 +45,15 @@ def _load_all() -> None:
 
 
 def get(name: str) -> Algorithm:
-    _load_all()
+    """The method registered as `name`. A built-in one imports only its own module: a worker or
+    server process then pays for one method's imports, not thirteen."""
+    if name not in _REGISTRY and name in BUILTIN_NAMES:
+        importlib.import_module(f"simfed.algorithms.{BUILTIN_NAMES[name]}")
     if name not in _REGISTRY:
-        raise SimfedError(f"unknown algorithm {name!r}; available: {', '.join(sorted(_REGISTRY))} (see `simfed algorithms`)")
+        _load_all()
+    if name not in _REGISTRY:
+        raise SimfedError(f"unknown algorithm {name!r}{did_you_mean(name, _REGISTRY)}; available: "
+                          f"{', '.join(sorted(_REGISTRY))} (see `simfed algorithms`)")
     return _REGISTRY[name]
 
 

@@ -50,16 +50,19 @@ def launch(config: Config = None, *, out: str | os.PathLike | None = None, overr
     address: the Ray cluster to join ("auto" or HOST:PORT), as engine.address.
     verify: check the store's sha256 checksums before starting (sizes are always checked).
     on_event: called with each progress event, a dict with a "type": "note" (an override dropped
-        keys), "generate", "resume", "already_finished", "run_dir" (written, about to start),
-        "start", "chunk", "round", "eval_start", "eval_chunk", "eval", "checkpoint", "saved",
-        "server_restart", and last "done" (the result: summary, retries, dropped, ...).
+        keys), "generate", "resume", "already_finished", "timing" (Ray's start), "run_dir" (written,
+        about to start), "eval_plan" (the clients each evaluation covers), "startup" (seconds of the
+        checks, Ray's start, the pool's start and its warm-up), "start" (with "privacy" under [privacy]), "chunk", "round"
+        (with the clients, their mean training loss and "epsilon" under [privacy]), "eval_start", "eval_chunk", "eval", "checkpoint",
+        "saved", "server_restart", and last "done" (the result: summary, retries, dropped, ...).
+        With `[run] track`, the trackers (simfed.engine.tracking) see the same events.
     progress: draw a progress bar on stderr while [data] generate builds the store.
 
     With engine.backend = "ray" Ray is started on this machine, or joined, and stays up for the next
     launch in this process (`ray.shutdown()` ends it). Raises SimfedError (one line) for bad input,
     RunFailed when the run cannot go on (its last checkpoint stands: resume it).
     """
-    emit = on_event or (lambda e: None)
+    emit = _Startup(on_event or (lambda e: None))
     for flag, value in (("--out", out), ("--resume", resume), ("--address", address)):
         if value is not None:
             validate.text(flag, os.fspath(value) if isinstance(value, os.PathLike) else value)
@@ -101,9 +104,10 @@ def _experiment(config: Config, overrides: Sequence[str], address: str | None, e
         raise SimfedError(f"config must be a TOML file's path, a dict or None, got {type(config).__name__}")
     notes: list[str] = []
     doc = apply_overrides(doc, [overrides] if isinstance(overrides, str) else list(overrides), notes)
+    exp = _parse(doc, address, where)  # a misspelled method is refused before any note about it
     for note in notes:
         emit({"type": "note", "message": note})
-    return _parse(doc, address, where)
+    return exp
 
 
 def _parse(doc: dict, address: str | None, where: str):
@@ -157,7 +161,7 @@ def _resume_round(run_dir: Path, exp) -> int:
 def _prepare(exp, emit: Event, verify: bool, progress: bool, resume_dir: Path | None = None):
     """Every check before work, in order: the machine, the store and method (and the run to resume),
     the checksums, then Ray (started or joined) and the pool against it. Returns the engine's plan."""
-    from simfed.engine import probe, resources
+    from simfed.engine import probe, resources, tracking
     from simfed.engine.plan import check_experiment
 
     if exp.engine.backend == "ray":  # before Ray starts: the address answers as Ray, or the pool fits here
@@ -166,10 +170,13 @@ def _prepare(exp, emit: Event, verify: bool, progress: bool, resume_dir: Path | 
         elif exp.engine.address != "auto":
             probe.ray_gcs(exp.engine.address)
     plan = check_experiment(exp, emit, resume_dir, progress=progress)
+    tracking.require(exp.run.track)
     if verify:
         plan.store.verify()
     if exp.engine.backend == "ray":
+        t0 = time.perf_counter()
         _connect(exp, plan.store.path)
+        emit({"type": "timing", "step": "ray_start", "seconds": time.perf_counter() - t0})
     return plan
 
 
@@ -192,10 +199,65 @@ def _connect(exp, store_path: str) -> None:
 
 
 def _run(exp, run_dir: Path, plan, resume: bool, emit: Event) -> dict:
+    from simfed.engine import tracking
     from simfed.engine.loop import run_experiment
 
     emit({"type": "run_dir", "run_dir": str(run_dir), "resume": resume})
-    return run_experiment(exp, run_dir, resume=resume, on_event=emit, plan=plan)
+    emit(eval_plan(exp, plan))
+    start = int(plan.checkpoint["round"]) if resume and plan.checkpoint else 0
+    with tracking.open_trackers(exp, run_dir, start, artifacts=_plot_artifact) as track:
+        def both(event: dict) -> None:
+            track(event)
+            emit(event)
+
+        return run_experiment(exp, run_dir, resume=resume, on_event=both, plan=plan)
+
+
+def eval_plan(exp, plan) -> dict:
+    """The "eval_plan" event: how many clients each evaluation covers per cohort, against the clients
+    of a training round (a progress display estimates and warns from it)."""
+    run = exp.run
+
+    def covered(ids) -> int:
+        return len(ids) if run.eval_clients <= 0 else min(run.eval_clients, len(ids))
+
+    return {"type": "eval_plan", "seen": covered(plan.seen), "unseen": covered(plan.unseen),
+            "seen_total": len(plan.seen), "unseen_total": len(plan.unseen), "eval_every": run.eval_every,
+            "eval_clients": run.eval_clients, "rounds": run.rounds, "clients_per_round": run.clients_per_round}
+
+
+def _plot_artifact(run_dir: Path) -> list[Path]:
+    """The learning-curve PNG a tracker attaches at the end of a run (none without matplotlib)."""
+    from simfed import plots
+
+    return plots.artifact(run_dir)
+
+
+class _Startup:
+    """An event listener in front of the caller's: it times the start-up (the checks before Ray,
+    Ray's start, the pool's start and its warm-up) and emits it as one "startup" event just before
+    the run's "start" event, so that what the time before round 1 goes to is visible."""
+
+    def __init__(self, emit: Event):
+        self.emit, self.t0 = emit, time.perf_counter()
+        self.steps: dict[str, float] = {}
+        self.pool_t0: float | None = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "timing":
+            self.steps[event["step"]] = event["seconds"]
+        elif kind == "run_dir":
+            self.pool_t0 = time.perf_counter()
+        elif kind == "start" and self.pool_t0 is not None:
+            now = time.perf_counter()
+            warm = max((float(w.get("warmup_s") or 0.0) for w in event.get("workers", [])), default=0.0)
+            pool = now - self.pool_t0
+            ray_s = self.steps.get("ray_start", 0.0)
+            self.emit({"type": "startup", "seconds": now - self.t0, "ray_start": ray_s, "pool_start": pool - warm,
+                       "warmup": warm, "checks": self.pool_t0 - self.t0 - ray_s})
+            self.pool_t0 = None  # a server restart's "start" is not a start-up
+        self.emit(event)
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -253,8 +315,22 @@ def load_run(run_dir: str | os.PathLike) -> "Run":
     """A run directory (finished, running or interrupted) to read; SimfedError if it is not one."""
     path = Path(run_dir)
     if not (path / "metrics").is_dir():
-        raise SimfedError(f"{os.fspath(run_dir)}: no metrics/ directory; pass a directory printed by `simfed launch`")
+        raise SimfedError(_not_a_run(path))
     return Run(path)
+
+
+def _not_a_run(path: Path) -> str:
+    """Why `path` is not a run directory, and what to pass instead."""
+    if not path.exists():
+        return f"{path}: no such directory; pass a run directory `simfed launch` printed"
+    if not path.is_dir():
+        return f"{path}: not a directory; pass a run directory `simfed launch` printed"
+    if (path / "sweep.json").is_file():
+        return (f"{path}: a sweep directory, not a run; see `simfed compare {path}`, or pass one of its runs "
+                f"({path}/trials/ID)")
+    if (path / "manifest.json").is_file():
+        return f"{path}: a partition store, not a run; see `simfed info {path}`"
+    return f"{path}: not a run directory (no metrics/ in it); pass a run directory `simfed launch` printed"
 
 
 class Run:

@@ -24,6 +24,31 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+def version() -> str:
+    """simfed's installed version (the package metadata; no heavy import)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("simfed")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"simfed {version()}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", help="Print simfed's version and exit.",
+                                      is_eager=True, callback=_print_version),
+) -> None:
+    """Simulation engine for personalized federated (meta-)learning."""
+
+
 # Modules that add commands to `app`; each defines register(app).
 _COMMAND_MODULES = (
     "simfed.cli.partition_cmd",

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from simfed.core.errors import SimfedError
@@ -236,8 +235,11 @@ def arrays(
 
 def store_summary(path: str, verify: bool = True) -> dict:
     """The numbers `simfed info` prints (also used by tests and the benchmark)."""
+    import numpy as np
+
     from simfed.partitions.store import PartitionStore
 
+    _check_store_dir(path)
     store = PartitionStore.open(path, verify=verify)
     store.check_contents()
     m = store.manifest
@@ -265,6 +267,31 @@ def store_summary(path: str, verify: bool = True) -> dict:
         "verified": verify,
         "source": m.get("source", {}),
     }
+
+
+def _check_store_dir(path: str) -> None:
+    """A local DIR that is no partition store at all gets its own message: a run or sweep directory
+    says which command reads it, a missing one says so (a damaged store is the store's to report)."""
+    root = Path(path)
+    if "://" in path or (root / "manifest.json").exists():
+        return
+    if not root.exists():
+        raise SimfedError(f"{path}: no such directory; pass a partition store (`simfed partition ...` builds one)")
+    if (root / "metrics").is_dir() or (root / "config.json").is_file():
+        store = _run_store(root)
+        hint = f"; its store is {store}: simfed info {store}" if store else ""
+        raise SimfedError(f"{path}: a run directory, not a partition store; `simfed metrics {path}` summarizes "
+                          f"the run{hint}")
+    if (root / "sweep.json").is_file():
+        raise SimfedError(f"{path}: a sweep directory, not a partition store; `simfed compare {path}` reads it")
+
+
+def _run_store(run_dir: Path) -> str:
+    """The [data] path a run directory's config.json names ("" when it cannot be read)."""
+    try:
+        return str(json.loads((run_dir / "config.json").read_text())["data"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 INPUT_TEXT = {"unit": "unit (x / 255, float32 in [0, 1])", "raw": "raw (values as float32)",

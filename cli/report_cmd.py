@@ -29,7 +29,32 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _print_curve(df) -> None:
+def _epsilons(run) -> dict[int, float]:
+    """{training round: epsilon after it} of a run with [privacy] (round statistic `epsilon`), else {}."""
+    rounds = run.rounds()
+    if "epsilon" not in rounds.columns:
+        return {}
+    return {int(r): float(e) for r, e in zip(rounds["round"].to_list(), rounds["epsilon"].to_list()) if e is not None}
+
+
+def _delta(run) -> float | None:
+    """The run's [privacy] delta, as its status.json states it."""
+    return ((run.status or {}).get("privacy") or {}).get("delta")
+
+
+def _privacy_line(run, eps: dict[int, float], at: int) -> str:
+    delta = _delta(run)
+    upto = max((r for r in eps if r <= at), default=None)
+    if upto is None:
+        return ""
+    return f"privacy: epsilon {eps[upto]:.4g} at delta {delta} after {upto} rounds"
+
+
+def _json_eps(e: float) -> float | None:
+    return e if e != float("inf") else None  # JSON has no infinity: no finite bound (noise_multiplier 0)
+
+
+def _print_curve(df, eps: dict[int, float]) -> None:
     from simfed.engine import metrics
 
     cv, tr = metrics.curve(df), metrics.train_curve(df)
@@ -41,9 +66,25 @@ def _print_curve(df) -> None:
                        + " ".join(f"{_fmt(r[c]):>12}" for c in cols))
     if tr.height:
         typer.echo("")
-        typer.echo(f"{'round':>5} {'clients':>7} {'train_loss':>12} {'dropped':>7}")
+        typer.echo(f"{'round':>5} {'clients':>7} {'train_loss':>12} {'dropped':>7}" + (f" {'epsilon':>10}" if eps else ""))
         for r in tr.iter_rows(named=True):
-            typer.echo(f"{r['round']:>5} {r['clients']:>7} {_fmt(r['loss_mean']):>12} {r['dropped']:>7}")
+            typer.echo(f"{r['round']:>5} {r['clients']:>7} {_fmt(r['loss_mean']):>12} {r['dropped']:>7}"
+                       + (f" {eps.get(r['round'], float('nan')):>10.4g}" if eps else ""))
+
+
+def _curve_cmd(run_dir: str, df, eps: dict[int, float], as_json: bool) -> None:
+    """`simfed metrics --curve`: the learning curve and training table (JSON or text)."""
+    from simfed.engine import metrics
+
+    if as_json:
+        out = {"run_dir": str(run_dir), "eval": metrics.curve(df).to_dicts(), "train": metrics.train_curve(df).to_dicts()}
+        if eps:
+            out["epsilon"] = [{"round": r, "epsilon": _json_eps(e)} for r, e in sorted(eps.items())]
+        typer.echo(json.dumps(out, indent=2))
+    elif df.height == 0:
+        raise SimfedError(f"{run_dir}: no metric rows yet; they appear as rounds finish")
+    else:
+        _print_curve(df, eps)
 
 
 def metrics_cmd(
@@ -60,17 +101,17 @@ def metrics_cmd(
 
     run = load_run(run_dir)
     df = run.metrics()
+    eps = _epsilons(run)
     if curve:
-        if as_json:
-            typer.echo(json.dumps({"run_dir": str(run_dir), "eval": metrics.curve(df).to_dicts(),
-                                   "train": metrics.train_curve(df).to_dicts()}, indent=2))
-        elif df.height == 0:
-            raise SimfedError(f"{run_dir}: no metric rows yet; they appear as rounds finish")
-        else:
-            _print_curve(df)
+        _curve_cmd(run_dir, df, eps, as_json)
         return
     split = split.value
     rounds = metrics.eval_rounds(df, split)
+    if not rounds and as_json:  # a script still learns the run's state (killed before its first evaluation)
+        out = {"run_dir": str(run_dir), "round": None, "split": split, "rounds": [], "cohorts": {},
+               "train": metrics.train_totals(df)}
+        typer.echo(json.dumps({**out, **({"status": run.status} if run.status is not None else {})}, indent=2))
+        return
     if not rounds:
         raise SimfedError(f"{run_dir}: no '{split}' evaluation rows yet; evaluation runs every run.eval_every "
                           "rounds and after the last")
@@ -86,6 +127,10 @@ def metrics_cmd(
                "cohorts": {r["cohort"]: {k: v for k, v in r.items() if k not in ("cohort", "split", "round")}
                            for r in rows},
                "train": totals}
+        if eps:
+            upto = max((r for r in eps if r <= at), default=None)
+            out["privacy"] = {"epsilon": _json_eps(eps[upto]) if upto else None, "after_round": upto,
+                              "delta": _delta(run)}
         status = run.status
         if status is not None:
             out["status"] = status
@@ -99,6 +144,9 @@ def metrics_cmd(
     print_summary(rows)
     typer.echo(f"train rounds 1-{at}: {totals['client_updates']} client updates, {totals['dropped']} dropped, "
                f"{totals['bytes_up'] / 1e6:.1f} MB up, {totals['bytes_down'] / 1e6:.1f} MB down")
+    line = _privacy_line(run, eps, at) if eps else ""
+    if line:
+        typer.echo(line)
 
 
 def plot_cmd(
@@ -109,7 +157,7 @@ def plot_cmd(
 ) -> None:
     """Learning curves (accuracy and loss per round, seen vs unseen, client-mean with the p10-p90 band),
     the per-client accuracy distribution at the last round, and the training loss per round."""
-    from simfed.cli import plots
+    from simfed import plots
 
     target = Path(out) if out else Path(path) / "curves.png"
     if target.suffix.lower() not in (".png", ".html"):
@@ -126,17 +174,14 @@ def plot_cmd(
 def _key_comments(cls: type) -> dict[str, str]:
     """`key: type = default  # comment` lines of a config dataclass and of the field groups it
     inherits (a subclass's comment wins): the comment documents the key."""
+    from simfed.cli.catalog import key_comments
+
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         try:
-            lines = inspect.getsource(klass).splitlines()
+            out.update(key_comments(inspect.getsource(klass).splitlines()))
         except (OSError, TypeError):
             continue
-        for line in lines:
-            code, hash_, comment = line.partition("#")
-            name = code.strip().split(":")[0]
-            if hash_ and ":" in code and name.isidentifier():
-                out[name] = comment.strip()
     return out
 
 
@@ -152,7 +197,41 @@ def describe(name: str) -> dict:
                      "help": comments.get(f.name, "")}
             for f in dataclasses.fields(algo.Config)}
     return {"summary": algo.summary, "doc": doc.split("\n\n")[0], "module": module.__name__,
-            "config": {k: v["default"] for k, v in keys.items()}, "keys": keys}
+            "config": {k: v["default"] for k, v in keys.items()}, "keys": keys, "privacy": _privacy(algo)}
+
+
+def _privacy(algo) -> str:
+    """What [privacy] protects in the method, or why it refuses it (its declaration)."""
+    from simfed.algorithms.base import NoPrivacy, PrivacySupport
+
+    support = algo.capabilities.privacy
+    if isinstance(support, PrivacySupport):
+        return f"protects {support.covers}"
+    return f"refused: {support.why}" if isinstance(support, NoPrivacy) else "refused: no declaration"
+
+
+def _names() -> list[str]:
+    """Every method's name; the built-in ones without importing them (no torch) unless a package
+    registers more through the simfed.algorithms entry points."""
+    from importlib.metadata import entry_points
+
+    from simfed.algorithms import registry
+
+    if entry_points(group="simfed.algorithms"):
+        return registry.names()
+    return sorted(registry.BUILTIN_NAMES)
+
+
+def _describe(name: str) -> dict:
+    """describe(name), read from a built-in method's source when it can be (simfed.cli.catalog)."""
+    from simfed.algorithms import registry
+    from simfed.cli import catalog
+
+    if name in registry.BUILTIN_NAMES:
+        found = catalog.describe(name, f"simfed.algorithms.{registry.BUILTIN_NAMES[name]}")
+        if found is not None:
+            return found
+    return describe(name)
 
 
 def _toml(v) -> str:
@@ -170,10 +249,9 @@ def algorithms_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the registered methods with their config keys and defaults (or one method in detail)."""
-    from simfed.algorithms import registry
-
-    names = [name] if name else registry.names()
-    info = {n: describe(n) for n in names}
+    # One method is imported for its privacy declaration (Capabilities, not literal source); the
+    # listing reads sources only and leaves that out.
+    info = {name: describe(name)} if name else {n: _describe(n) for n in _names()}
     if as_json:
         typer.echo(json.dumps(info[name] if name else info, indent=2, default=str))
         return
@@ -181,7 +259,8 @@ def algorithms_cmd(
         item = info[name]
         typer.echo(f"{name}: {item['summary']}\n")
         typer.echo(item["doc"] + "\n")
-        typer.echo(f"[algorithm] keys (defaults; full notes: pydoc {item['module']}):")
+        typer.echo(f"[privacy]: {item['privacy']}\n")
+        typer.echo(f"[algorithm] keys (defaults; full notes: python -m pydoc {item['module']}):")
         width = max(len(k) for k in item["keys"]) if item["keys"] else 0
         for k, v in item["keys"].items():
             note = f"  # {v['help']}" if v["help"] else ""

@@ -189,7 +189,7 @@ def _write_sweep(sweep_dir: Path, sweep_file: str, trials, scheduler) -> None:
 
 def sweep(
     sweep_file: Optional[str] = typer.Argument(None, help="Sweep TOML: an experiment file plus a [sweep] table."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: 'auto' or ray://host:port."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: 'auto' or HOST:PORT of the head."),
     out: Optional[str] = typer.Option(None, "--out", help="Sweep directory (default sweeps/<file>-<time>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the sweep in this directory."),
     max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="At most N trials at once."),
@@ -197,7 +197,8 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only finished/failed trials on the console."),
 ) -> None:
     """Run a grid of methods, hyperparameters and seeds as Ray Tune trials; prints the sweep directory."""
-    from simfed.engine import cluster, shared
+    from simfed import plots
+    from simfed.engine import cluster, shared, tracking
     from simfed.engine.plan import check_experiment
     from simfed.sweeps import config as sweep_config
     from simfed.sweeps.sweep import TrialSpec, run_sweep
@@ -209,6 +210,7 @@ def sweep(
     # cluster, also whether every node reads each store and reaches engine.storage.
     stores = {(check_experiment(t.experiment).store.path, t.experiment.algorithm, t.experiment.engine.storage): t
               for t in trials}
+    tracking.require(trials[0].experiment.run.track)
     by_id = {t.id: t for t in trials}
     cluster.connect(address or "")
     for (path, _, _), t in stores.items():
@@ -219,7 +221,7 @@ def sweep(
     console = _Console(quiet, lambda tid: sweep_config.describe(by_id[tid]))
     try:
         states = run_sweep(sweep_dir, [TrialSpec(t.id, t.experiment) for t in trials], scheduler,
-                           max_concurrent=max_concurrent, on_event=console)
+                           max_concurrent=max_concurrent, on_event=console, artifacts=plots.artifact)
     except KeyboardInterrupt:
         sys.stderr.write(f"simfed: interrupted; continue with: simfed sweep --resume {sweep_dir}\n")
         raise SystemExit(130)

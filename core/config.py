@@ -19,20 +19,36 @@ from simfed.core.errors import SimfedError
 from simfed.core.safeio import read_bytes
 
 
+def _quoted(v: Any, key: str) -> str:
+    """How a wrong value reads in a message; a string that holds a number or a boolean was most
+    likely quoted by mistake (rounds = "3"), so the message says to drop the quotes."""
+    if isinstance(v, str):
+        try:
+            parsed = tomllib.loads(f"v = {v.strip()}")["v"]
+        except (tomllib.TOMLDecodeError, RecursionError):
+            parsed = None
+        if isinstance(parsed, (int, float, bool)):
+            return f"the string {json.dumps(v)} (in quotes); write it without the quotes: {key} = {v.strip()}"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def config_from_dict(cls: type, values: Mapping[str, Any], where: str = "[algorithm]") -> Any:
     """Build a frozen config dataclass; unknown keys are an error that lists the valid ones."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise SimfedError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(sorted(fields))}")
+        hint = validate.did_you_mean(unknown[0], fields) if len(unknown) == 1 else ""
+        raise SimfedError(f"unknown key(s) {', '.join(unknown)} in {where}{hint}; valid keys: "
+                          f"{', '.join(sorted(fields))}")
     out = {}
     for k, v in values.items():
         default = fields[k].default
         if isinstance(default, bool) and not isinstance(v, bool):
-            raise SimfedError(f"{where} {k} must be true or false, got {v!r}")
+            raise SimfedError(f"{where} {k} must be true or false, got {_quoted(v, k)}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise SimfedError(f"{where} {k} must be a number, got {v!r}")
+                raise SimfedError(f"{where} {k} must be a number, got {_quoted(v, k)}")
             if isinstance(default, float):
                 # NaN, inf and absurd magnitudes (1e308 overflows at the first step) never pass.
                 v = validate.number(f"{where} {k}", v)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from simfed.core.errors import SimfedError
 
@@ -28,6 +28,16 @@ NAME_MAX_BYTES = 255  # one path component on every common filesystem
 def _show(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def did_you_mean(word: Any, choices: "Iterable[str]") -> str:
+    """" (did you mean 'fedavg'?)" for the closest of `choices` to a misspelled `word`, else ""."""
+    import difflib
+
+    if not isinstance(word, str) or not word:
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def integer(where: str, v: Any, lo: int | None = None, hi: int | None = INT64_MAX) -> int:
@@ -104,7 +114,8 @@ def component(where: str, v: Any) -> str:
 
 def choice(where: str, v: Any, options: tuple[str, ...]) -> str:
     if not isinstance(v, str) or v not in options:
-        raise SimfedError(f"{where} = {_show(v)}; use one of: {', '.join(repr(o) for o in options)}")
+        raise SimfedError(f"{where} = {_show(v)}{did_you_mean(v, options)}; use one of: "
+                          f"{', '.join(repr(o) for o in options)}")
     return v
 
 

@@ -144,11 +144,11 @@ def open_backend(exp: Experiment, plan: Plan, state_dir: str, server_state: dict
     eng = exp.engine
     spec = WorkerSpec(store_path=plan.store.path, algorithm=exp.algorithm, cfg=exp.algorithm_config, task=plan.task,
                       seed=exp.run.seed, state_dir=state_dir, threads=max(1, int(eng.cpus_per_worker)),
-                      use_gpu=eng.gpus_per_worker > 0, vectorize=eng.vectorize)
+                      use_gpu=eng.gpus_per_worker > 0, vectorize=eng.vectorize, privacy=plan.privacy)
     # The server computes with as many threads as a worker on both backends: a reduction split
     # over a different thread count can round differently.
     server_args = dict(algorithm=exp.algorithm, cfg=exp.algorithm_config, task=plan.task, seed=exp.run.seed,
-                       state_dict=server_state, threads=spec.threads)
+                       state_dict=server_state, threads=spec.threads, privacy=plan.privacy)
     kind = kind or eng.backend
     if kind == "serial":
         return SerialBackend(spec, server_args, eng)

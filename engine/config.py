@@ -1,5 +1,5 @@
-"""The typed experiment: [data], [run], [engine] and [algorithm] as frozen dataclasses, parsed
-from a TOML document (a dict) and checked before any work.
+"""The typed experiment: [data], [run], [engine] and [algorithm] as frozen dataclasses (and the
+optional [privacy], engine.privacy), parsed from a TOML document (a dict) and checked before any work.
 
 Sections map onto the dataclasses below; [algorithm] holds `name` plus the method's own keys (its
 frozen Config dataclass). Unknown sections or keys are errors that list the valid ones (every dict
@@ -19,6 +19,7 @@ from typing import Any
 from simfed.core import validate as v
 from simfed.core.config import config_from_dict, to_toml
 from simfed.core.errors import SimfedError
+from simfed.engine.privacy import PrivacyConfig, check_config as check_privacy, parse_section as parse_privacy
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class RunConfig:
     seed: int = 0
     eval_clients: int = 0  # per cohort; 0 evaluates every client of the cohort
     name: str = ""  # run directory name; default: <algorithm>-<timestamp>
+    track: tuple = ()  # experiment trackers: "tensorboard" (RUN_DIR/tensorboard), "mlflow"
+    mlflow_uri: str = ""  # MLflow tracking URI; "" = a file store in RUN_DIR/mlruns
 
 
 @dataclass(frozen=True)
@@ -65,19 +68,23 @@ class Experiment:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    privacy: PrivacyConfig | None = None  # [privacy]: absent = no differential privacy (engine.privacy)
 
 
 SECTIONS = {"data": DataConfig, "run": RunConfig, "engine": EngineConfig}
-TOML_ORDER = ("data", "run", "algorithm", "engine")
+OPTIONAL = {"privacy": PrivacyConfig}  # tables whose absence means "off", not "defaults"
+TOML_ORDER = ("data", "run", "algorithm", "engine", "privacy")
 
 
 def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
     """The experiment of a TOML document; `where` (the file) starts messages about the document itself."""
     from simfed.algorithms import registry  # imports torch: not at import time (`simfed --help` stays light)
 
-    unknown = sorted(set(doc) - set(SECTIONS) - {"algorithm"})
+    unknown = sorted(set(doc) - set(SECTIONS) - set(OPTIONAL) - {"algorithm"})
     if unknown:
-        raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]; valid: [algorithm], [data], [engine], [run]")
+        hint = v.did_you_mean(unknown[0], [*SECTIONS, *OPTIONAL, "algorithm"]) if len(unknown) == 1 else ""
+        raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]{hint}; valid: [algorithm], [data], "
+                          "[engine], [privacy], [run]")
     parts = {}
     for name, cls in SECTIONS.items():
         section = doc.get(name, {})
@@ -94,13 +101,17 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
         raise SimfedError(f"{where}: [algorithm] name must be a string, got {name!r}")
     algo = registry.get(v.text("[algorithm] name", name, max_len=200))
     cfg = config_from_dict(algo.Config, algo_doc, f"[algorithm] ({name})")
-    return check(Experiment(algorithm=name, algorithm_config=cfg, **parts))
+    privacy = parse_privacy(doc["privacy"]) if "privacy" in doc else None
+    return check(Experiment(algorithm=name, algorithm_config=cfg, privacy=privacy, **parts))
 
 
 def to_dict(exp: Experiment) -> dict[str, Any]:
     out = {"algorithm": {"name": exp.algorithm, **dataclasses.asdict(exp.algorithm_config)}}
     for name in SECTIONS:
         out[name] = dataclasses.asdict(getattr(exp, name))
+    for name in OPTIONAL:
+        if getattr(exp, name) is not None:
+            out[name] = dataclasses.asdict(getattr(exp, name))
     return out
 
 
@@ -114,6 +125,7 @@ MAX_WORKERS = 100_000
 MAX_RETRIES = 1_000
 MAX_LR = 1e3  # a step size beyond this only ever produces inf/NaN updates (then all dropped)
 GENERATORS = ("", "synthetic-femnist")
+TRACKERS = ("tensorboard", "mlflow")
 
 
 def _check_algorithm(exp: Experiment) -> None:
@@ -154,6 +166,10 @@ def check(exp: Experiment) -> Experiment:
     v.integer("[run] eval_clients", r.eval_clients, 0)
     if r.name:
         v.component("[run] name", r.name)
+    for tracker in r.track:
+        v.choice("[run] track item", tracker, TRACKERS)
+    if len(set(r.track)) != len(r.track):
+        raise SimfedError(f"[run] track = {list(r.track)} names a tracker twice; list each once")
     v.choice("[engine] backend", e.backend, ("ray", "serial"))
     v.choice("[engine] vectorize", e.vectorize, ("auto", "on", "off"))
     v.integer("[engine] workers", e.workers, 0, MAX_WORKERS)
@@ -164,4 +180,6 @@ def check(exp: Experiment) -> Experiment:
     v.integer("[engine] max_retries", e.max_retries, 0, MAX_RETRIES)
     v.integer("[engine] inflight_per_worker", e.inflight_per_worker, 1, 1_000)
     _check_algorithm(exp)
+    if exp.privacy is not None:
+        check_privacy(exp.privacy)
     return exp

@@ -6,6 +6,7 @@ UI-free: progress goes to an `on_event(dict)` callback (the CLI draws a progress
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import time
@@ -21,7 +22,7 @@ from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.config import Experiment
 from simfed.engine.evaluate import evaluate
 from simfed.engine.plan import Plan, check_experiment, check_resume
-from simfed.engine.sampling import sample_cohort
+from simfed.engine.sampling import sample_cohort, sample_poisson
 
 Event = Callable[[dict], None]
 
@@ -55,7 +56,7 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, *, resume: bool 
                 resume = os.path.lexists(run_dir / checkpoint.NAME)  # no checkpoint yet: start over
                 emit({"type": "server_restart", "restarts": restarts})
                 if resume:
-                    plan = dataclasses.replace(plan, checkpoint=check_resume(exp, plan.task, run_dir))
+                    plan = dataclasses.replace(plan, checkpoint=check_resume(exp, plan.task, run_dir, plan.privacy))
 
 
 def _run(exp: Experiment, run_dir: Path, plan: Plan, resume: bool, emit: Event, kind: str | None,
@@ -69,9 +70,11 @@ def _run(exp: Experiment, run_dir: Path, plan: Plan, resume: bool, emit: Event, 
         status = {"state": "running", "completed_rounds": start, "checkpoint_round": start, "rounds": rounds,
                   "workers": be.n_workers, "backend": be.name, "pid": os.getpid(), "host": socket.gethostname(),
                   "server_restarts": restarts}
+        privacy = {"privacy": plan.privacy.describe(), "epsilon": _json_number(attempt.epsilon)} if plan.privacy else {}
+        status.update(privacy)
         emit({"type": "start", "start_round": start, "rounds": rounds, "workers": be.workers_info(),
               "clients_per_round": exp.run.clients_per_round, "seen": len(plan.seen), "unseen": len(plan.unseen),
-              "server_pid": be.server_pid()})
+              "server_pid": be.server_pid(), **privacy})
         try:
             summary = attempt.rounds(be, status)
             status["state"] = "finished"
@@ -108,6 +111,8 @@ class _Attempt:
         self.writer.truncate_after(self.start)
         states.truncate_after(self.start)
         self.last_ckpt = self.start
+        # [privacy]: epsilon at delta after the rounds done so far (dp-accounting, engine.privacy)
+        self.epsilon = plan.privacy.epsilon(self.start) if plan.privacy else None
 
     def rounds(self, be: Backend, status: dict) -> list[dict]:
         """Train, evaluate when due, save; returns the last evaluation's summary."""
@@ -125,7 +130,11 @@ class _Attempt:
         """Training round r (0-based): every phase over the round's cohort, then its metric rows."""
         run, emit, counters = self.exp.run, self.emit, self.counters
         t0 = time.perf_counter()
-        cohort = sample_cohort(run.seed, r, self.plan.seen, run.clients_per_round)
+        privacy = self.plan.privacy
+        if privacy is not None and privacy.sampling == "poisson":  # the sampling its accounting assumes
+            cohort = sample_poisson(run.seed, r, self.plan.seen, privacy.rate)
+        else:
+            cohort = sample_cohort(run.seed, r, self.plan.seen, run.clients_per_round)
         rows: list[dict] = []
         round_stats: dict[str, float] = {}
 
@@ -135,12 +144,20 @@ class _Attempt:
             emit({"type": "chunk", "round": r + 1, "clients": meta["n_clients"], "samples": meta["n_train"]})
 
         for pi, phase in enumerate(be.phases("train", r)):
-            info = RoundInfo(round=r, seed=run.seed, mode="train", cohort="seen", phase_index=pi)
+            info = RoundInfo(round=r, seed=run.seed, mode="train", cohort="seen", phase_index=pi,
+                             private=privacy is not None)
             stats = be.run_phase(phase, info, cohort, self.plan.sizes, on_chunk, self.last_ckpt)
             round_stats.update({f"{phase}.{k}": v for k, v in stats.items()})
+        extra = {}
+        if privacy is not None:
+            self.epsilon = privacy.epsilon(r + 1)
+            round_stats["epsilon"] = extra["epsilon"] = self.epsilon
         self.writer.write(rows, r + 1, "train")
         self.writer.write_rounds(round_stats, r + 1)
-        emit({"type": "round", "round": r + 1, "seconds": time.perf_counter() - t0, "stats": round_stats})
+        losses = [row["loss"] for row in rows if row.get("loss") is not None and not row.get("dropped")]
+        emit({"type": "round", "round": r + 1, "seconds": time.perf_counter() - t0, "stats": round_stats,
+              "clients": len(cohort), "train_loss": math.fsum(losses) / len(losses) if losses else None,
+              **extra})
 
     def save(self, be: Backend, status: dict, done: int) -> None:
         """After round `done`: the counters, the checkpoint when due, status.json, then the "saved" event."""
@@ -149,6 +166,8 @@ class _Attempt:
         memory = be.server_memory()
         status.update(completed_rounds=done, server_rss_bytes=memory.rss, server_private_bytes=memory.private,
                       retries=counters["retries"], dropped=counters["dropped"])
+        if self.plan.privacy is not None:
+            status["epsilon"] = _json_number(self.epsilon)
         if (run.checkpoint_every > 0 and done % run.checkpoint_every == 0) or done == run.rounds:
             final = done == run.rounds  # nothing resumes a finished run: the model, no optimizer state
             checkpoint.save(self.run_dir, done, be.state_dict(final), counters, final=final)
@@ -160,3 +179,8 @@ class _Attempt:
         # end the process here (a sweep trial reporting to Tune, which ASHA can stop) leaves a
         # consistent run directory of `done` rounds.
         self.emit({"type": "saved", "round": done, "checkpoint_round": self.last_ckpt})
+
+
+def _json_number(x: float | None) -> float | None:
+    """JSON has no infinity: an unbounded epsilon (noise_multiplier = 0) is written as null."""
+    return x if x is not None and x != float("inf") else None

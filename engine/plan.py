@@ -12,7 +12,7 @@ from typing import Any, Callable
 from simfed.algorithms import registry
 from simfed.algorithms.base import Task
 from simfed.core.errors import SimfedError
-from simfed.engine import checkpoint, metrics
+from simfed.engine import checkpoint
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.config import DataConfig, Experiment
 
@@ -29,6 +29,7 @@ class Plan:
     unseen: list[int]
     sizes: dict[int, float]  # each client's relative work (Algorithm.cost): how chunks are cut and ordered
     checkpoint: dict | None = None  # a resumed run's checkpoint, checked against the experiment
+    privacy: Any = None  # [privacy] resolved against the method and the store (engine.privacy.PrivacyPlan)
 
 
 def open_store(data: DataConfig, on_event: Event | None = None, progress: bool = False):
@@ -58,7 +59,7 @@ def open_store(data: DataConfig, on_event: Event | None = None, progress: bool =
     return store
 
 
-def check_resume(exp: Experiment, task: Task, run_dir: Path) -> dict:
+def check_resume(exp: Experiment, task: Task, run_dir: Path, privacy: Any = None) -> dict:
     """A run directory to resume: its checkpoint matches this experiment's method and task, and
     every file the resumed run will read (client state, earlier metrics) opens. Returns the checkpoint."""
     from simfed.engine.server import Server
@@ -70,14 +71,16 @@ def check_resume(exp: Experiment, task: Task, run_dir: Path) -> dict:
     if ckpt["round"] > exp.run.rounds:
         raise SimfedError(f"{path}: round {ckpt['round']} is beyond run.rounds = {exp.run.rounds}; the "
                           "checkpoint does not belong to this config")
-    fresh = Server(exp.algorithm, exp.algorithm_config, task, exp.run.seed)
+    fresh = Server(exp.algorithm, exp.algorithm_config, task, exp.run.seed, privacy=privacy)
     checkpoint.check_matches(ckpt["server"], fresh.state_dict(), str(path))
     try:
-        fresh.state.load_state_dict(ckpt["server"])
+        fresh.load_state_dict(ckpt["server"])
     except Exception as exc:  # the method's own loader disagrees: same verdict, one line
         raise SimfedError(f"{path}: the server state does not load ({type(exc).__name__}); the checkpoint "
                           "does not belong to this experiment or is damaged") from None
     ClientStateStore(run_dir / "client_state").check(ckpt["round"])
+    from simfed.engine import metrics  # polars: a resume needs it, a worker or server process does not
+
     for f in metrics.files(run_dir, upto=ckpt["round"]):  # later ones are rewritten by the resumed run
         metrics.check_file(f)
     return ckpt
@@ -111,8 +114,13 @@ def check_experiment(exp: Experiment, on_event: Event | None = None,
     task = Task(**store.task_fields(), num_clients=len(seen), total_clients=len(seen) + len(unseen))
     table = store.clients
     _check_method(exp, table, task, seen, store.path)
-    ckpt = check_resume(exp, task, Path(resume_dir)) if resume_dir is not None else None
     algo = registry.get(exp.algorithm)
+    privacy = None
+    if exp.privacy is not None:
+        from simfed.engine.privacy import resolve
+
+        privacy = resolve(exp, len(seen))
+    ckpt = check_resume(exp, task, Path(resume_dir), privacy) if resume_dir is not None else None
     sizes = {cid: algo.cost(exp.algorithm_config, n)
              for cid, n in zip(table.column("client_id").to_pylist(), table.column("n_train").to_pylist())}
-    return Plan(store=store, task=task, seen=seen, unseen=unseen, sizes=sizes, checkpoint=ckpt)
+    return Plan(store=store, task=task, seen=seen, unseen=unseen, sizes=sizes, checkpoint=ckpt, privacy=privacy)

@@ -190,10 +190,12 @@ class RayBackend(Backend):
     def _setup(self, server_args: dict) -> None:
         ray, engine = self.ray, self.engine
         try:
-            ray.get(self.server.setup.remote(server_args))
+            # Server and workers set up at once: each starts a process that imports torch and warms up.
+            server = self.server.setup.remote(server_args)
             deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
             refs = [w.setup.remote(self.spec, i) for i, w in enumerate(self.workers)]
             self._info = [self._set_up(i, ref, deadline) for i, ref in enumerate(refs)]
+            ray.get(server)
         except ray.exceptions.GetTimeoutError:
             raise SimfedError(f"{self.n_workers} workers with {engine.cpus_per_worker} CPUs and "
                               f"{engine.gpus_per_worker} GPUs each could not be placed within {PLACEMENT_TIMEOUT_S} s; "

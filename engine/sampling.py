@@ -18,6 +18,14 @@ def sample_cohort(seed: int, round: int, client_ids: Sequence[int], k: int) -> l
     return sorted(int(c) for c in rng.choice(ids, size=k, replace=False))
 
 
+def sample_poisson(seed: int, round: int, client_ids: Sequence[int], rate: float) -> list[int]:
+    """Each client independently with probability `rate`, from (seed, round) alone; sorted. The
+    cohort size varies (it may be 0): what the subsampled-Gaussian accounting of [privacy] assumes."""
+    ids = np.sort(np.asarray(client_ids, dtype=np.int64))
+    rng = np.random.default_rng(derive_seed(seed, round, "cohort", "poisson"))
+    return [int(c) for c in ids[rng.random(len(ids)) < rate]]
+
+
 def sample_eval(seed: int, round: int, cohort: str, client_ids: Sequence[int], k: int) -> list[int]:
     if k <= 0 or k >= len(client_ids):
         return sorted(int(c) for c in client_ids)

@@ -22,6 +22,7 @@ import torch
 
 from simfed.algorithms import registry
 from simfed.algorithms.base import RoundInfo, Task
+from simfed.engine.mechanism import STATE_KEY, ServerPrivacy
 
 
 @dataclass
@@ -63,7 +64,7 @@ def add_into(acc: dict[str, Any] | None, sums: dict[str, Any] | None) -> dict[st
 
 class Server:
     def __init__(self, algorithm: str, cfg: Any, task: Task, seed: int, state_dict: dict | None = None,
-                 threads: int = 0):
+                 threads: int = 0, privacy: Any = None):
         if threads > 0:
             import torch
 
@@ -71,8 +72,10 @@ class Server:
         self.algo = registry.get(algorithm)
         self.cfg = cfg
         self.state = self.algo.init(cfg, task, seed)
+        # [privacy] (engine.privacy's plan): the server noises the released sums (engine.mechanism)
+        self.privacy = ServerPrivacy(privacy) if privacy is not None else None
         if state_dict is not None:
-            self.state.load_state_dict(state_dict)
+            self.load_state_dict(state_dict)
         self._acc: dict[str, Any] | None = None
         self._n_clients = 0
         self._next = 0  # index of the next chunk to fold
@@ -85,7 +88,8 @@ class Server:
 
     def begin(self, phase: str, info: RoundInfo) -> Any:
         self._acc, self._n_clients, self._next, self._held = None, 0, 0, {}
-        return self.algo.broadcast(phase, self.cfg, self.state, info)
+        bcast = self.algo.broadcast(phase, self.cfg, self.state, info)
+        return self.privacy.wrap(phase, bcast, info) if self.privacy else bcast
 
     def payloads(self, phase: str, info: RoundInfo, client_ids: list[int]) -> Any:
         return compact(self.algo.payloads(phase, self.cfg, self.state, client_ids, info))
@@ -105,14 +109,20 @@ class Server:
         self._acc = add_into(self._acc, result.sums)
         self._n_clients += result.n_clients
         for cid, item in result.items:
-            self.algo.absorb(phase, self.cfg, self.state, cid, item, info)
+            terms = self.algo.absorb(phase, self.cfg, self.state, cid, item, info)
+            if terms and self.privacy:  # per-client terms of the released update, computed here
+                self._acc = add_into(self._acc, self.privacy.clip_terms(terms))
 
     def end(self, phase: str, info: RoundInfo) -> dict[str, float]:
         if self._held:
             raise RuntimeError(f"phase {phase}: chunk {self._next} never arrived, {sorted(self._held)} are waiting")
-        stats = self.algo.finish(phase, self.cfg, self.state, self._acc or {}, self._n_clients, info)
+        sums, extra = self._acc or {}, {}
+        if self.privacy and info.private and self.privacy.plan.keys(phase):
+            sums, extra = self.privacy.release(phase, sums, lambda: self.algo.privacy_zeros(phase, self.cfg,
+                                                                                            self.state), info)
+        stats = self.algo.finish(phase, self.cfg, self.state, sums, self._n_clients, info)
         self._acc = None
-        return dict(stats or {})
+        return {**(stats or {}), **extra}
 
     def state_dict(self, final: bool = False) -> dict:
         """The state to checkpoint. A finished run is never resumed, so its `final` checkpoint keeps the
@@ -120,7 +130,17 @@ class Server:
         sd = self.state.state_dict()
         if final:
             sd = {k: v for k, v in sd.items() if not isinstance(getattr(self.state, k, None), torch.optim.Optimizer)}
+        if self.privacy and self.privacy.state_dict():  # adaptive clipping's clip
+            sd = {**sd, STATE_KEY: self.privacy.state_dict()}
         return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        """A checkpoint's server state (the method's, and the adaptive clip where [privacy] keeps one)."""
+        sd = dict(sd)
+        privacy = sd.pop(STATE_KEY, None)
+        self.state.load_state_dict(sd)
+        if self.privacy:
+            self.privacy.load_state_dict(privacy)
 
     def memory_bytes(self) -> int:
         return psutil.Process(os.getpid()).memory_info().rss

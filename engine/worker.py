@@ -24,6 +24,7 @@ import torch
 from simfed.algorithms import registry
 from simfed.algorithms.base import KEEP, ChunkSums, ClientContext, ClientData, RoundInfo, Task
 from simfed.engine.clientstate import ClientStateStore
+from simfed.engine.mechanism import Broadcast, client_part
 from simfed.engine.server import ChunkResult, add_into, compact
 from simfed.partitions.store import PartitionStore
 
@@ -39,6 +40,7 @@ class WorkerSpec:
     threads: int = 1
     use_gpu: bool = False
     vectorize: str = "off"  # engine.vectorize: "auto" (on for CUDA workers), "on" or "off"
+    privacy: Any = None  # [privacy]'s plan (engine.privacy): clip each client's released part here
 
 
 def nbytes(obj: Any) -> int:
@@ -127,6 +129,7 @@ class _ChunkOut:
     info: RoundInfo
     bytes_down: int  # the broadcast's size, received by every client
     checkpointed_round: int
+    clip: float | None = None  # [privacy]: this phase's clip (None: the phase releases nothing to clip)
     result: ChunkResult = field(default_factory=ChunkResult)
     rows: list[dict] = field(default_factory=list)
     n_train: int = 0
@@ -184,16 +187,19 @@ class Worker:
     def run(self, phase: str, info: RoundInfo, bcast: Any, payloads: Any, client_ids: list[int],
             checkpointed_round: int = -1) -> tuple[dict, ChunkResult]:
         """One chunk of clients through `phase`: (meta with the metric rows, the result for the server)."""
+        clip = None
+        if isinstance(bcast, Broadcast):  # a phase that releases a private update: the round's clip
+            bcast, clip = bcast.message, bcast.clip
         if self.device.type != "cpu":
             # Messages arrive and leave on the CPU (the server's device): moved once per chunk here,
             # so a method's client step sees its broadcast, payload and state on its own device.
             bcast = to_device(bcast, self.device)
             payloads = {k: to_device(v, self.device) for k, v in payloads.items()} if payloads else payloads
-        if info.mode == "train" and self.algo.capabilities.chunk_sums:
+        if info.mode == "train" and self.algo.capabilities.chunk_sums and not info.private:
             batched = self.run_sums(phase, info, bcast, client_ids)
             if batched is not None:
                 return batched
-        out = _ChunkOut(phase, info, nbytes(bcast), checkpointed_round)
+        out = _ChunkOut(phase, info, nbytes(bcast), checkpointed_round, clip)
         clients = [self._client(cid, phase, info, payloads) for cid in client_ids]
         if self.vectorize and info.mode == "train" and phase in self.algo.capabilities.chunk_replies:
             # One batched step for the whole chunk; its time is shared evenly among the clients.
@@ -248,7 +254,7 @@ class Worker:
                                         state=to_device(reply.state, CPU))
         ok = all_finite(reply.sums) and all_finite(reply.item)
         if ok:
-            out.result.sums = add_into(out.result.sums, reply.sums)
+            out.result.sums = add_into(out.result.sums, self._private(out, client.cid, reply.sums))
             if reply.item is not None:
                 out.result.items.append((client.cid, compact(reply.item)))
             out.result.n_clients += 1
@@ -270,6 +276,16 @@ class Worker:
                                  "dropped": False})
         elif not ok:
             out.rows.append({**base, "split": "eval", "n": 0, "seconds": seconds, "dropped": True})
+
+    def _private(self, out: "_ChunkOut", cid: int, sums: Any) -> Any:
+        """[privacy]: the reply's released part clipped (and noised by the client in local mode)."""
+        plan = self.spec.privacy
+        keys = plan.keys(out.phase) if plan is not None and out.clip is not None and sums else ()
+        if not keys:
+            return sums
+        info = out.info
+        seed = (self.spec.seed, info.round, info.mode, cid, out.phase, "privacy-local") if plan.mode == "local" else None
+        return client_part(plan, sums, keys, out.clip, seed)
 
     def run_sums(self, phase: str, info: RoundInfo, bcast: Any, client_ids: list[int]) -> tuple[dict, ChunkResult] | None:
         """The whole chunk in one `Algorithm.chunk_sums` call, or None (the method has none, or

@@ -93,15 +93,16 @@ def _field(key: str, methods: list[str], where: str):
                                   " (put method-specific keys under [sweep.method.NAME])")
             out.append((registry.get(m).Config, fields[name]))
         return out
-    if section not in expcfg.SECTIONS or "." in name or not name:
+    tables = {**expcfg.SECTIONS, **expcfg.OPTIONAL}
+    if section not in tables or "." in name or not name:
         raise SimfedError(f"{where}: unknown key {key!r}; keys are section.key with section one of "
-                          "algorithm, data, engine, run")
-    fields = {f.name: f for f in dataclasses.fields(expcfg.SECTIONS[section])}
+                          "algorithm, data, engine, privacy, run")
+    fields = {f.name: f for f in dataclasses.fields(tables[section])}
     if name not in fields:
         raise SimfedError(f"{where}: unknown key {key!r}; valid [{section}] keys: {', '.join(sorted(fields))}")
     if key in FIXED:
         raise SimfedError(f"{where}: {key} cannot be swept ({FIXED[key]})")
-    return [(expcfg.SECTIONS[section], fields[name])]
+    return [(tables[section], fields[name])]
 
 
 def _check_value(key: str, value: Any, fields, where: str) -> None:

@@ -95,7 +95,7 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     import ray
     from ray import tune
 
-    from simfed.engine import metrics
+    from simfed.engine import tracking
     from simfed.engine.raybackend import release_pool
     from simfed.core.errors import SimfedError
     from simfed.engine.loop import run_experiment
@@ -111,20 +111,23 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     record["attempts"].append(attempt)
     write_json(record_path, record)
 
-    pending: list[dict] = []  # the last evaluation's result, until its round is saved
+    pending: list[dict] = []  # the round's result, until its round is saved
 
     def on_event(event: dict) -> None:
         if event["type"] == "start":
             attempt["resumed_from"] = event["start_round"]
             attempt["worker_placement_groups"] = [w.get("placement_group", "") for w in event["workers"]]
             write_json(record_path, record)
-        elif event["type"] == "eval":
-            path = run_dir / "metrics" / f"r{event['round']:06d}-eval.parquet"
-            val = {s["cohort"]: s["acc_mean"] for s in metrics.summarize(metrics.read(path), split="val").to_dicts()}
-            test = {s["cohort"]: s["acc_mean"] for s in event["summary"]}
-            pending[:] = [{"round": event["round"], "val_acc": val.get("seen", float("nan")),
-                           "test_acc": test.get("seen", float("nan")),
-                           "test_acc_unseen": test.get("unseen", float("nan"))}]
+        elif event["type"] == "round":
+            # Every round is reported (trackers plot it; step = timesteps_total = the round); ASHA
+            # only acts on the evaluated ones, which carry val_acc.
+            pending[:] = [{"round": event["round"], "timesteps_total": event["round"],
+                           **tracking.round_scalars(event)}]
+        elif event["type"] == "eval" and pending:
+            scalars = tracking.eval_scalars(run_dir, event["round"])
+            pending[0].update(scalars, val_acc=scalars.get("val/acc_seen", float("nan")),
+                              test_acc=scalars.get("test/acc_seen", float("nan")),
+                              test_acc_unseen=scalars.get("test/acc_unseen", float("nan")))
         elif event["type"] == "saved" and pending:
             # Reported only once the round's checkpoint and status are written: ASHA stops a trial
             # inside tune.report by ending its process, and the run directory must then hold a
@@ -211,11 +214,16 @@ class _Tracker:
 
 
 def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: SchedulerConfig,
-              max_concurrent: int | None = None, on_event: Callable[[dict], None] | None = None) -> dict:
+              max_concurrent: int | None = None, on_event: Callable[[dict], None] | None = None,
+              artifacts: Callable[[Path], list[Path]] | None = None) -> dict:
     """Run every trial of `specs` that is not finished or stopped yet; returns {trial id: state}.
-    Ray must be connected. The caller has written each trial's run directory and config."""
+    Ray must be connected. The caller has written each trial's run directory and config. The
+    trials' `[run] track` (the first trial's) turns on Tune's tracking callbacks
+    (simfed.sweeps.tracking); `artifacts(run_dir)` gives the files to attach to a finished trial."""
     # Tune's default result loggers (CSV, JSON, TensorBoard) duplicate what the run directories hold.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Trials report every round; only the evaluated rounds carry the scheduler's metric (val_acc).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of our own trials on the console
     import ray
     from ray import tune
@@ -261,8 +269,20 @@ def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: S
                                     trial_name_creator=lambda t: t.config["trial"],
                                     trial_dirname_creator=lambda t: t.config["trial"]),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(sweep_dir / "tune"),
-                                  verbose=0, callbacks=[tracker.callback()],
+                                  verbose=0, callbacks=[tracker.callback(), *_tracking(sweep_dir, specs, artifacts)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     tuner.fit()
     return {k: v["state"] for k, v in tracker.states.items()}
+
+
+def _tracking(sweep_dir: Path, specs: list[TrialSpec], artifacts) -> list:
+    """Tune's logger callbacks for the trackers the sweep's experiment names (none: no callback)."""
+    run = specs[0].experiment.run
+    if not run.track:
+        return []
+    from simfed.engine import config as expcfg
+    from simfed.sweeps import tracking
+
+    configs = {s.id: expcfg.to_dict(s.experiment) for s in specs}
+    return tracking.callbacks(sweep_dir, configs, run.track, run.mlflow_uri, artifacts)

@@ -11,7 +11,8 @@ seeded theta. What they share lives here, once:
 - the client side: `client_model`, `local_sgd` / `local_sgd_chunk`, `local_update`,
   `finetune_and_evaluate` / `finetune_reply`, and `update_sums`, the summable reply {delta_i * n_i, n_i};
 - the server step `descend`: theta <- theta - rate * sum_i(delta_i n_i) / sum_i n_i;
-- `GlobalModelMethod`: init, validation, phases, broadcast and finish of such a method.
+- `GlobalModelMethod`: init, validation, phases, broadcast and finish of such a method;
+- `global_privacy`: what [privacy] protects in such a method (the "update" phase's delta).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Algorithm, ClientContext, ClientData, Reply, RoundInfo, ServerState, Task
+from simfed.algorithms.base import (Algorithm, ClientContext, ClientData, PrivacySupport, Reply, RoundInfo, ServerState,
+                                   Task)
 from simfed.algorithms.kit import training, vectorized
 from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
 from simfed.core.errors import SimfedError
@@ -150,11 +152,18 @@ def descend(theta: torch.Tensor, total: torch.Tensor, n, rate: float) -> tuple[t
 
 
 def server_step(state: GlobalModelState, sums, n_clients: int, rate: float) -> dict[str, float]:
-    """The FedAvg server step on `state.theta` from `update_sums` added over the clients."""
-    if n_clients == 0 or "n" not in sums or float(sums["n"]) <= 0:
+    """The FedAvg server step on `state.theta` from `update_sums` added over the clients. Under
+    [privacy] the sums are the noised release and "n" the fixed denominator, even with no client."""
+    if "n" not in sums or float(sums["n"]) <= 0:
         return {"clients": 0.0}
     state.theta, step = descend(state.theta, sums["delta"], float(sums["n"]), rate)
     return {"update_norm": float(step.norm())}
+
+
+def global_privacy(covers: str) -> PrivacySupport:
+    """[privacy] of a method whose only release is the kit's global-model update: the "update"
+    phase's `update_sums` (delta weighted by n) form it."""
+    return PrivacySupport(released=(("update", ("delta",)),), covers=covers)
 
 
 class GlobalModelMethod(Algorithm):
@@ -179,3 +188,6 @@ class GlobalModelMethod(Algorithm):
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         return server_step(state, sums, n_clients, cfg.server_lr)
+
+    def privacy_zeros(self, phase, cfg, state):
+        return {"delta": torch.zeros_like(state.theta)}

@@ -10,7 +10,9 @@
   the embedding size, the seeded initialization); `HyperNetMethod` validates the target shapes
   before any work; `generate`: the models of a chunk of clients.
 - `vjp_`: the server's backward pass at one client: accumulates J_h(x)^T g into the
-  hypernetwork's `.grad` (streaming, O(model) memory) and returns the input gradient.
+  hypernetwork's `.grad` (streaming, O(model) memory) and returns the input gradient; `vjp_flat`
+  returns the client's term instead (clipped per client under [privacy]); `load_grads_` sets
+  `.grad` from a flat vector.
 - `embed_net` / `embed_input`: PeFLL's embedding network (Table 4): the client LeNet with
   C + num_classes input channels (the one-hot label broadcast as constant planes) and output l.
 - `train_delta` / `train_payload`: k local SGD steps from a given flat model; returns
@@ -143,22 +145,43 @@ def generate(hnet: nn.Module, ids: Sequence[int], rows: Sequence[torch.Tensor]) 
     return {c: th[j].clone() for j, c in enumerate(ids)}
 
 
-def vjp_(module: nn.Module, x: torch.Tensor, grad_out, *, params: bool = True) -> torch.Tensor:
-    """Accumulate J(x)^T g into module's .grad (if `params`) and return d<module(x), g>/dx.
-
-    `grad_out` is a tensor, or a function of the (detached) output when g depends on it
-    (PeFLL's lambda_theta term, FMLH's least-squares residual).
-    """
+def _vjp(module: nn.Module, x: torch.Tensor, grad_out, params: bool) -> tuple[torch.Tensor, tuple]:
+    """(d<module(x), g>/dx, the parameters' J(x)^T g if `params`)."""
     x = x.detach().clone().requires_grad_(True)
     out = module(x)
     if callable(grad_out):
         grad_out = grad_out(out.detach())
     targets = [x] + ([p for p in module.parameters()] if params else [])
     grads = torch.autograd.grad(out, targets, grad_outputs=grad_out.to(out.dtype))
-    if params:
-        for p, g in zip(module.parameters(), grads[1:]):
-            p.grad = g if p.grad is None else p.grad.add_(g)
-    return grads[0].detach()
+    return grads[0].detach(), grads[1:]
+
+
+def vjp_(module: nn.Module, x: torch.Tensor, grad_out, *, params: bool = True) -> torch.Tensor:
+    """Accumulate J(x)^T g into module's .grad (if `params`) and return d<module(x), g>/dx.
+
+    `grad_out` is a tensor, or a function of the (detached) output when g depends on it
+    (PeFLL's lambda_theta term, FMLH's least-squares residual).
+    """
+    dx, grads = _vjp(module, x, grad_out, params)
+    for p, g in zip(module.parameters(), grads):
+        p.grad = g if p.grad is None else p.grad.add_(g)
+    return dx
+
+
+def vjp_flat(module: nn.Module, x: torch.Tensor, grad_out) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vjp_` without accumulating: (input gradient, J(x)^T g as one flat vector), a per-client
+    term the engine clips under [privacy] before it joins the sum."""
+    dx, grads = _vjp(module, x, grad_out, True)
+    return dx, torch.cat([g.reshape(-1) for g in grads])
+
+
+def load_grads_(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Set the parameters' .grad from one flat vector (their order, float32)."""
+    g, offset = flat.to(torch.float32), 0
+    for p in params:
+        k = p.numel()
+        p.grad = g[offset:offset + k].view_as(p).clone()
+        offset += k
 
 
 def grad_norm_clip_(params: Sequence[torch.Tensor], max_norm: float) -> float:

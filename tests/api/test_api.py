@@ -97,7 +97,7 @@ def test_load_run_reads_metrics_curves_and_rounds(engine_store, tmp_path):
 def test_load_run_refuses_what_is_not_a_run(tmp_path):
     with pytest.raises(SimfedError) as err:
         load_run(tmp_path / "nothing")
-    assert str(err.value) == f"{tmp_path / 'nothing'}: no metrics/ directory; pass a directory printed by `simfed launch`"
+    assert str(err.value) == f"{tmp_path / 'nothing'}: no such directory; pass a run directory `simfed launch` printed"
     cli = inproc.run("metrics", tmp_path / "nothing")
     assert cli.returncode == 2 and cli.stderr == f"simfed: error: {err.value}\n"
 

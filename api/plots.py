@@ -1,12 +1,15 @@
-"""Figures for `simfed plot`: learning curves of one run or of a sweep (a directory of run directories).
+"""Figures for `simfed plot` and the trackers' artifact: learning curves of one run or of a sweep
+(a directory of run directories).
 
 Four panels, 1200 x 800 pixels: test (or val) accuracy per round and loss per round, seen clients
 solid and unseen dashed, each the client-mean with the band from the 10th to the 90th percentile
 over clients; the ECDF of per-client accuracy at the last evaluated round; the training loss per
 round (client-mean of the mean local loss each client reports, same band). For a sweep each run
-is a series; beyond MAX_SERIES runs, the runs of one method are averaged into one series whose
-band spans the runs' client-means (min to max). The HTML report is one self-contained file: the
-figure as a base64 PNG, per-series tables, and every plotted number as JSON in
+is a series with its own hue, seen dark and unseen light (two legend entries); beyond MAX_SERIES
+runs, the runs of one method are averaged into one series whose band spans the runs' client-means
+(min to max). With one or two evaluated rounds the x axis spans a round either side. The HTML
+report is one self-contained file: the figure as a base64 PNG, per-series tables, each run's
+configuration, and every plotted number as JSON in
 `<script type="application/json" id="simfed-data">`. Files are written to a temporary name and
 renamed. matplotlib is an optional extra (`pip install 'simfed[plot]'`).
 """
@@ -124,9 +127,10 @@ def _figure(series: list[dict], split: str, title: str):
     (ax_acc, ax_loss), (ax_ecdf, ax_train) = axes
     single = len(series) == 1
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    pairs = plt.get_cmap("tab20").colors  # (dark, light) of one hue per series: seen dark, unseen light
     for i, s in enumerate(series):
         for j, cohort in enumerate(("seen", "unseen")):
-            color = palette[j] if single else palette[i % len(palette)]
+            color = palette[j] if single else pairs[(2 * i + j) % len(pairs)]
             label = cohort if single else f"{s['label']} {cohort}"
             rows = [r for r in s["eval"] if r["cohort"] == cohort]
             if rows:
@@ -162,8 +166,11 @@ def _figure(series: list[dict], split: str, title: str):
                       transform=ax_train.transAxes)
     from matplotlib.ticker import MaxNLocator
 
+    rounds = [r["round"] for s in series for r in s["eval"] + s["train"]]
     for ax in (ax_acc, ax_loss, ax_train):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if rounds and max(rounds) - min(rounds) < 2:  # one or two rounds: whole rounds either side, not 1.9-2.1
+            ax.set_xlim(min(rounds) - 1, max(rounds) + 1)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -187,9 +194,40 @@ def _html(series: list[dict], split: str, title: str, png: bytes) -> str:
                                                 for k in ("acc_mean", "acc_p10", "acc_p90", "loss_mean"))]
             parts.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
-    data = json.dumps({"title": title, "split": split, "series": series}).replace("</", "<\\/")
+        parts += [_config_html(run, opened=len(series) == 1) for run in s["runs"]]
+    data = json.dumps({"title": title, "split": split, "series": series,
+                       "configs": {run: _config(Path(run)) for s in series for run in s["runs"]}}).replace("</", "<\\/")
     parts.append(f"<script type='application/json' id='simfed-data'>{data}</script></body></html>")
     return "\n".join(parts)
+
+
+def _config(run: Path) -> dict:
+    """A run's resolved configuration (config.json; {} when it cannot be read)."""
+    try:
+        doc = json.loads((run / "config.json").read_text())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _config_html(run: str, opened: bool) -> str:
+    """The run's configuration as its config.toml reads, in a collapsible block."""
+    from simfed.core.config import to_toml
+    from simfed.engine.config import TOML_ORDER
+
+    doc = _config(Path(run))
+    text = to_toml(doc, TOML_ORDER) if doc else "(no readable config.json)"
+    return (f"<details{' open' if opened else ''}><summary>configuration of {html.escape(run)}</summary>"
+            f"<pre>{html.escape(text)}</pre></details>")
+
+
+def artifact(run_dir: Path) -> list[Path]:
+    """RUN_DIR/curves.png drawn for a tracker to attach; none when matplotlib is absent or nothing
+    was evaluated (a tracker must not fail a finished run)."""
+    try:
+        return [render([Path(run_dir)], Path(run_dir) / "curves.png", "test", title=Path(run_dir).name)]
+    except SimfedError:
+        return []
 
 
 def render(runs: list[Path], target: Path, split: str, title: str) -> Path:
