@@ -53,6 +53,13 @@ Randomness comes only from seeds derived (simfed.core.seeds.derive_seed) from th
 the parts that identify a draw: `ClientContext.generator(...)` / `numpy_rng(...)` on clients and
 `RoundInfo.generator(...)` on the server add (round, client id, phase); a method's initial state
 derives its own from (run seed, a tag). Never a global generator.
+
+Clients as they really are (the engine's [system] clock, engine/system.py): `work` says what one
+client does in a training phase (samples, bytes each way), which is what its virtual duration is
+made of. A straggler under `stragglers = "partial"` gets `ClientContext.budget` (the local steps
+it finishes by the deadline) and a method that declared `partial = "steps"` trains only those; in
+asynchronous (FedBuff) rounds `ClientContext.staleness` says how many server updates its start
+model is behind, and a method that declared `asynchronous` weights its summable update by it.
 """
 
 from __future__ import annotations
@@ -90,7 +97,13 @@ class Task:
 
 @dataclass(frozen=True)
 class RoundInfo:
-    """Where the run is: passed to every server-side call."""
+    """Where the run is: passed to every server-side call.
+
+    The last three are set by the engine's [system] clock only (empty otherwise): `budgets`, the
+    (client id, local steps) of stragglers that train part of their work; `starts`, in an
+    asynchronous round, the (client id, model version) each client started from (the engine hands
+    each client the broadcast of its version); `keep_from`, the oldest model version a later
+    asynchronous round still needs."""
 
     round: int
     seed: int
@@ -98,9 +111,20 @@ class RoundInfo:
     cohort: str = "seen"  # which clients this pass is over: "seen" or "unseen"
     phase_index: int = 0
     private: bool = False  # a training pass of a run with [privacy]: the engine clips and noises the release
+    budgets: tuple[tuple[int, int], ...] = ()
+    starts: tuple[tuple[int, int], ...] = ()
+    keep_from: int = 0
 
     def generator(self, *tags: Any) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.mode, "server", *tags))
+
+    def budget(self, client_id: int) -> int | None:
+        return dict(self.budgets).get(int(client_id))
+
+    def staleness(self, client_id: int) -> int:
+        """Server updates between the model a client started from and the one its update goes into."""
+        start = dict(self.starts).get(int(client_id))
+        return 0 if start is None else self.round - start
 
 
 @dataclass(frozen=True)
@@ -193,6 +217,10 @@ class ClientContext:
     task: Task
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: dict = field(default_factory=dict)  # per worker, lives across clients and rounds
+    # A straggler's local steps (None: all of them): what it finishes by the deadline
+    # (stragglers = "partial"; only for methods declaring partial = "steps").
+    budget: int | None = None
+    staleness: int = 0  # asynchronous rounds: server updates its start model is behind
 
     def _seed(self, tags: tuple) -> int:
         return derive_seed(self.seed, self.round, self.mode, self.client_id, self.phase, *tags)
@@ -282,6 +310,28 @@ class Capabilities:
     # What [privacy] protects (PrivacySupport), or why the method refuses it (NoPrivacy); None: the
     # method says nothing, and [privacy] is refused.
     privacy: PrivacySupport | NoPrivacy | None = None
+    # Can run [run] aggregation = "fedbuff": one train phase whose `sums` are applied by `finish`,
+    # no per-client payloads, and the summable update weighted by ClientContext.staleness.
+    asynchronous: bool = False
+    # What a straggler's update means under [system] stragglers = "partial": "steps" (it trains
+    # ClientContext.budget local steps and its update counts), "drop" (treated as with
+    # stragglers = "drop") or "refuse" (stragglers = "partial" is a config error).
+    partial: str = "drop"
+
+
+PARTIAL = ("steps", "drop", "refuse")
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one client does in one training phase, for the virtual clock: training samples and local
+    steps (those `Reply.n_train` counts), and the bytes it receives and sends (what the engine
+    counts in the metric rows: broadcast + payload down, sums + item up)."""
+
+    samples: int = 0
+    steps: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
 
 
 class Algorithm:
@@ -361,6 +411,18 @@ class Algorithm:
         if epochs > 0:
             return float(max(1, math.ceil(epochs * n_train / batch)))
         return float(steps)
+
+    def work(self, phase: str, cfg: Any, task: Task, n_train: int) -> Work:
+        """What a client with `n_train` train samples does in training phase `phase` (the clock's
+        inputs). Default: the client LeNet down (float32) and its change plus the float64 weight up
+        (`update_sums`), and the `local_steps`/`local_epochs`/`batch_size` convention for samples
+        (`training.batches`). A method whose messages or steps differ overrides this; the engine's
+        tests check every method's prediction against its metric rows."""
+        from simfed.algorithms.kit.workload import default_steps, lenet_bytes
+
+        steps, samples = default_steps(cfg, n_train)
+        model = lenet_bytes(task.input_shape, task.num_classes)
+        return Work(samples=samples, steps=steps, bytes_down=model, bytes_up=model + 8)
 
     def warmup(self, cfg: Any, task: Task, device: torch.device) -> None:
         """Run once when a worker starts, outside any round: one tiny forward/backward/SGD step of

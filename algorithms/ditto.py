@@ -21,6 +21,11 @@ model is the one evaluated. Ours (each a config key; defaults in brackets):
   personal ones, "unseen" for a new client's.
 [privacy] (docs/privacy.md) protects the global model w, FedAvg's release; the personal models
 never leave their clients.
+
+- [system] clock: a client's work is its global steps then its personal steps. A straggler under
+  stragglers = "partial" spends its step budget in that order (its global update counts, from the
+  steps it took; personal steps only if budget is left). FedBuff weights the global update by
+  1/sqrt(1 + staleness); the personal model trains against the (stale) global model it received.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from simfed.algorithms.base import Capabilities, Reply
+from simfed.algorithms.base import Capabilities, Reply, Work
 from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, GlobalSGDFields, client_model, global_privacy,
                                                local_update, update_sums)
 from simfed.algorithms.kit.models import flat_params, load_flat
+from simfed.algorithms.kit.workload import default_steps, epoch_steps
 from simfed.algorithms.kit.proximal import evaluate_personal, proximal_sgd
 from simfed.algorithms.registry import register
 
@@ -54,12 +60,21 @@ class DittoConfig(GlobalSGDFields):
             raise ValueError("personal_epochs and unseen_epochs must be >= 0")
 
 
-def personal_sgd(cfg, model, w, data, steps_epochs: tuple[int, float], gen) -> int:
+def personal_sgd(cfg, model, w, data, steps_epochs: tuple[int, float], gen, budget: int | None = None) -> int:
     """The personal steps on h_i from the model's current parameters; returns samples processed."""
     x, y = data.split("train")
     steps, epochs = steps_epochs
     return proximal_sgd(model, w, cfg.lam, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.personal_lr,
-                        momentum=cfg.momentum, gen=gen, epochs=epochs)
+                        momentum=cfg.momentum, gen=gen, epochs=epochs, budget=budget)
+
+
+def personal_steps(cfg, n: int) -> tuple[int, int]:
+    """(steps, samples) of a sampled client's personal training."""
+    if n < 1:
+        return 0, 0
+    if cfg.personal_epochs > 0:
+        return epoch_steps(n, cfg.batch_size, cfg.personal_epochs)
+    return cfg.personal_steps, cfg.personal_steps * min(cfg.batch_size, n)
 
 
 @register
@@ -67,8 +82,14 @@ class Ditto(GlobalModelMethod):
     name = "ditto"
     Config = DittoConfig
     summary = "Ditto: FedAvg global model plus proximal personal models (Li et al. 2021)"
-    capabilities = Capabilities(client_state=True, privacy=global_privacy(
+    capabilities = Capabilities(client_state=True, asynchronous=True, partial="steps", privacy=global_privacy(
         "the global model w; the personal models v_i never leave their clients, so they are not released"))
+
+    def work(self, phase, cfg, task, n_train) -> Work:
+        full = super().work(phase, cfg, task, n_train)
+        steps, samples = personal_steps(cfg, n_train)
+        return Work(samples=full.samples + samples, steps=full.steps + steps, bytes_down=full.bytes_down,
+                    bytes_up=full.bytes_up)
 
     def cost(self, cfg, n_train: int) -> float:
         glob = math.ceil(cfg.local_epochs * n_train / cfg.batch_size) if cfg.local_epochs > 0 else cfg.local_steps
@@ -81,9 +102,10 @@ class Ditto(GlobalModelMethod):
         if ctx.mode == "eval":
             return evaluate_personal(model, bcast, cstate, data, cfg.unseen_epochs, lambda: personal_sgd(
                 cfg, model, bcast, data, (1, cfg.unseen_epochs), ctx.generator("unseen")))
-        delta, seen, loss = local_update(model, bcast, data, cfg, ctx.generator("sgd"))
+        delta, seen, loss = local_update(model, bcast, data, cfg, ctx.generator("sgd"), ctx.budget)
         load_flat(model, bcast if cstate is None else cstate)
+        left = None if ctx.budget is None else max(0, ctx.budget - default_steps(cfg, data.n("train"))[0])
         seen += personal_sgd(cfg, model, bcast, data, (cfg.personal_steps, cfg.personal_epochs),
-                             ctx.generator("personal"))
-        return Reply(sums=update_sums(delta, float(data.n("train"))), state=flat_params(model), n_train=seen,
-                     train_loss=loss)
+                             ctx.generator("personal"), left)
+        return Reply(sums=update_sums(delta, float(data.n("train")), ctx.staleness), state=flat_params(model),
+                     n_train=seen, train_loss=loss)

@@ -62,6 +62,13 @@ docstring says where each seed comes from); this module adds the evaluation of t
   run.rounds = 1 with clients_per_round = all seen clients trains the whole network).
 - [privacy] is refused: a guarantee would need each client's Gram statistics clipped and noised
   per layer (a noised Gram kept positive definite), which is not implemented.
+
+- [system] clock (ours): a client's round is its layer phases back to back, each one pass over
+  its train samples. Partial work is refused (stragglers = "partial" is a config error): a
+  client that finished some layer phases and not others would make the layers' Gram sums come
+  from different client sets, and a layer's sums cover whole samples or nothing. Not
+  asynchronous: each layer is solved from the sums of one cohort through the layers below as
+  they were solved in that round; `fedbuff` is refused.
 """
 
 from __future__ import annotations
@@ -83,7 +90,7 @@ class FedACnnL(LayerwiseMethod):
     name = "fedacnnl"
     Config = FedACnnLConfig
     summary = "FedACnnL: layer-wise closed-form least squares, summed Gram matrices (Gu et al. 2025)"
-    capabilities = Capabilities(chunk_sums=True, privacy=NoPrivacy(  # its layer phases: one stacked Gram per chunk
+    capabilities = Capabilities(chunk_sums=True, partial="refuse", privacy=NoPrivacy(  # its layer phases: one stacked Gram per chunk
         "its server solves least squares from summed Gram matrices; clipping each client's Gram statistics and "
         "noising them per layer (kept positive definite) is not implemented, so no guarantee is offered"))
 

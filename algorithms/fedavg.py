@@ -16,6 +16,9 @@ authors is involved. Ours (config keys, defaults in brackets):
 - Batches come from `ClientContext.generator` ("sgd" in training, "finetune" at evaluation).
 - Vectorized client step (`engine.vectorize`): `chunk_replies` trains a whole chunk of clients at
   once (kit/vectorized.py), equal to the per-client loop to rounding.
+- [system] clock: a straggler under stragglers = "partial" takes the local steps it finishes by
+  the deadline (`ClientContext.budget`) and its update counts (weighted by its samples as any);
+  FedBuff (`[run] aggregation = "fedbuff"`): the update is weighted by 1/sqrt(1 + staleness).
 The global model, the client step and the server step are the shared kit/globalmodel.py.
 [privacy] (DP-FedAvg, docs/privacy.md) protects the global model: the engine clips each client's
 update and noises their sum.
@@ -47,7 +50,7 @@ class FedAvg(GlobalModelMethod):
     name = "fedavg"
     Config = FedAvgConfig
     summary = "FedAvg: weighted average of local SGD updates (McMahan et al. 2017)"
-    capabilities = Capabilities(chunk_replies=frozenset({"update"}),
+    capabilities = Capabilities(chunk_replies=frozenset({"update"}), asynchronous=True, partial="steps",
                                 privacy=global_privacy("the global model (every round's noised mean update)"))
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
@@ -58,6 +61,6 @@ class FedAvg(GlobalModelMethod):
     def chunk_replies(self, phase, cfg, bcast, payloads, datas, cstates, ctxs) -> list[Reply]:
         start = bcast.to(ctxs[0].device)
         new, seen, losses = local_sgd_chunk(client_model(ctxs[0]), start.expand(len(datas), -1), datas, cfg,
-                                            [c.generator("sgd") for c in ctxs])
-        return [Reply(sums=update_sums(start - row, float(d.n("train"))), n_train=s, train_loss=loss)
-                for d, row, s, loss in zip(datas, new, seen, losses)]
+                                            [c.generator("sgd") for c in ctxs], [c.budget for c in ctxs])
+        return [Reply(sums=update_sums(start - row, float(d.n("train")), c.staleness), n_train=s, train_loss=loss)
+                for d, c, row, s, loss in zip(datas, ctxs, new, seen, losses)]

@@ -25,21 +25,30 @@ initialized head trained for 20 epochs with the body frozen (`unseen_head_epochs
   the head pass weighs five times the body pass.
 The body's server state and step are the kit's global model (kit/globalmodel.py). [privacy]
 (docs/privacy.md) protects the shared body, the only release; the heads never leave the clients.
+
+The body's server state and step are the kit's global model (kit/globalmodel.py).
+
+[system] clock: a straggler's partial work would be mostly head epochs (the head trains first), so
+its body change says little: under stragglers = "partial" a FedRep straggler is dropped, as under
+"drop". FedBuff weights the body update by 1/sqrt(1 + staleness); the head trains on the (stale)
+body the client received.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from simfed.algorithms.base import Capabilities, Reply, Task
+from simfed.algorithms.base import Capabilities, Reply, Task, Work
 from simfed.algorithms.kit import training
 from simfed.algorithms.kit.globalmodel import (GlobalModelMethod, GlobalModelState, SGDFields, client_model,
                                                global_privacy, update_sums)
 from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.kit.workload import epoch_steps, lenet_values, tensor_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
@@ -79,6 +88,11 @@ def head_params(model: nn.Module, head_layers: int) -> int:
 def head_size(model: nn.Module, head_layers: int) -> int:
     """Number of trailing flat values that form the head."""
     return sum(p.numel() for p in list(model.parameters())[-head_params(model, head_layers):])
+
+
+@functools.lru_cache(maxsize=16)
+def _head_values(input_shape: tuple, num_classes: int, head_layers: int) -> int:
+    return head_size(lenet_for(input_shape, num_classes), head_layers)
 
 
 def random_head(model: nn.Module, head_layers: int, gen: torch.Generator) -> torch.Tensor:
@@ -129,8 +143,16 @@ class FedRep(GlobalModelMethod):
     name = "fedrep"
     Config = FedRepConfig
     summary = "FedRep: global body, per-client heads trained first (Collins et al. 2021)"
-    capabilities = Capabilities(client_state=True, privacy=global_privacy(
+    capabilities = Capabilities(client_state=True, asynchronous=True, partial="drop", privacy=global_privacy(
         "the shared body; the heads never leave their clients, so they are not released"))
+
+    def work(self, phase, cfg, task, n_train) -> Work:
+        """Head epochs then body epochs; the body and the initial head down, the body change up."""
+        passes = [epoch_steps(n_train, cfg.batch_size, e) for e in (cfg.head_epochs, cfg.body_epochs)]
+        total = lenet_values(task.input_shape, task.num_classes)
+        body = total - _head_values(tuple(task.input_shape), task.num_classes, cfg.head_layers)
+        return Work(samples=sum(s for _, s in passes), steps=sum(k for k, _ in passes),
+                    bytes_down=tensor_bytes(total), bytes_up=tensor_bytes(body) + 8)
 
     def init(self, cfg, task: Task, seed: int) -> FedRepState:
         model = init_model(lenet_for(task.input_shape, task.num_classes), seed)
@@ -173,5 +195,6 @@ class FedRep(GlobalModelMethod):
                                 gen=ctx.generator("body")))
         seen = sum(s for s, _ in parts)
         flat = flat_params(model)
-        return Reply(sums=update_sums(body - flat[:-n_head], float(data.n("train"))), state=flat[-n_head:].clone(),
+        return Reply(sums=update_sums(body - flat[:-n_head], float(data.n("train")), ctx.staleness),
+                     state=flat[-n_head:].clone(),
                      n_train=seen, train_loss=combined_loss(parts))

@@ -65,6 +65,10 @@ in that client's model w + P(h(e_i)).
 
 Collapse gauge (every round, in the round's stats, persisted in RUN_DIR/metrics/rounds/):
 `meta.embedding_spread` and `meta.model_spread` (of w_i over the cohort; `hypernet.spread`).
+
+[system] clock (ours): a straggler is dropped under stragglers = "partial" too (fewer meta-steps
+would change what d_i, the fine-tuned difference h is fitted to, means). Not asynchronous: h's
+least-squares fit pairs d_i with the e_i and h that produced w_i; `fedbuff` is refused.
 """
 
 from __future__ import annotations
@@ -74,11 +78,12 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from simfed.algorithms.base import Capabilities, NoPrivacy, Reply, ServerState, Task
+from simfed.algorithms.base import Capabilities, NoPrivacy, Reply, ServerState, Task, Work
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
 from simfed.algorithms.kit.globalmodel import client_model, descend, finetune_reply, initial_model
 from simfed.algorithms.kit.models import flat_params, load_flat
+from simfed.algorithms.kit.workload import FLOAT64, lenet_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 from simfed.core.seeds import derive_seed
@@ -182,9 +187,20 @@ class FMLH(hn.HyperNetMethod):
     name = "fmlh"
     Config = FMLHConfig
     summary = "FMLH: federated meta-learning with a norm-constrained hypernetwork offset (Wu et al. 2025)"
-    capabilities = Capabilities(payloads=True, privacy=NoPrivacy(
+    capabilities = Capabilities(payloads=True, partial="drop", privacy=NoPrivacy(
         "fmlh keeps a per-client embedding e_i on the server, fitted to that client's fine-tuned model alone and "
         "released in its model w + P(h(e_i)); a guarantee could cover w and h (sums over clients), never e_i"))
+
+    def work(self, phase, cfg, task, n_train) -> Work:
+        """w and w_i down; u_i, its count and phi_i - w up; meta_steps x (inner steps on the support
+        set + one query batch)."""
+        n = int(n_train)
+        k = n if n < 2 else min(max(1, round(cfg.support_fraction * n)), n - 1)
+        q = n if n < 2 else n - k
+        per = cfg.inner_steps * min(cfg.batch_size, k) + min(cfg.batch_size, q)
+        model = lenet_bytes(task.input_shape, task.num_classes)
+        return Work(samples=cfg.meta_steps * per if n else 0, steps=cfg.meta_steps, bytes_down=2 * model,
+                    bytes_up=2 * model + FLOAT64)
 
     def init(self, cfg, task: Task, seed: int) -> FMLHState:
         hnet, dim = hn.build(cfg, task, derive_seed(seed, "fmlh-hnet"), self.name)

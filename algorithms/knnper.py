@@ -25,6 +25,9 @@ weights normalized over the k neighbours. From PeFLL's appendix: scale = 100 (be
   Every client's size is checked before the run starts (Algorithm.check_clients).
 - [privacy] (docs/privacy.md) protects the global model (FedAvg's release); the kNN datastore is
   the client's own data and never leaves it.
+
+- [system] clock: training is FedAvg's, so a straggler under stragglers = "partial" takes the
+  steps it finishes by the deadline, and FedBuff weights an update by 1/sqrt(1 + staleness).
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ class KNNPer(GlobalModelMethod):
     name = "knnper"
     Config = KNNPerConfig
     summary = "kNN-Per: FedAvg model interpolated with a local kNN on its features (Marfoq et al. 2022)"
-    capabilities = Capabilities(privacy=global_privacy(
+    capabilities = Capabilities(asynchronous=True, partial="steps", privacy=global_privacy(
         "the global model; the kNN datastore is each client's own data and is never sent"))
 
     def check_clients(self, cfg, n_train) -> None:

@@ -34,6 +34,10 @@ brackets):
 - A meta-step whose gradient is not finite ends the client's local loop; the client still returns
   its (non-finite) update, which the engine drops and counts.
 
+[system] clock (ours): a client's local steps are its tau meta-steps. A straggler under
+stragglers = "partial" takes the meta-steps it finishes by the deadline (`ClientContext.budget`)
+and its update counts; FedBuff weights an update by 1/sqrt(1 + staleness).
+
 Vectorized client step (ours; `engine.vectorize`): `chunk_replies` runs the tau meta-steps of a whole
 chunk of clients at once (`vectorized_meta.meta_chunk_step`), for every `gradient` (exact,
 first_order, hessian_free) and `hessian_batch`; its replies equal `client`'s to rounding (float64
@@ -48,10 +52,11 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Capabilities, ClientContext, Reply
+from simfed.algorithms.base import Capabilities, ClientContext, Reply, Work
 from simfed.algorithms.kit.functional import BatchStream, loss_fn, meta_gradient
 from simfed.algorithms.kit.globalmodel import GlobalModelMethod, client_model, finetune_reply, global_privacy, update_sums
 from simfed.algorithms.kit.vectorized_meta import meta_chunk_step
+from simfed.algorithms.kit.workload import lenet_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
@@ -104,9 +109,13 @@ class _MetaCommon:
     def ft_batch_size(self) -> int:
         return self.eval_batch_size or self.batch_size
 
-    def samples_per_meta_step(self) -> int:
-        fresh = self.nu * self.batch_size if (self.hessian_batch == "fresh" and self.gradient != "first_order") else 0
-        return self.nu * self.batch_size + self.outer_batch_size + fresh
+    def samples_per_meta_step(self, n: int | None = None) -> int:
+        """Samples one meta-step draws (from a client of n samples: a batch takes at most n)."""
+        def take(b: int) -> int:
+            return b if n is None else min(b, n)
+
+        fresh = self.nu * take(self.batch_size) if (self.hessian_batch == "fresh" and self.gradient != "first_order") else 0
+        return self.nu * take(self.batch_size) + take(self.outer_batch_size) + fresh
 
 
 @dataclass(frozen=True)
@@ -125,13 +134,14 @@ class PerFedAvgConfig(_MetaCommon):
 
 
 def meta_client_step(cfg, w: torch.Tensor, f, x: torch.Tensor, y: torch.Tensor,
-                     gen: torch.Generator) -> tuple[torch.Tensor, int, float]:
-    """tau local meta-steps w <- w - beta g(w) on (x, y); returns (w_tau, samples used, mean outer loss
-    f(phi^nu(w); D') over the steps taken, i.e. the meta-objective this client descends)."""
+                     gen: torch.Generator, budget: int | None = None) -> tuple[torch.Tensor, int, float]:
+    """tau local meta-steps w <- w - beta g(w) on (x, y) (at most `budget`); returns (w_tau, samples
+    used, mean outer loss f(phi^nu(w); D') over the steps taken, i.e. the meta-objective this client
+    descends)."""
     stream = BatchStream(int(y.shape[0]), gen)
     second_order = cfg.gradient != "first_order"
     seen, losses = 0, []
-    for _ in range(cfg.tau):
+    for _ in range(cfg.tau if budget is None else min(cfg.tau, budget)):
         inner = [stream.take(cfg.batch_size) for _ in range(cfg.nu)]
         outer = stream.take(cfg.outer_batch_size)
         hess = None
@@ -155,11 +165,18 @@ class MetaFL(GlobalModelMethod):
     name = "metafl"
     Config = MetaFLConfig
     summary = "Generalized meta-FL: FedAvg on the loss after nu fine-tuning steps (Jamali et al. 2025)"
-    capabilities = Capabilities(chunk_replies=frozenset({"update"}),  # the tau local meta-steps, every variant
+    # the tau local meta-steps, every variant
+    capabilities = Capabilities(chunk_replies=frozenset({"update"}), asynchronous=True, partial="steps",
                                 privacy=global_privacy("the global meta-model (every round's noised mean update)"))
 
     def cost(self, cfg, n_train: int) -> float:
         return float(cfg.tau)  # tau meta-steps of fixed-size batches, whatever the client's size
+
+    def work(self, phase, cfg, task, n_train) -> Work:
+        model = lenet_bytes(task.input_shape, task.num_classes)
+        n = int(n_train)
+        return Work(samples=cfg.tau * cfg.samples_per_meta_step(n) if n > 0 else 0, steps=cfg.tau,
+                    bytes_down=model, bytes_up=model + 8)
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx: ClientContext) -> Reply:
         if ctx.mode == "eval":
@@ -169,9 +186,9 @@ class MetaFL(GlobalModelMethod):
         x, y = data.split("train")
         p = next(model.parameters())
         w0 = bcast.to(p.device, p.dtype)
-        w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), x.to(p.dtype), y, ctx.generator("meta"))
+        w, seen, loss = meta_client_step(cfg, w0, loss_fn(model), x.to(p.dtype), y, ctx.generator("meta"), ctx.budget)
         delta = (w0 - w).to(bcast.device, bcast.dtype)
-        return Reply(sums=update_sums(delta, float(n)), n_train=seen, train_loss=loss)
+        return Reply(sums=update_sums(delta, float(n), ctx.staleness), n_train=seen, train_loss=loss)
 
     def _check(self, cfg, data) -> int:
         """The client's train size, or a SimfedError for a client this config cannot train."""
@@ -197,9 +214,9 @@ class MetaFL(GlobalModelMethod):
         w0 = bcast.to(p.device, p.dtype)
         splits = [d.split("train") for d in datas]
         w, seen, losses = meta_chunk_step(cfg, model, w0, [x.to(p.dtype) for x, _ in splits], [y for _, y in splits],
-                                          [c.generator("meta") for c in ctxs])
-        return [Reply(sums=update_sums((w0 - row).to(bcast.device, bcast.dtype), float(n)), n_train=s, train_loss=loss)
-                for n, row, s, loss in zip(ns, w, seen, losses)]
+                                          [c.generator("meta") for c in ctxs], [c.budget for c in ctxs])
+        return [Reply(sums=update_sums((w0 - row).to(bcast.device, bcast.dtype), float(n), c.staleness), n_train=s,
+                      train_loss=loss) for n, c, row, s, loss in zip(ns, ctxs, w, seen, losses)]
 
 
 @register

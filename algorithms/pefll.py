@@ -90,6 +90,12 @@ Differences from the authors' code, and why:
   `ClientContext.generator`, which would add the phase: describe and embed must draw the same B;
   local batches from `ClientContext.generator("sgd")`.
 
+[system] clock (ours): a client's round is its three exchanges back to back (describe, model,
+embed; only the model phase's SGD samples count as training). A straggler is dropped under
+stragglers = "partial" too: its exchanges are all-or-nothing (a descriptor without its model
+step, or a model step without the embed exchange, leaves the server's gradient half made).
+Not asynchronous: the three exchanges of a round share one h and one phi; `fedbuff` is refused.
+
 Collapse gauge (every round, in the round's stats, persisted in RUN_DIR/metrics/rounds/):
 `model.descriptor_spread` (spread of the normalized descriptors of the cohort) and
 `model.model_spread` (spread of the generated models h(v_i)), see `hypernet.spread`; 0 = collapse.
@@ -101,11 +107,14 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Capabilities, PrivacySupport, Reply, ServerState, Task
+import functools
+
+from simfed.algorithms.base import Capabilities, PrivacySupport, Reply, ServerState, Task, Work
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import training
 from simfed.algorithms.kit.globalmodel import client_model
 from simfed.algorithms.kit.models import flat_params, init_model, load_flat
+from simfed.algorithms.kit.workload import FLOAT64, SCALAR, default_steps, lenet_bytes, tensor_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 from simfed.core.seeds import derive_seed
@@ -214,6 +223,11 @@ def descriptor_batch(cfg, data, ctx) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:cfg.descriptor_batch]
 
 
+@functools.lru_cache(maxsize=16)
+def _embed_values(input_shape: tuple, num_classes: int, dim: int, use_labels: bool) -> int:
+    return sum(p.numel() for p in hn.embed_net(input_shape, num_classes, dim, use_labels).parameters())
+
+
 def descriptor(net, cfg, x, y, num_classes) -> torch.Tensor:
     """v = mean phi(x, y) over the rows given (differentiable w.r.t. the net's parameters)."""
     return net(hn.embed_input(x, None if cfg.label_free else y, num_classes)).mean(0)
@@ -224,9 +238,23 @@ class PeFLL(hn.HyperNetMethod):
     name = "pefll"
     Config = PeFLLConfig
     summary = "PeFLL: embedding net + hypernetwork learn to produce client models (Scott et al. 2024)"
-    capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"model"}),  # k SGD steps from h(v_i)
+    # k SGD steps from h(v_i)
+    capabilities = Capabilities(payloads=True, chunk_replies=frozenset({"model"}), partial="drop",
                                 privacy=PrivacySupport(released=(("model", ("grad_h",)), ("embed", ("grad_v",))),
                                                        covers=PRIVACY_COVERS, no_local=NO_LOCAL))
+
+    def work(self, phase, cfg, task, n_train) -> Work:
+        """describe: phi down, u_i up; model: theta_i down, delta_i up (the SGD steps); embed: phi and
+        du_i down, phi's gradient and a count up."""
+        dim = hn.default_embed_dim(task, cfg.embed_dim)
+        phi = tensor_bytes(_embed_values(tuple(task.input_shape), task.num_classes, dim, not cfg.label_free))
+        if phase == "describe":
+            return Work(bytes_down=phi + SCALAR, bytes_up=tensor_bytes(dim))
+        if phase == "embed":
+            return Work(bytes_down=phi + SCALAR + tensor_bytes(dim), bytes_up=phi + FLOAT64)
+        steps, samples = default_steps(cfg, n_train)
+        model = lenet_bytes(task.input_shape, task.num_classes)
+        return Work(samples=samples, steps=steps, bytes_down=model, bytes_up=model)
 
     def init(self, cfg, task: Task, seed: int) -> PeFLLState:
         hnet, dim = hn.build(cfg, task, seed, self.name)

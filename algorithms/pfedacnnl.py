@@ -28,6 +28,9 @@ global model toward the client's data, and grouping clients with similar data di
   A group without data uses the global head.
 [privacy] is refused, as for FedACnnL: its Gram (and group) statistics would need per-client
 clipping and noise, which is not implemented.
+
+- [system] clock: as FedACnnL's, partial work is refused and `fedbuff` too; the cluster phases
+  are exchanges of the round like the layer phases.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Capabilities, ClientData, Eval, NoPrivacy, Reply, Task
+from simfed.algorithms.base import Capabilities, ClientData, Eval, NoPrivacy, Reply, Task, Work
 from simfed.algorithms.kit import analytic
 from simfed.algorithms.kit.acnnl import (AnalyticFields, LayerwiseMethod, geometry, layer_statistics, outputs_eval,
                                          selected)
+from simfed.algorithms.kit.workload import FLOAT64, tensor_bytes
 from simfed.algorithms.registry import register
 from simfed.core.errors import SimfedError
 
@@ -75,9 +79,26 @@ class PFedACnnL(LayerwiseMethod):
     name = "pfedacnnl"
     Config = PFedACnnLConfig
     summary = "pFedACnnL: FedACnnL + per-client closed-form head toward the global one (Gu et al. 2025)"
-    capabilities = Capabilities(chunk_sums=True, privacy=NoPrivacy(  # the shared layers; group and head phases per client
+    # the shared layers; group and head phases per client
+    capabilities = Capabilities(chunk_sums=True, partial="refuse", privacy=NoPrivacy(
         "its layers are least-squares solves from summed Gram matrices (and per-group sums with groups > 0); "
         "clipping and noising those statistics is not implemented, so no guarantee is offered"))
+
+    def work(self, phase, cfg, task, n_train) -> Work:
+        """The cluster phases: the centroids down, per-group histogram sums up; the head phase with
+        groups adds the centroids and group heads down and per-group Gram sums up."""
+        n, g, k = int(n_train), cfg.groups, task.num_classes
+        if phase.startswith("cluster"):
+            down = 0 if phase == "cluster0" else tensor_bytes(g * k, itemsize=FLOAT64)
+            up = tensor_bytes(g * k, g, itemsize=FLOAT64) if n > 0 else 0
+            return Work(samples=n, steps=1 if n > 0 else 0, bytes_down=down, bytes_up=up)
+        base = super().work(phase, cfg, task, n_train)
+        if not self._head_phase(cfg, phase):
+            return base
+        head = geometry(cfg, task)[-1]
+        down = base.bytes_down + tensor_bytes(g * k, g * head.d * head.width, itemsize=FLOAT64)
+        up = tensor_bytes(g * head.d * head.d, g * head.d * head.width, 1, itemsize=FLOAT64) if n > 0 else 0
+        return Work(samples=base.samples, steps=base.steps, bytes_down=down, bytes_up=up)
 
     def init(self, cfg, task: Task, seed: int):
         state = super().init(cfg, task, seed)

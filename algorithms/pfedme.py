@@ -21,6 +21,9 @@ is weighted by train samples; personal_lr = 0.01 and lr = 0.005 are the authors'
   local procedure (the pFedMe loss) on the client's train split; theta is evaluated. A seen client
   that has never been sampled is evaluated the same way.
 - Batches come from `ClientContext.generator` ("local" in training, "unseen" for a new client).
+- [system] clock: the local steps are the R iterations (each K inner steps on one batch). A
+  straggler under stragglers = "partial" takes the iterations it finishes by the deadline and its
+  w_i counts; FedBuff weights w - w_i by 1/sqrt(1 + staleness).
 - The reported training loss (`Reply.train_loss`, the train rows' `loss`) is the personalized
   model's inner-objective loss f_i(theta) (cross-entropy only, without the lam/2 ||theta - w_i||^2
   term) on the minibatches, evaluated at each of the K inner steps before that step's update and
@@ -31,11 +34,12 @@ is weighted by train samples; personal_lr = 0.01 and lr = 0.005 are the authors'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from simfed.algorithms.base import Capabilities, Reply
+from simfed.algorithms.base import Capabilities, Reply, Work
 from simfed.algorithms.kit import training
 from simfed.algorithms.kit.globalmodel import GlobalModelMethod, client_model, global_privacy, server_step, update_sums
 from simfed.algorithms.kit.models import flat_params, load_flat
@@ -67,8 +71,8 @@ class PFedMeConfig:
 
 
 def pfedme_local(model, w: torch.Tensor, lam: float, K: int, lr: float, personal_lr: float, x, y, *,
-                 steps: int, batch_size: int, gen: torch.Generator, epochs: float = 0.0
-                 ) -> tuple[torch.Tensor, int, float]:
+                 steps: int, batch_size: int, gen: torch.Generator, epochs: float = 0.0,
+                 budget: int | None = None) -> tuple[torch.Tensor, int, float]:
     """pFedMe iterations from w_i = theta = w, one per batch of training.batches (epochs > 0: whole
     passes, else R = `steps` batches); returns (w_i, samples processed, mean f_i over the inner
     steps) and leaves theta in `model`."""
@@ -76,7 +80,7 @@ def pfedme_local(model, w: torch.Tensor, lam: float, K: int, lr: float, personal
     load_flat(model, w)
     model.train()
     seen, loss_sum = 0, torch.zeros(())
-    for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs):
+    for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs, budget):
         for _ in range(K):
             loss = proximal_grads(model, wi, lam, x[idx], y[idx])
             loss_sum += loss * idx.numel()
@@ -88,12 +92,13 @@ def pfedme_local(model, w: torch.Tensor, lam: float, K: int, lr: float, personal
     return wi, seen, float(loss_sum) / max(seen, 1)
 
 
-def local_rounds(cfg, model, w, data, steps_epochs: tuple[int, float], gen):
-    """`pfedme_local` on the client's train split with the config's settings."""
+def local_rounds(cfg, model, w, data, steps_epochs: tuple[int, float], gen, budget: int | None = None):
+    """`pfedme_local` on the client's train split with the config's settings (at most `budget`
+    iterations)."""
     x, y = data.split("train")
     steps, epochs = steps_epochs
     return pfedme_local(model, w, cfg.lam, cfg.K, cfg.lr, cfg.personal_lr, x, y, steps=steps,
-                        batch_size=cfg.batch_size, gen=gen, epochs=epochs)
+                        batch_size=cfg.batch_size, gen=gen, epochs=epochs, budget=budget)
 
 
 @register
@@ -101,11 +106,15 @@ class PFedMe(GlobalModelMethod):
     name = "pfedme"
     Config = PFedMeConfig
     summary = "pFedMe: Moreau-envelope personal models, K-step inner solve (Dinh et al. 2020)"
-    capabilities = Capabilities(client_state=True, privacy=global_privacy(
+    capabilities = Capabilities(client_state=True, asynchronous=True, partial="steps", privacy=global_privacy(
         "the global model w; the personal models theta_i never leave their clients, so they are not released"))
 
     def cost(self, cfg, n_train: int) -> float:
         return float(cfg.K) * super().cost(cfg, n_train)
+
+    def work(self, phase, cfg, task, n_train) -> Work:
+        full = super().work(phase, cfg, task, n_train)  # R iterations of one batch each, K passes over it
+        return dataclasses.replace(full, samples=cfg.K * full.samples)
 
     def client(self, phase, cfg, bcast, payload, data, cstate, ctx) -> Reply:
         model = client_model(ctx)
@@ -113,9 +122,9 @@ class PFedMe(GlobalModelMethod):
             return evaluate_personal(model, bcast, cstate, data, cfg.unseen_epochs, lambda: local_rounds(
                 cfg, model, bcast, data, (1, cfg.unseen_epochs), ctx.generator("unseen")))
         wi, seen, loss = local_rounds(cfg, model, bcast, data, (cfg.local_steps, cfg.local_epochs),
-                                      ctx.generator("local"))
-        return Reply(sums=update_sums(bcast - wi, float(data.n("train"))), state=flat_params(model), n_train=seen,
-                     train_loss=loss)
+                                      ctx.generator("local"), ctx.budget)
+        return Reply(sums=update_sums(bcast - wi, float(data.n("train")), ctx.staleness), state=flat_params(model),
+                     n_train=seen, train_loss=loss)
 
     def finish(self, phase, cfg, state, sums, n_clients, info):
         # (1 - beta) w + beta * mean(w_i) = w - beta * mean(w - w_i): the FedAvg step at rate beta

@@ -12,6 +12,10 @@ report is one self-contained file: the figure as a base64 PNG, per-series tables
 configuration, and every plotted number as JSON in
 `<script type="application/json" id="simfed-data">`. Files are written to a temporary name and
 renamed. matplotlib is an optional extra (`pip install 'simfed[plot]'`).
+
+`virtual_time`: the per-round panels take each round's virtual end time (runs with a [system]
+clock, the round stat `virtual_time`) as x instead of the round: time-to-accuracy; a run without
+a clock is refused with one line.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def _method(run: Path) -> str:
         return "?"
 
 
-def _run_series(run: Path, label: str, split: str) -> dict | None:
+def _run_series(run: Path, label: str, split: str, virtual_time: bool = False) -> dict | None:
     df = metrics.load(run)
     cv = metrics.curve(df)
     if cv.height == 0 or cv.filter(pl.col("split") == split).height == 0:
@@ -64,10 +68,18 @@ def _run_series(run: Path, label: str, split: str) -> dict | None:
     last = int(cv["round"].max())
     ev = df.filter((pl.col("split") == split) & (pl.col("round") == last) & ~pl.col("dropped"))
     tr = metrics.train_curve(df)
+    x = ["round"]
+    if virtual_time:
+        rounds = metrics.load_rounds(run)
+        if "virtual_time" not in rounds.columns:
+            raise SimfedError(f"{run}: no virtual clock in this run (no [system] table); plot it without "
+                              "--virtual-time")
+        cv, tr = metrics.with_virtual_time(cv, rounds), metrics.with_virtual_time(tr, rounds)
+        x.append("virtual_time")
     return {"label": label, "runs": [str(run)], "band": "p10-p90 over clients",
-            "eval": cv.select("round", "cohort", "clients", "acc_mean", "acc_p10", "acc_p90", "acc_weighted",
+            "eval": cv.select(*x, "cohort", "clients", "acc_mean", "acc_p10", "acc_p90", "acc_weighted",
                               "loss_mean", "loss_p10", "loss_p90").to_dicts(),
-            "train": tr.select("round", "clients", "loss_mean", "loss_p10", "loss_p90").to_dicts() if tr.height
+            "train": tr.select(*x, "clients", "loss_mean", "loss_p10", "loss_p90").to_dicts() if tr.height
             else [],
             "last_round": last,
             "last_accuracy": {c: sorted(ev.filter(pl.col("cohort") == c)["accuracy"].to_list())
@@ -96,11 +108,11 @@ def _merge(label: str, parts: list[dict]) -> dict:
             "last_accuracy": {c: sorted(a for p in parts for a in p["last_accuracy"][c]) for c in ("seen", "unseen")}}
 
 
-def collect(runs: list[Path], split: str, base: Path | None = None) -> list[dict]:
+def collect(runs: list[Path], split: str, base: Path | None = None, virtual_time: bool = False) -> list[dict]:
     series = []
     for run in runs:
         name = str(run.relative_to(base)) if base is not None and run != base else run.name
-        s = _run_series(run, f"{name} ({_method(run)})" if len(runs) > 1 else _method(run), split)
+        s = _run_series(run, f"{name} ({_method(run)})" if len(runs) > 1 else _method(run), split, virtual_time)
         if s is not None:
             s["method"] = _method(run)
             series.append(s)
@@ -108,14 +120,14 @@ def collect(runs: list[Path], split: str, base: Path | None = None) -> list[dict
         where = runs[0] if len(runs) == 1 else f"{len(runs)} runs"
         raise SimfedError(f"{where}: no '{split}' evaluation rows yet; evaluation runs every run.eval_every rounds "
                           "and after the last")
-    if len(series) > MAX_SERIES:
+    if len(series) > MAX_SERIES and not virtual_time:  # runs of one method share rounds, not virtual times
         methods = sorted({s["method"] for s in series})
         series = [_merge(f"{m} ({sum(s['method'] == m for s in series)} runs)", [s for s in series if s["method"] == m])
                   for m in methods]
     return series
 
 
-def _figure(series: list[dict], split: str, title: str):
+def _figure(series: list[dict], split: str, title: str, virtual_time: bool = False):
     try:
         import matplotlib
 
@@ -124,6 +136,7 @@ def _figure(series: list[dict], split: str, title: str):
     except ImportError:
         raise SimfedError("simfed plot needs matplotlib: pip install 'simfed[plot]'") from None
     fig, axes = plt.subplots(2, 2, figsize=SIZE_IN, dpi=DPI, layout="constrained")
+    xkey, xlabel = ("virtual_time", "virtual time (s)") if virtual_time else ("round", "round")
     (ax_acc, ax_loss), (ax_ecdf, ax_train) = axes
     single = len(series) == 1
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -134,7 +147,7 @@ def _figure(series: list[dict], split: str, title: str):
             label = cohort if single else f"{s['label']} {cohort}"
             rows = [r for r in s["eval"] if r["cohort"] == cohort]
             if rows:
-                x = [r["round"] for r in rows]
+                x = [r[xkey] for r in rows]
                 for ax, key in ((ax_acc, "acc"), (ax_loss, "loss")):
                     mean = np.array([np.nan if r[f"{key}_mean"] is None else r[f"{key}_mean"] for r in rows])
                     ax.plot(x, mean, STYLE[cohort], color=color, marker="o", ms=3, label=label)
@@ -150,17 +163,17 @@ def _figure(series: list[dict], split: str, title: str):
         tr = [r for r in s["train"] if r["loss_mean"] is not None]
         if tr:
             color = palette[2] if single else palette[i % len(palette)]
-            x = [r["round"] for r in tr]
+            x = [r[xkey] for r in tr]
             ax_train.plot(x, [r["loss_mean"] for r in tr], "-", color=color, label=s["label"])
             if single or len(series) <= 3:
                 ax_train.fill_between(x, [r["loss_p10"] for r in tr], [r["loss_p90"] for r in tr], color=color,
                                       alpha=0.15, linewidth=0)
     band = series[0]["band"] if len({s["band"] for s in series}) == 1 else "bands"
-    ax_acc.set(title=f"{split} accuracy (client mean, band {band})", xlabel="round", ylabel="accuracy")
-    ax_loss.set(title=f"{split} loss (client mean, band {band})", xlabel="round", ylabel="cross-entropy")
+    ax_acc.set(title=f"{split} accuracy (client mean, band {band})", xlabel=xlabel, ylabel="accuracy")
+    ax_loss.set(title=f"{split} loss (client mean, band {band})", xlabel=xlabel, ylabel="cross-entropy")
     ax_ecdf.set(title=f"per-client {split} accuracy at the last round (ECDF)", xlabel="accuracy",
                 ylabel="fraction of clients", xlim=(-0.02, 1.02), ylim=(0, 1.02))
-    ax_train.set(title="training loss (client mean of local mean loss)", xlabel="round", ylabel="cross-entropy")
+    ax_train.set(title="training loss (client mean of local mean loss)", xlabel=xlabel, ylabel="cross-entropy")
     if not any(s["train"] for s in series):
         ax_train.text(0.5, 0.5, "no training loss reported\n(this method has none)", ha="center", va="center",
                       transform=ax_train.transAxes)
@@ -168,8 +181,8 @@ def _figure(series: list[dict], split: str, title: str):
 
     rounds = [r["round"] for s in series for r in s["eval"] + s["train"]]
     for ax in (ax_acc, ax_loss, ax_train):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if rounds and max(rounds) - min(rounds) < 2:  # one or two rounds: whole rounds either side, not 1.9-2.1
+        ax.xaxis.set_major_locator(MaxNLocator(integer=not virtual_time))
+        if not virtual_time and rounds and max(rounds) - min(rounds) < 2:  # whole rounds either side, not 1.9-2.1
             ax.set_xlim(min(rounds) - 1, max(rounds) + 1)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
@@ -230,11 +243,11 @@ def artifact(run_dir: Path) -> list[Path]:
         return []
 
 
-def render(runs: list[Path], target: Path, split: str, title: str) -> Path:
+def render(runs: list[Path], target: Path, split: str, title: str, virtual_time: bool = False) -> Path:
     """Write the PNG or the HTML report at `target` (by its suffix); returns `target`."""
     base = Path(os.path.commonpath([str(r) for r in runs])) if len(runs) > 1 else None
-    series = collect(runs, split, base)
-    fig, plt = _figure(series, split, title)
+    series = collect(runs, split, base, virtual_time)
+    fig, plt = _figure(series, split, title, virtual_time)
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=DPI)

@@ -369,16 +369,18 @@ class Run:
 
     def curve(self):
         """Per evaluation round, split and cohort: client-mean accuracy and loss with their 10th/90th
-        percentiles, and the sample-weighted accuracy (`simfed metrics --curve`)."""
+        percentiles, and the sample-weighted accuracy (`simfed metrics --curve`); with a [system]
+        clock also the round's virtual end time `virtual_time`."""
         from simfed.engine import metrics
 
-        return metrics.curve(self.metrics())
+        return metrics.with_virtual_time(metrics.curve(self.metrics()), self.rounds())
 
     def train_curve(self):
-        """Per training round: the client-mean training loss and its percentiles, dropped updates."""
+        """Per training round: the client-mean training loss and its percentiles, dropped updates
+        (and `virtual_time` with a [system] clock)."""
         from simfed.engine import metrics
 
-        return metrics.train_curve(self.metrics())
+        return metrics.with_virtual_time(metrics.train_curve(self.metrics()), self.rounds())
 
     def rounds(self):
         """The server's statistics per training round: one row per round, one column per stat."""

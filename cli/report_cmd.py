@@ -54,12 +54,10 @@ def _json_eps(e: float) -> float | None:
     return e if e != float("inf") else None  # JSON has no infinity: no finite bound (noise_multiplier 0)
 
 
-def _print_curve(df, eps: dict[int, float]) -> None:
-    from simfed.engine import metrics
-
-    cv, tr = metrics.curve(df), metrics.train_curve(df)
+def _print_curve(cv, tr, eps: dict[int, float]) -> None:
     if cv.height:
-        cols = ["acc_mean", "acc_p10", "acc_weighted", "loss_mean"]
+        cols = ["acc_mean", "acc_p10", "acc_weighted", "loss_mean"] + (["virtual_time"] if "virtual_time" in cv.columns
+                                                                       else [])
         typer.echo(f"{'round':>5} {'split':5} {'cohort':7} {'clients':>7} " + " ".join(f"{c:>12}" for c in cols))
         for r in cv.sort("split", "round", "cohort").iter_rows(named=True):
             typer.echo(f"{r['round']:>5} {r['split']:5} {r['cohort']:7} {r['clients']:>7} "
@@ -72,19 +70,21 @@ def _print_curve(df, eps: dict[int, float]) -> None:
                        + (f" {eps.get(r['round'], float('nan')):>10.4g}" if eps else ""))
 
 
-def _curve_cmd(run_dir: str, df, eps: dict[int, float], as_json: bool) -> None:
+def _curve_cmd(run_dir: str, run, df, eps: dict[int, float], as_json: bool) -> None:
     """`simfed metrics --curve`: the learning curve and training table (JSON or text)."""
     from simfed.engine import metrics
 
+    # with a [system] clock, each round's virtual end time (time-to-accuracy)
+    cv, tr = (metrics.with_virtual_time(t, run.rounds()) for t in (metrics.curve(df), metrics.train_curve(df)))
     if as_json:
-        out = {"run_dir": str(run_dir), "eval": metrics.curve(df).to_dicts(), "train": metrics.train_curve(df).to_dicts()}
+        out = {"run_dir": str(run_dir), "eval": cv.to_dicts(), "train": tr.to_dicts()}
         if eps:
             out["epsilon"] = [{"round": r, "epsilon": _json_eps(e)} for r, e in sorted(eps.items())]
         typer.echo(json.dumps(out, indent=2))
     elif df.height == 0:
         raise SimfedError(f"{run_dir}: no metric rows yet; they appear as rounds finish")
     else:
-        _print_curve(df, eps)
+        _print_curve(cv, tr, eps)
 
 
 def metrics_cmd(
@@ -103,7 +103,7 @@ def metrics_cmd(
     df = run.metrics()
     eps = _epsilons(run)
     if curve:
-        _curve_cmd(run_dir, df, eps, as_json)
+        _curve_cmd(run_dir, run, df, eps, as_json)
         return
     split = split.value
     rounds = metrics.eval_rounds(df, split)
@@ -154,6 +154,9 @@ def plot_cmd(
                                help="A run directory, or a directory of run directories (a sweep)."),
     out: Optional[str] = typer.Option(None, "--out", help="FILE.png or FILE.html (default: PATH/curves.png)."),
     split: Split = typer.Option(Split.test, "--split", help="Evaluation split to plot."),
+    virtual_time: bool = typer.Option(False, "--virtual-time",
+                                      help="Virtual time (seconds, runs with a [system] clock) on the x axis instead "
+                                           "of the round: time-to-accuracy."),
 ) -> None:
     """Learning curves (accuracy and loss per round, seen vs unseen, client-mean with the p10-p90 band),
     the per-client accuracy distribution at the last round, and the training loss per round."""
@@ -165,7 +168,7 @@ def plot_cmd(
     runs = plots.find_runs(path)
     if not target.parent.is_dir():
         raise SimfedError(f"--out {out}: directory {target.parent} does not exist")
-    written = plots.render(runs, target, split.value, title=str(path))
+    written = plots.render(runs, target, split.value, title=str(path), virtual_time=virtual_time)
     typer.echo(str(written))
 
 

@@ -24,12 +24,14 @@ NAME = "checkpoint.pt"
 
 
 def save(run_dir: str | os.PathLike, completed_rounds: int, server_state: dict, counters: dict[str, int],
-         final: bool = False) -> Path:
-    """`final`: the run is finished and `server_state` holds the model without optimizer state."""
+         final: bool = False, clock: float | None = None) -> Path:
+    """`final`: the run is finished and `server_state` holds the model without optimizer state.
+    `clock`: the virtual time after the last round (runs with a [system] clock)."""
     path = Path(run_dir) / NAME
     tmp = path.with_name(f".{NAME}.tmp")
+    extra = {} if clock is None else {"clock": float(clock)}
     torch.save({"format": FORMAT, "round": completed_rounds, "server": server_state, "counters": dict(counters),
-                "final": bool(final)}, tmp)
+                "final": bool(final), **extra}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -62,6 +64,9 @@ def load(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(counters, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                                  for k, v in counters.items()):
         raise SimfedError(f"{path}: 'counters' is missing or not a table of integers; the checkpoint is damaged")
+    clock = ckpt.get("clock", 0.0)
+    if isinstance(clock, bool) or not isinstance(clock, float) or not clock >= 0 or clock == float("inf"):
+        raise SimfedError(f"{path}: 'clock' is not a non-negative virtual time; the checkpoint is damaged")
     return ckpt
 
 

@@ -1,5 +1,6 @@
-"""The typed experiment: [data], [run], [engine] and [algorithm] as frozen dataclasses (and the
-optional [privacy], engine.privacy), parsed from a TOML document (a dict) and checked before any work.
+"""The typed experiment: [data], [run], [engine] and [algorithm] as frozen dataclasses, and the
+optional [privacy] (engine.privacy) and [system] (clients as they really are, engine/system.py;
+absent: None, today's ideal clients), parsed from a TOML document (a dict) and checked before any work.
 
 Sections map onto the dataclasses below; [algorithm] holds `name` plus the method's own keys (its
 frozen Config dataclass). Unknown sections or keys are errors that list the valid ones (every dict
@@ -20,6 +21,8 @@ from simfed.core import validate as v
 from simfed.core.config import config_from_dict, to_toml
 from simfed.core.errors import SimfedError
 from simfed.engine.privacy import PrivacyConfig, check_config as check_privacy, parse_section as parse_privacy
+from simfed.engine import system
+from simfed.engine.system import SystemConfig
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,10 @@ class RunConfig:
     name: str = ""  # run directory name; default: <algorithm>-<timestamp>
     track: tuple = ()  # experiment trackers: "tensorboard" (RUN_DIR/tensorboard), "mlflow"
     mlflow_uri: str = ""  # MLflow tracking URI; "" = a file store in RUN_DIR/mlruns
+    # "sync": rounds of clients_per_round clients; "fedbuff": asynchronous (engine/fedbuff.py), up to
+    # clients_per_round clients training at once, a server step per buffer_size finished clients
+    aggregation: str = "sync"
+    buffer_size: int = 10
 
 
 @dataclass(frozen=True)
@@ -69,11 +76,13 @@ class Experiment:
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     privacy: PrivacyConfig | None = None  # [privacy]: absent = no differential privacy (engine.privacy)
+    system: SystemConfig | None = None  # [system]; None: ideal clients (no virtual clock)
 
 
 SECTIONS = {"data": DataConfig, "run": RunConfig, "engine": EngineConfig}
-OPTIONAL = {"privacy": PrivacyConfig}  # tables whose absence means "off", not "defaults"
-TOML_ORDER = ("data", "run", "algorithm", "engine", "privacy")
+# tables whose absence means "off" (None), not "defaults"
+OPTIONAL = {"privacy": PrivacyConfig, "system": SystemConfig}
+TOML_ORDER = ("data", "run", "algorithm", "engine", "privacy", "system")
 
 
 def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
@@ -84,7 +93,7 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
     if unknown:
         hint = v.did_you_mean(unknown[0], [*SECTIONS, *OPTIONAL, "algorithm"]) if len(unknown) == 1 else ""
         raise SimfedError(f"{where}: unknown section(s) [{'], ['.join(unknown)}]{hint}; valid: [algorithm], [data], "
-                          "[engine], [privacy], [run]")
+                          "[engine], [privacy], [run], [system]")
     parts = {}
     for name, cls in SECTIONS.items():
         section = doc.get(name, {})
@@ -102,7 +111,8 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
     algo = registry.get(v.text("[algorithm] name", name, max_len=200))
     cfg = config_from_dict(algo.Config, algo_doc, f"[algorithm] ({name})")
     privacy = parse_privacy(doc["privacy"]) if "privacy" in doc else None
-    return check(Experiment(algorithm=name, algorithm_config=cfg, privacy=privacy, **parts))
+    clients = system.parse(doc["system"]) if "system" in doc else None
+    return check(Experiment(algorithm=name, algorithm_config=cfg, privacy=privacy, system=clients, **parts))
 
 
 def to_dict(exp: Experiment) -> dict[str, Any]:
@@ -126,6 +136,7 @@ MAX_RETRIES = 1_000
 MAX_LR = 1e3  # a step size beyond this only ever produces inf/NaN updates (then all dropped)
 GENERATORS = ("", "synthetic-femnist")
 TRACKERS = ("tensorboard", "mlflow")
+AGGREGATIONS = ("sync", "fedbuff")
 
 
 def _check_algorithm(exp: Experiment) -> None:
@@ -170,6 +181,10 @@ def check(exp: Experiment) -> Experiment:
         v.choice("[run] track item", tracker, TRACKERS)
     if len(set(r.track)) != len(r.track):
         raise SimfedError(f"[run] track = {list(r.track)} names a tracker twice; list each once")
+    v.choice("[run] aggregation", r.aggregation, AGGREGATIONS)
+    v.integer("[run] buffer_size", r.buffer_size, 1)
+    if exp.system is not None:
+        system.check(exp.system)
     v.choice("[engine] backend", e.backend, ("ray", "serial"))
     v.choice("[engine] vectorize", e.vectorize, ("auto", "on", "off"))
     v.integer("[engine] workers", e.workers, 0, MAX_WORKERS)
@@ -182,4 +197,9 @@ def check(exp: Experiment) -> Experiment:
     _check_algorithm(exp)
     if exp.privacy is not None:
         check_privacy(exp.privacy)
+        if exp.system is not None or r.aggregation != "sync":
+            # The accountant assumes each round's cohort is a Poisson (or fixed-size) sample of all
+            # seen clients; availability, dropout, deadlines and FedBuff change who contributes.
+            raise SimfedError("[privacy] with [system] or [run] aggregation = \"fedbuff\" is not supported: the "
+                              "privacy accounting assumes every sampled client contributes; drop one of the two")
     return exp

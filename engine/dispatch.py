@@ -41,7 +41,7 @@ class Dispatch:
         self.checkpointed_round = checkpointed_round
         self.bcast_ref = be.server.begin.remote(phase, info)
         # Methods without per-client payloads (FedAvg) skip one server round trip per chunk.
-        self.per_client = registry.get(be.spec.algorithm).capabilities.payloads
+        self.per_client = registry.get(be.spec.algorithm).capabilities.payloads or bool(info.starts)
         self.window = 2 * be.n_workers * max(1, be.engine.inflight_per_worker)
         self.inflight: dict = {}  # meta ref -> (worker, chunk index, data ref, payload ref, attempt, generation)
         self.per_worker = [0] * be.n_workers

@@ -1,6 +1,11 @@
 """The round loop: sample a cohort, run each phase of the method on a backend, evaluate, checkpoint.
 
 UI-free: progress goes to an `on_event(dict)` callback (the CLI draws a progress bar from it).
+
+With a [system] table (or [run] aggregation = "fedbuff") the virtual clock (engine/clock.py) plans
+each round: who trains (and with what step budget, from which model version), the rows of the
+clients that did not, and the round's virtual end time (`virtual_time`, in the round stats and
+the "round" event).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from simfed.engine.backends import Backend, ServerLost, open_backend
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.config import Experiment
 from simfed.engine.evaluate import evaluate
-from simfed.engine.plan import Plan, check_experiment, check_resume
+from simfed.engine.plan import Plan, check_experiment, check_resume, n_train
+from simfed.engine.rounds import RoundPlan
 from simfed.engine.sampling import sample_cohort, sample_poisson
 
 Event = Callable[[dict], None]
@@ -113,6 +119,8 @@ class _Attempt:
         self.last_ckpt = self.start
         # [privacy]: epsilon at delta after the rounds done so far (dp-accounting, engine.privacy)
         self.epsilon = plan.privacy.epsilon(self.start) if plan.privacy else None
+        self.clock = None  # the virtual clock (engine.clock.RoundClock), made at the first round it plans
+        self.clock_start = float(ckpt.get("clock", 0.0)) if ckpt else 0.0
 
     def rounds(self, be: Backend, status: dict) -> list[dict]:
         """Train, evaluate when due, save; returns the last evaluation's summary."""
@@ -130,11 +138,16 @@ class _Attempt:
         """Training round r (0-based): every phase over the round's cohort, then its metric rows."""
         run, emit, counters = self.exp.run, self.emit, self.counters
         t0 = time.perf_counter()
+        phases = be.phases("train", r)
+        planned = self.round_plan(r, phases)
         privacy = self.plan.privacy
-        if privacy is not None and privacy.sampling == "poisson":  # the sampling its accounting assumes
+        if planned:
+            cohort = planned.cohort
+        elif privacy is not None and privacy.sampling == "poisson":  # the sampling its accounting assumes
             cohort = sample_poisson(run.seed, r, self.plan.seen, privacy.rate)
         else:
             cohort = sample_cohort(run.seed, r, self.plan.seen, run.clients_per_round)
+        timing = dict(budgets=planned.budgets, starts=planned.starts, keep_from=planned.keep_from) if planned else {}
         rows: list[dict] = []
         round_stats: dict[str, float] = {}
 
@@ -143,12 +156,16 @@ class _Attempt:
             counters["dropped"] += meta["dropped"]
             emit({"type": "chunk", "round": r + 1, "clients": meta["n_clients"], "samples": meta["n_train"]})
 
-        for pi, phase in enumerate(be.phases("train", r)):
+        # Nobody to train: the server does not step, unless [privacy] releases (noise) every round
+        for pi, phase in enumerate(phases if cohort or privacy is not None else ()):
             info = RoundInfo(round=r, seed=run.seed, mode="train", cohort="seen", phase_index=pi,
-                             private=privacy is not None)
+                             private=privacy is not None, **timing)
             stats = be.run_phase(phase, info, cohort, self.plan.sizes, on_chunk, self.last_ckpt)
             round_stats.update({f"{phase}.{k}": v for k, v in stats.items()})
         extra = {}
+        if planned:
+            rows = planned.annotate(rows, phases) + planned.lost_rows(phases, self.clock.works.of(phases))
+            round_stats["virtual_time"] = extra["virtual_time"] = planned.end
         if privacy is not None:
             self.epsilon = privacy.epsilon(r + 1)
             round_stats["epsilon"] = extra["epsilon"] = self.epsilon
@@ -158,6 +175,18 @@ class _Attempt:
         emit({"type": "round", "round": r + 1, "seconds": time.perf_counter() - t0, "stats": round_stats,
               "clients": len(cohort), "train_loss": math.fsum(losses) / len(losses) if losses else None,
               **extra})
+
+    def round_plan(self, r: int, phases: list[str]) -> RoundPlan | None:
+        """The virtual clock's plan of round r (None without [system] and FedBuff: ideal clients)."""
+        exp = self.exp
+        if exp.system is None and exp.run.aggregation == "sync":
+            return None
+        if self.clock is None:
+            from simfed.engine.clock import RoundClock
+
+            self.clock = RoundClock(exp, self.plan.task, self.plan.seen, n_train(self.plan.store.clients), phases,
+                                    self.start, self.clock_start)
+        return self.clock.plan(r, phases)
 
     def save(self, be: Backend, status: dict, done: int) -> None:
         """After round `done`: the counters, the checkpoint when due, status.json, then the "saved" event."""
@@ -170,7 +199,8 @@ class _Attempt:
             status["epsilon"] = _json_number(self.epsilon)
         if (run.checkpoint_every > 0 and done % run.checkpoint_every == 0) or done == run.rounds:
             final = done == run.rounds  # nothing resumes a finished run: the model, no optimizer state
-            checkpoint.save(self.run_dir, done, be.state_dict(final), counters, final=final)
+            checkpoint.save(self.run_dir, done, be.state_dict(final), counters, final=final,
+                            clock=None if self.clock is None else self.clock.time)
             self.last_ckpt = done
             status["checkpoint_round"] = done
             self.emit({"type": "checkpoint", "round": done})

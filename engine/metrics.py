@@ -8,6 +8,12 @@ The server's scalars of each training round (what `Algorithm.finish` returns, ke
 "phase.name", e.g. PeFLL's collapse gauge "model.model_spread") go to
 RUN_DIR/metrics/rounds/rNNNNNN.parquet as long rows (run, round, stat, value); `load_rounds`
 gives one row per round and one column per stat.
+
+With a [system] table (engine/system.py) every train row also carries the client's virtual clock:
+`virtual_start` and `virtual_seconds` of its phase, its `outcome` (completed, partial, dropped,
+straggler) and, in asynchronous rounds, its `staleness`; each round's virtual end time is the
+round stat `virtual_time`. Without [system] these columns are null. Files written before these
+columns existed read with them null (`CLOCK`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ SCHEMA = pa.schema([
     ("split", pa.string()), ("phase", pa.string()), ("n", pa.int64()), ("loss", pa.float64()),
     ("accuracy", pa.float64()), ("seconds", pa.float64()), ("bytes_up", pa.int64()),
     ("bytes_down", pa.int64()), ("dropped", pa.bool_()), ("node_id", pa.string()), ("worker", pa.int32()),
+    ("virtual_start", pa.float64()), ("virtual_seconds", pa.float64()), ("outcome", pa.string()),
+    ("staleness", pa.int32()),
 ])
+CLOCK = ("virtual_start", "virtual_seconds", "outcome", "staleness")  # may be absent from older files
 _FILE = re.compile(r"^r(\d+)-.*\.parquet$")
 
 
@@ -84,6 +93,8 @@ def check_file(path: str | os.PathLike) -> None:
         raise SimfedError(f"{path}: not a readable Parquet file ({type(exc).__name__}); the run directory "
                           "is damaged: delete the file (its round is lost) or restore it") from None
     for f in SCHEMA:
+        if f.name in CLOCK and f.name not in schema.names:
+            continue
         if f.name not in schema.names or not schema.field(f.name).type.equals(f.type):
             raise SimfedError(f"{path}: column {f.name!r} is missing or not {f.type}; not a simfed metrics "
                               "file: delete or restore it")
@@ -91,11 +102,16 @@ def check_file(path: str | os.PathLike) -> None:
 
 def read(path: str | os.PathLike) -> pl.DataFrame:
     check_file(path)
+    present = pq.read_schema(path).names
     try:
-        return pl.read_parquet(path, columns=SCHEMA.names)
+        df = pl.read_parquet(path, columns=[n for n in SCHEMA.names if n in present])
     except Exception as exc:  # polars raises several types for corrupt pages
         raise SimfedError(f"{path}: cannot read metrics ({type(exc).__name__}); delete or restore the "
                           "file") from None
+    if df.width < len(SCHEMA):
+        empty = pl.from_arrow(SCHEMA.empty_table())
+        df = df.with_columns(pl.lit(None, dtype=empty.schema[n]).alias(n) for n in CLOCK if n not in df.columns)
+    return df.select(SCHEMA.names)
 
 
 def files(run_dir: str | os.PathLike, upto: int | None = None) -> list[Path]:
@@ -202,6 +218,16 @@ def train_curve(df: pl.DataFrame) -> pl.DataFrame:
                  pl.col("loss").filter(ok).quantile(0.9, interpolation="linear").alias("loss_p90"),
                  pl.col("seconds").sum().alias("client_seconds"))
             .sort("round"))
+
+
+def with_virtual_time(table: pl.DataFrame, rounds: pl.DataFrame) -> pl.DataFrame:
+    """`table` (rows keyed by round: `curve`, `train_curve`) with each round's virtual end time
+    `virtual_time` (the round stat of a run with a [system] clock; unchanged without one)."""
+    if table.height == 0 or "virtual_time" not in rounds.columns:
+        return table
+    times = rounds.select(pl.col("round").cast(table.schema["round"]), "virtual_time")
+    order = [c for c in ("split", "cohort", "round") if c in table.columns]
+    return table.join(times, on="round", how="left").sort(order)
 
 
 def train_totals(df: pl.DataFrame, up_to: int | None = None) -> dict:

@@ -91,8 +91,7 @@ def _check_method(exp: Experiment, table, task: Task, seen: list[int], store_pat
     run = exp.run
     algo = registry.get(exp.algorithm)
     algo.validate(exp.algorithm_config, task)
-    algo.check_clients(exp.algorithm_config, dict(zip((int(c) for c in table.column("client_id").to_pylist()),
-                                                      (int(n) for n in table.column("n_train").to_pylist()))))
+    algo.check_clients(exp.algorithm_config, n_train(table))
     if exp.engine.vectorize == "on" and not algo.capabilities.chunk_replies:
         with_support = [n for n in registry.names() if registry.get(n).capabilities.chunk_replies]
         raise SimfedError(f"[engine] vectorize = \"on\" but {exp.algorithm} has no vectorized client step; "
@@ -102,6 +101,12 @@ def _check_method(exp: Experiment, table, task: Task, seen: list[int], store_pat
                           f"{len(seen)} seen clients; use a value between 1 and {len(seen)}")
     if run.rounds < 1:
         raise SimfedError(f"[run] rounds = {run.rounds}; it must be at least 1")
+
+
+def n_train(table) -> dict[int, int]:
+    """{client id: train samples} of every client of a store's clients table."""
+    return dict(zip((int(c) for c in table.column("client_id").to_pylist()),
+                    (int(n) for n in table.column("n_train").to_pylist())))
 
 
 def check_experiment(exp: Experiment, on_event: Event | None = None,
@@ -114,6 +119,10 @@ def check_experiment(exp: Experiment, on_event: Event | None = None,
     task = Task(**store.task_fields(), num_clients=len(seen), total_clients=len(seen) + len(unseen))
     table = store.clients
     _check_method(exp, table, task, seen, store.path)
+    if exp.system is not None or exp.run.aggregation != "sync":
+        from simfed.engine import clock  # the [system] clock: traces, what the method can do, the deadline
+
+        clock.check_experiment(exp, task, seen, n_train(table))
     algo = registry.get(exp.algorithm)
     privacy = None
     if exp.privacy is not None:

@@ -9,6 +9,11 @@ Float addition is not associative, so the fold order is fixed: chunk results are
 in chunk index order (the order `sampling.plan_chunks` gives), and one that arrives early waits
 in `_held` until its predecessors are in. The backend never runs more than a fixed window of
 chunks ahead of the fold, so `_held` stays at a few chunk results (O(window x model) memory).
+
+In an asynchronous (FedBuff) round (`RoundInfo.starts`) each client trains from the model version
+it started from: the server records the broadcast of each version when it is current, hands a
+client its version's broadcast as its payload (no common broadcast), and forgets a version once
+no later round needs it (`RoundInfo.keep_from`). The history is checkpointed with the state.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from simfed.algorithms import registry
 from simfed.algorithms.base import RoundInfo, Task
+from simfed.engine import fedbuff
 from simfed.engine.mechanism import STATE_KEY, ServerPrivacy
 
 
@@ -74,6 +80,7 @@ class Server:
         self.state = self.algo.init(cfg, task, seed)
         # [privacy] (engine.privacy's plan): the server noises the released sums (engine.mechanism)
         self.privacy = ServerPrivacy(privacy) if privacy is not None else None
+        self.versions: dict[int, Any] = {}  # asynchronous rounds: broadcast of each model version in use
         if state_dict is not None:
             self.load_state_dict(state_dict)
         self._acc: dict[str, Any] | None = None
@@ -89,9 +96,17 @@ class Server:
     def begin(self, phase: str, info: RoundInfo) -> Any:
         self._acc, self._n_clients, self._next, self._held = None, 0, 0, {}
         bcast = self.algo.broadcast(phase, self.cfg, self.state, info)
-        return self.privacy.wrap(phase, bcast, info) if self.privacy else bcast
+        bcast = self.privacy.wrap(phase, bcast, info) if self.privacy else bcast
+        if not info.starts:
+            return bcast
+        if info.round not in self.versions:  # the state now is version `round`: clients starting later need it
+            self.versions[info.round] = fedbuff.snapshot(bcast)
+        return None  # each client gets its own version's broadcast as its payload
 
     def payloads(self, phase: str, info: RoundInfo, client_ids: list[int]) -> Any:
+        if info.starts:
+            start = dict(info.starts)
+            return {int(c): self.versions[start[int(c)]] for c in client_ids}
         return compact(self.algo.payloads(phase, self.cfg, self.state, client_ids, info))
 
     def receive(self, result: ChunkResult, phase: str, info: RoundInfo, index: int | None = None) -> int:
@@ -122,6 +137,8 @@ class Server:
                                                                                             self.state), info)
         stats = self.algo.finish(phase, self.cfg, self.state, sums, self._n_clients, info)
         self._acc = None
+        if info.starts:
+            self.versions = {v: b for v, b in self.versions.items() if v >= info.keep_from}
         return {**(stats or {}), **extra}
 
     def state_dict(self, final: bool = False) -> dict:
@@ -130,12 +147,16 @@ class Server:
         sd = self.state.state_dict()
         if final:
             sd = {k: v for k, v in sd.items() if not isinstance(getattr(self.state, k, None), torch.optim.Optimizer)}
+        elif self.versions:
+            sd = {**sd, fedbuff.VERSIONS: dict(self.versions)}
         if self.privacy and self.privacy.state_dict():  # adaptive clipping's clip
             sd = {**sd, STATE_KEY: self.privacy.state_dict()}
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
-        """A checkpoint's server state (the method's, and the adaptive clip where [privacy] keeps one)."""
+        """A checkpoint's server state (the method's, FedBuff's model versions, and the adaptive clip
+        where [privacy] keeps one)."""
+        sd, self.versions = fedbuff.split_state(sd)
         sd = dict(sd)
         privacy = sd.pop(STATE_KEY, None)
         self.state.load_state_dict(sd)

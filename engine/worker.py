@@ -7,6 +7,10 @@ state, runs the method's client step (client by client with one copy of each mod
 chunk in one batched step: `Algorithm.chunk_replies` with engine.vectorize, `Algorithm.chunk_sums`),
 drops non-finite replies, pre-sums the summable messages and returns (metric rows for the driver,
 result for the server).
+
+With the [system] clock a straggler's context carries its step budget (`RoundInfo.budgets`), and in
+an asynchronous round each client trains from its own model version, which arrives as its payload
+and takes the broadcast's place (no batched chunk step then: the clients' start models differ).
 """
 
 from __future__ import annotations
@@ -201,7 +205,8 @@ class Worker:
                 return batched
         out = _ChunkOut(phase, info, nbytes(bcast), checkpointed_round, clip)
         clients = [self._client(cid, phase, info, payloads) for cid in client_ids]
-        if self.vectorize and info.mode == "train" and phase in self.algo.capabilities.chunk_replies:
+        if self.vectorize and info.mode == "train" and phase in self.algo.capabilities.chunk_replies \
+                and not info.starts:
             # One batched step for the whole chunk; its time is shared evenly among the clients.
             t0 = time.perf_counter()
             replies = self.algo.chunk_replies(phase, self.spec.cfg, bcast, [c.payload for c in clients],
@@ -216,8 +221,9 @@ class Worker:
             # land on fresh heap pages (page faults: about 12% of a FEMNIST epoch-round on CPU).
             for client in clients:
                 t0 = time.perf_counter()
-                reply = self.algo.client(phase, self.spec.cfg, bcast, client.payload, client.data, client.state,
-                                         client.ctx)
+                # asynchronous: the model version the client started from is its broadcast
+                b, p = (client.payload, None) if info.starts else (bcast, client.payload)
+                reply = self.algo.client(phase, self.spec.cfg, b, p, client.data, client.state, client.ctx)
                 seconds = time.perf_counter() - t0
                 client.data.release()
                 self._absorb(out, client, reply, seconds)
@@ -232,7 +238,8 @@ class Worker:
 
     def _context(self, cid: int, phase: str, info: RoundInfo) -> ClientContext:
         return ClientContext(client_id=cid, cohort=self.cohort[cid], round=info.round, seed=self.spec.seed,
-                             phase=phase, mode=info.mode, task=self.spec.task, device=self.device, cache=self.cache)
+                             phase=phase, mode=info.mode, task=self.spec.task, device=self.device, cache=self.cache,
+                             budget=info.budget(cid), staleness=info.staleness(cid))
 
     def _client(self, cid: int, phase: str, info: RoundInfo, payloads: Any) -> _Client:
         """A client ready for its step: its data, its persistent state and its context."""

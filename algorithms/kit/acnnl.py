@@ -24,8 +24,9 @@ import torch
 from torch.nn import functional as F
 
 from simfed.algorithms.base import (Algorithm, ChunkSums, ClientContext, ClientData, Eval, Reply, RoundInfo,
-                                    ServerState, Task)
+                                    ServerState, Task, Work)
 from simfed.algorithms.kit import analytic
+from simfed.algorithms.kit.workload import FLOAT64, tensor_bytes
 from simfed.core.errors import SimfedError
 from simfed.core.seeds import derive_seed
 
@@ -167,6 +168,22 @@ class LayerwiseMethod(Algorithm):
 
     def eval_phases(self, cfg, state, cohort):
         return ("evaluate",)
+
+    def work(self, phase, cfg, task, n_train) -> Work:
+        """A layer phase: the solved layers below, the layer's label projection and kept patch
+        positions down; A_i, b_i and the count up (float64); one pass over the train samples. A
+        client outside `client_fraction` sends nothing, which the clock does not know: it charges
+        every sampled client as selected."""
+        layers = geometry(cfg, task)
+        i = layer_index(phase)
+        layer, n = layers[i], int(n_train)
+        down = tensor_bytes(*(lay.d * lay.width for lay in layers[:i]), itemsize=FLOAT64)
+        if not layer.head:
+            down += tensor_bytes(task.num_classes * layer.width, itemsize=FLOAT64)
+        if layer.kind == "conv" and 0 < cfg.patches_per_image < layer.positions:
+            down += tensor_bytes(cfg.patches_per_image, itemsize=8)  # int64 positions
+        up = tensor_bytes(layer.d * layer.d, layer.d * layer.width, 1, itemsize=FLOAT64) if n > 0 else 0
+        return Work(samples=n, steps=1 if n > 0 else 0, bytes_down=down, bytes_up=up)
 
     def positions(self, cfg, layer: analytic.Layer, info: RoundInfo) -> torch.Tensor | None:
         if layer.kind != "conv" or cfg.patches_per_image == 0 or cfg.patches_per_image >= layer.positions:

@@ -9,7 +9,8 @@ seeded theta. What they share lives here, once:
   trains), `GlobalSGDFields` (+ the server step); a method's config inherits the group it uses;
 - `GlobalModelState` and `initial_model` (the client LeNet, initialized from the run seed);
 - the client side: `client_model`, `local_sgd` / `local_sgd_chunk`, `local_update`,
-  `finetune_and_evaluate` / `finetune_reply`, and `update_sums`, the summable reply {delta_i * n_i, n_i};
+  `finetune_and_evaluate` / `finetune_reply`, and `update_sums`, the summable reply {delta_i * n_i, n_i}
+  (an asynchronous update's change also weighted by FedBuff's 1/sqrt(1 + staleness));
 - the server step `descend`: theta <- theta - rate * sum_i(delta_i n_i) / sum_i n_i;
 - `GlobalModelMethod`: init, validation, phases, broadcast and finish of such a method;
 - `global_privacy`: what [privacy] protects in such a method (the "update" phase's delta).
@@ -25,6 +26,7 @@ from simfed.algorithms.base import (Algorithm, ClientContext, ClientData, Privac
                                    Task)
 from simfed.algorithms.kit import training, vectorized
 from simfed.algorithms.kit.models import flat_params, init_model, lenet_for, load_flat
+from simfed.algorithms.kit.workload import staleness_weight
 from simfed.core.errors import SimfedError
 
 
@@ -91,40 +93,47 @@ def client_model(ctx: ClientContext) -> torch.nn.Module:
     return ctx.module("lenet", lambda: lenet_for(ctx.task.input_shape, ctx.task.num_classes))
 
 
-def local_sgd(model, data: ClientData, cfg, gen) -> tuple[int, float]:
-    """Local SGD in place; returns (samples processed, mean training loss)."""
+def local_sgd(model, data: ClientData, cfg, gen, budget: int | None = None) -> tuple[int, float]:
+    """Local SGD in place (at most `budget` steps); returns (samples processed, mean training loss)."""
     x, y = data.split("train")
     return training.sgd_train(model, x, y, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                               momentum=cfg.momentum, weight_decay=cfg.weight_decay, gen=gen,
-                              epochs=cfg.local_epochs)
+                              epochs=cfg.local_epochs, budget=budget)
 
 
-def local_sgd_chunk(model, thetas: torch.Tensor, datas, cfg, gens) -> tuple[torch.Tensor, list[int], list[float]]:
+def local_sgd_chunk(model, thetas: torch.Tensor, datas, cfg, gens, budgets=None
+                    ) -> tuple[torch.Tensor, list[int], list[float]]:
     """`local_sgd` for a chunk of clients at once (rows of `thetas`), equal to it to rounding."""
     splits = [d.split("train") for d in datas]
     return vectorized.sgd_train_chunk(model, thetas, [x for x, _ in splits], [y for _, y in splits],
                                       steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, gens=gens,
-                                      momentum=cfg.momentum, weight_decay=cfg.weight_decay, epochs=cfg.local_epochs)
+                                      momentum=cfg.momentum, weight_decay=cfg.weight_decay, epochs=cfg.local_epochs,
+                                      budgets=budgets)
 
 
-def local_update(model, theta: torch.Tensor, data: ClientData, cfg, gen) -> tuple[torch.Tensor, int, float]:
+def local_update(model, theta: torch.Tensor, data: ClientData, cfg, gen,
+                 budget: int | None = None) -> tuple[torch.Tensor, int, float]:
     """Local SGD from theta: (theta - theta', samples processed, mean training loss); theta' stays in
     the model."""
     load_flat(model, theta)
-    seen, loss = local_sgd(model, data, cfg, gen)
+    seen, loss = local_sgd(model, data, cfg, gen, budget)
     return theta - flat_params(model), seen, loss
 
 
-def update_sums(delta: torch.Tensor, n: float) -> dict[str, torch.Tensor]:
+def update_sums(delta: torch.Tensor, n: float, staleness: int = 0) -> dict[str, torch.Tensor]:
     """A client's summable reply: its change weighted by its train samples, and the weight (float64,
-    so that the server's total count is exact)."""
-    return {"delta": delta * n, "n": torch.tensor(n, dtype=torch.float64)}
+    so that the server's total count is exact). An asynchronous (FedBuff) update whose start model
+    is `staleness` server updates old has its change weighted by 1/sqrt(1 + staleness) too, but not
+    its count: the server's step shrinks, as in FedBuff's buffer mean."""
+    scale = n if staleness == 0 else n * staleness_weight(staleness)
+    return {"delta": delta * scale, "n": torch.tensor(n, dtype=torch.float64)}
 
 
 def sgd_reply(cfg, bcast: torch.Tensor, data: ClientData, ctx: ClientContext) -> Reply:
-    """FedAvg's client step: local SGD from the global model, answered with `update_sums`."""
-    delta, seen, loss = local_update(client_model(ctx), bcast, data, cfg, ctx.generator("sgd"))
-    return Reply(sums=update_sums(delta, float(data.n("train"))), n_train=seen, train_loss=loss)
+    """FedAvg's client step: local SGD from the global model (at most the straggler budget's steps),
+    answered with `update_sums`."""
+    delta, seen, loss = local_update(client_model(ctx), bcast, data, cfg, ctx.generator("sgd"), ctx.budget)
+    return Reply(sums=update_sums(delta, float(data.n("train")), ctx.staleness), n_train=seen, train_loss=loss)
 
 
 def finetune_and_evaluate(model, data: ClientData, steps: int, lr: float, batch_size: int, gen) -> dict:

@@ -209,33 +209,34 @@ def embed_input(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> to
 
 def train_delta(model: nn.Module, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, steps: int,
                 batch_size: int, lr: float, momentum: float, weight_decay: float, clip: float,
-                gen: torch.Generator) -> tuple[torch.Tensor, int, float]:
-    """(theta - theta', samples processed, mean training loss)."""
+                gen: torch.Generator, budget: int | None = None) -> tuple[torch.Tensor, int, float]:
+    """(theta - theta', samples processed, mean training loss); at most `budget` steps."""
     load_flat(model, theta)
     seen, loss = training.sgd_train(model, x, y, steps=steps, batch_size=batch_size, lr=lr, gen=gen,
-                                    momentum=momentum, weight_decay=weight_decay, clip=clip)
+                                    momentum=momentum, weight_decay=weight_decay, clip=clip, budget=budget)
     return theta - flat_params(model), seen, loss
 
 
 def train_payload(model: nn.Module, cfg, payload: torch.Tensor, data, ctx) -> tuple[torch.Tensor, int, float]:
     """`train_delta` from a client's generated model with the config's `GeneratedSGDFields`, its
-    batches from `ctx.generator("sgd")`."""
+    batches from `ctx.generator("sgd")`, at most the straggler budget `ctx.budget` of them."""
     x, y = data.split("train")
     return train_delta(model, payload, x, y, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip, gen=ctx.generator("sgd"))
+                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip=cfg.clip, gen=ctx.generator("sgd"),
+                       budget=ctx.budget)
 
 
 def train_delta_chunk(model: nn.Module, thetas: Sequence[torch.Tensor], xs: Sequence[torch.Tensor],
                       ys: Sequence[torch.Tensor], *, steps: int, batch_size: int, lr: float, momentum: float,
                       weight_decay: float, clip: float, gens: Sequence[torch.Generator],
-                      ) -> tuple[list[torch.Tensor], list[int], list[float]]:
+                      budgets: Sequence[int | None] | None = None) -> tuple[list[torch.Tensor], list[int], list[float]]:
     """`train_delta` for C clients, client j from its own thetas[j] (the rows of the stacked [C, P]
     differ: each client's model was generated for it). Equal to C `train_delta` calls to rounding."""
     p = next(model.parameters())
     start = torch.stack([t.to(p.device, p.dtype) for t in thetas])
     new, seen, losses = vectorized.sgd_train_chunk(model, start, xs, ys, steps=steps, batch_size=batch_size,
                                                    lr=lr, gens=gens, momentum=momentum,
-                                                   weight_decay=weight_decay, clip=clip)
+                                                   weight_decay=weight_decay, clip=clip, budgets=budgets)
     # theta - theta' as `train_delta` forms it, handed back where theta came from (the server's
     # device): one copy per client and chunk, none per step.
     deltas = [(t.to(p.device) - row).to(t.device) for t, row in zip(thetas, new)]
@@ -254,7 +255,8 @@ def train_payload_clients(model: nn.Module, cfg, payloads: Sequence, datas: Sequ
     deltas, seen, losses = train_delta_chunk(
         model, [payloads[j] for j in todo], [x for x, _ in splits], [y for _, y in splits],
         steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, clip=cfg.clip, gens=[ctxs[j].generator("sgd") for j in todo])
+        weight_decay=cfg.weight_decay, clip=cfg.clip, gens=[ctxs[j].generator("sgd") for j in todo],
+        budgets=[ctxs[j].budget for j in todo])
     return {j: out for j, out in zip(todo, zip(deltas, seen, losses))}
 
 

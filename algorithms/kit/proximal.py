@@ -35,13 +35,13 @@ def proximal_grads(model, anchor: torch.Tensor, lam: float, x: torch.Tensor, y: 
 
 
 def proximal_sgd(model, anchor: torch.Tensor, lam: float, x, y, *, steps: int, batch_size: int, lr: float,
-                 momentum: float, gen: torch.Generator, epochs: float = 0.0) -> int:
+                 momentum: float, gen: torch.Generator, epochs: float = 0.0, budget: int | None = None) -> int:
     """SGD in place on f + lam/2 ||v - anchor||^2 over training.batches (epochs > 0: whole passes,
-    else `steps` steps); returns samples processed."""
+    else `steps` steps; at most `budget` of them); returns samples processed."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
     seen = 0
-    for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs):
+    for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs, budget):
         proximal_grads(model, anchor, lam, x[idx], y[idx])
         opt.step()
         seen += int(idx.numel())

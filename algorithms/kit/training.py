@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterator
 
@@ -12,14 +13,21 @@ from torch.nn import functional as F
 from simfed.algorithms.base import Eval
 
 
-def batches(n: int, batch_size: int, steps: int, gen: torch.Generator, epochs: float = 0.0) -> Iterator[torch.Tensor]:
+def batches(n: int, batch_size: int, steps: int, gen: torch.Generator, epochs: float = 0.0,
+            budget: int | None = None) -> Iterator[torch.Tensor]:
     """Index batches for local training.
 
     epochs > 0: that many passes over the n samples, each a fresh seeded shuffle cut into batches of
     `batch_size` with a partial last batch (a PyTorch DataLoader with shuffle=True, drop_last=False),
     so every sample is trained exactly once per epoch; a fractional part trains the first
     ceil(fraction * n) samples of one more shuffle. Otherwise `steps` full batches drawn without
-    replacement, reshuffling after every pass over the data."""
+    replacement, reshuffling after every pass over the data. `budget` (a straggler's
+    `ClientContext.budget`): only the first that many of these batches."""
+    out = _batches(n, batch_size, steps, gen, epochs)
+    return out if budget is None else itertools.islice(out, max(0, int(budget)))
+
+
+def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator, epochs: float) -> Iterator[torch.Tensor]:
     if epochs > 0:
         whole, part = divmod(float(epochs), 1.0)
         passes = [n] * int(whole) + ([math.ceil(part * n)] if part > 0 else [])
@@ -39,15 +47,15 @@ def batches(n: int, batch_size: int, steps: int, gen: torch.Generator, epochs: f
 
 def sgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int, lr: float,
               gen: torch.Generator, momentum: float = 0.0, weight_decay: float = 0.0,
-              clip: float = 0.0, epochs: float = 0.0) -> tuple[int, float]:
-    """Run SGD in place over `batches(...)` (epochs > 0: whole passes, else `steps` steps);
-    returns (samples processed, mean training loss)."""
+              clip: float = 0.0, epochs: float = 0.0, budget: int | None = None) -> tuple[int, float]:
+    """Run SGD in place over `batches(...)` (epochs > 0: whole passes, else `steps` steps; at most
+    `budget` of them); returns (samples processed, mean training loss)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
     # The reported loss is summed in the model's dtype: float32 runs as ever, and a float64 model's
     # loss is not rounded to float32 (the vectorized trainer is checked against it to 1e-10).
     seen, loss_sum = 0, torch.zeros((), dtype=next(model.parameters()).dtype)
-    for idx in batches(int(y.shape[0]), batch_size, steps, gen, epochs):
+    for idx in batches(int(y.shape[0]), batch_size, steps, gen, epochs, budget):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()

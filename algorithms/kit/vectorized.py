@@ -77,18 +77,20 @@ def masked_loss(model: nn.Module, shapes):
 
 
 def _plan(ns: Sequence[int], batch_size: int, steps: Sequence[int], gens: Sequence[torch.Generator],
-          epochs: float) -> list[list[torch.Tensor]]:
+          epochs: float, budgets: Sequence[int | None]) -> list[list[torch.Tensor]]:
     """Each client's index batches, drawn exactly as the per-client loop draws them."""
-    return [list(training.batches(n, batch_size, s, g, epochs)) for n, s, g in zip(ns, steps, gens)]
+    return [list(training.batches(n, batch_size, s, g, epochs, b)) for n, s, g, b in zip(ns, steps, gens, budgets)]
 
 
 def sgd_train_chunk(model: nn.Module, thetas: torch.Tensor, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *,
                     steps: int | Sequence[int], batch_size: int, lr: float, gens: Sequence[torch.Generator],
                     momentum: float = 0.0, weight_decay: float = 0.0, clip: float = 0.0,
-                    epochs: float = 0.0) -> tuple[torch.Tensor, list[int], list[float]]:
+                    epochs: float = 0.0, budgets: Sequence[int | None] | None = None,
+                    ) -> tuple[torch.Tensor, list[int], list[float]]:
     """`training.sgd_train` for C clients at once.
 
     thetas: [C, P] flat starting parameters (one row per client, `models.flat_params` order).
+    budgets: per client, at most that many steps (a straggler's `ClientContext.budget`; None: all).
     Returns (new thetas [C, P], samples processed per client, mean training loss per client).
     """
     C = thetas.shape[0]
@@ -96,7 +98,7 @@ def sgd_train_chunk(model: nn.Module, thetas: torch.Tensor, xs: Sequence[torch.T
         raise ValueError("thetas, xs, ys and gens must have one entry per client")
     step_list = [int(steps)] * C if isinstance(steps, int) else [int(s) for s in steps]
     device = thetas.device
-    plan = _plan([int(y.shape[0]) for y in ys], batch_size, step_list, gens, epochs)
+    plan = _plan([int(y.shape[0]) for y in ys], batch_size, step_list, gens, epochs, budgets or [None] * C)
     X, Y = stack_data(xs, ys, device)
     shapes = param_shapes(model)
     params = {k: v.clone() for k, v in unflatten(thetas.detach(), shapes).items()}

@@ -54,8 +54,9 @@ def _draws(cfg, n: int, gen: torch.Generator) -> list[tuple[list, torch.Tensor, 
 
 def meta_chunk_step(cfg, model: nn.Module, w0: torch.Tensor, xs: Sequence[torch.Tensor],
                     ys: Sequence[torch.Tensor], gens: Sequence[torch.Generator],
-                    ) -> tuple[torch.Tensor, list[int], list[float]]:
-    """`metafl.meta_client_step` for C clients, all from w0 [P] (the broadcast model).
+                    budgets: Sequence[int | None] | None = None) -> tuple[torch.Tensor, list[int], list[float]]:
+    """`metafl.meta_client_step` for C clients, all from w0 [P] (the broadcast model); client c takes
+    at most budgets[c] meta-steps (a straggler's budget; None: tau).
 
     xs must already be in w0's dtype. Returns (w_tau [C, P], samples used per client, mean outer
     loss per client over the meta-steps it took)."""
@@ -68,10 +69,13 @@ def meta_chunk_step(cfg, model: nn.Module, w0: torch.Tensor, xs: Sequence[torch.
     hvp = vmap(lambda p, x, y, m, v: vjp(lambda q: grad(f)(q, x, y, m), p)[1](v)[0])
 
     w = w0.expand(C, -1).clone()
+    taus = torch.tensor([cfg.tau if b is None else min(cfg.tau, b) for b in (budgets or [None] * C)],
+                        device=w0.device)
     active = torch.ones(C, dtype=torch.bool, device=w0.device)
     seen, losses = [0] * C, [[] for _ in range(C)]
     model.train()
     for t in range(cfg.tau):
+        active &= t < taus  # a straggler stops after its budget, frozen as a non-finite client is
         if not bool(active.any()):
             break
         steps = [plan[t] for plan in plans]

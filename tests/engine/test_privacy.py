@@ -266,3 +266,16 @@ def test_pefll_private_term_is_the_accumulated_gradient():
     assert terms is not None and all(p.grad is None for p in private.hnet.parameters())
     accumulated = torch.cat([p.grad.reshape(-1) for p in plain.hnet.parameters()])
     assert torch.equal(terms["grad_h"], accumulated) and torch.equal(private._dv[5], plain._dv[5])
+
+
+def test_privacy_with_a_system_clock_is_refused_in_one_line():
+    import pytest
+
+    from simfed.core.errors import SimfedError
+    from simfed.engine import config
+
+    base = {"data": {"path": "x"}, "algorithm": {"name": "fedavg"}, "privacy": {"noise_multiplier": 1.0}}
+    for extra in ({"system": {"dropout": 0.1}}, {"run": {"aggregation": "fedbuff"}}):
+        with pytest.raises(SimfedError, match=r"\[privacy\] with \[system\]") as e:
+            config.parse({**base, **extra})
+        assert "\n" not in str(e.value)
