@@ -180,25 +180,23 @@ def _prepare(exp, emit: Event, verify: bool, progress: bool, resume_dir: Path | 
         plan.store.verify()
     if exp.engine.backend == "ray":
         t0 = time.perf_counter()
-        _connect(exp, emit)
+        _connect(exp, emit, plan.store.path)
         emit({"type": "timing", "step": "ray_start", "seconds": time.perf_counter() - t0})
     return plan
 
 
-def _connect(exp, emit: Event) -> None:
-    """Start or join Ray; the pool must fit the cluster (an unreachable or too small one fails before
-    anything is written, and a Ray this call started is stopped again)."""
+def _connect(exp, emit: Event, store_path: str) -> None:
+    """Start or join Ray; the pool must fit the cluster, and on several nodes every node must read the
+    store and reach engine.storage (an unreachable, too small or unshared one fails before anything
+    is written, and a Ray this call started is stopped again)."""
     import ray
 
-    from simfed.algorithms import registry
-    from simfed.engine import cluster, resources, storage
+    from simfed.engine import cluster, resources, shared
 
     started = cluster.connect(exp.engine.address, on_note=lambda text: emit({"type": "note", "message": text}))
     try:
         resources.check(exp.engine, ray.cluster_resources(), f"the Ray cluster at {exp.engine.address or 'this machine'}")
-        if (not exp.engine.storage and registry.get(exp.algorithm).capabilities.client_state
-                and cluster.alive_nodes() > 1):
-            raise SimfedError(storage.unshared_message("", ""))
+        shared.check_nodes(exp, store_path)
     except SimfedError:
         if started:
             cluster.disconnect()

@@ -198,7 +198,7 @@ def sweep(
 ) -> None:
     """Run a grid of methods, hyperparameters and seeds as Ray Tune trials; prints the sweep directory."""
     from simfed import plots
-    from simfed.engine import cluster, signals, tracking
+    from simfed.engine import cluster, shared, signals, tracking
     from simfed.engine.plan import check_experiment
     from simfed.sweeps import config as sweep_config
     from simfed.sweeps.sweep import TrialSpec, run_sweep
@@ -206,11 +206,15 @@ def sweep(
     if max_concurrent is not None and max_concurrent < 1:
         raise SimfedError(f"--max-concurrent {max_concurrent}: give at least 1 (or leave it out: as many as fit)")
     sweep_dir, trials, scheduler = _trials(sweep_file, out, resume, yes)
-    for t in trials:  # bad stores, methods that do not fit the data, cohorts too large: before anything runs
-        check_experiment(t.experiment)
+    # Bad stores, methods that do not fit the data, cohorts too large: before anything runs; on a
+    # cluster, also whether every node reads each store and reaches engine.storage.
+    stores = {(check_experiment(t.experiment).store.path, t.experiment.algorithm, t.experiment.engine.storage): t
+              for t in trials}
     tracking.require(trials[0].experiment.run.track)
     by_id = {t.id: t for t in trials}
     cluster.connect(address or "", on_note=lambda text: typer.echo(f"simfed: note: {text}", err=True))
+    for (path, _, _), t in stores.items():
+        shared.check_nodes(t.experiment, path)
     if not resume:
         _write_sweep(sweep_dir, sweep_file, trials, scheduler)
     typer.echo(str(sweep_dir))

@@ -118,6 +118,10 @@ def connect(address: str = "", num_cpus: int | None = None, on_note=None) -> boo
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
     target = addr.resolve(address) if address else ""
+    if target:
+        from simfed.engine import probe
+
+        probe.ray_token(target)  # a wrong or missing token: one line, where Ray retries ~20 s in silence
     failure = None
     with noise.captured() as out:
         try:

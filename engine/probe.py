@@ -6,10 +6,15 @@ HTTP/2 and answers the client connection preface with a SETTINGS frame. We send 
 an empty SETTINGS frame and wait, with one overall deadline, for the first frame header back; a
 silent service, an HTTP/1 server or a closed port fails in at most `timeout` seconds.
 (With RAY_USE_TLS the GCS speaks TLS first; the frame check is skipped and only TCP is tested.)
+
+`ray_token` then asks the GCS with this process's token: a wrong one, or none for a cluster with
+token authentication, made `ray.init` retry for ~20 s, logging a line per try, and end with a
+message that did not say why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -26,13 +31,6 @@ def failure(address: str, why: str, source: str = "") -> SimfedError:
     where = f" (from {source})" if source else ""
     return SimfedError(f"cannot reach a Ray cluster at {address}{where} ({why}); start one with `ray start --head` "
                        "there, or leave out --address to run on this machine")
-
-
-def ray_gcs(address: str, timeout: float | None = None) -> None:
-    """Raise SimfedError unless a Ray GCS answers at HOST:PORT within `timeout` seconds."""
-    why = problem(address, timeout)
-    if why:
-        raise failure(address, why)
 
 
 def problem(address: str, timeout: float | None = None) -> str | None:
@@ -70,3 +68,36 @@ def problem(address: str, timeout: float | None = None) -> str | None:
         return "the service there is not a Ray GCS (no gRPC/HTTP2 answer); check the port (the head's GCS port, " \
                "default 6379)"
     return None
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Ray's C++ client logs each refused call straight to file descriptor 2; the user gets our line."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def ray_token(address: str) -> None:
+    """Raise SimfedError when the Ray GCS at HOST:PORT refuses this process's token (or its lack of one)."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _quiet_fd2():
+            GcsClient(address=address)
+    except AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        source = ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "RAY_AUTH_TOKEN_PATH"
+                  if os.environ.get("RAY_AUTH_TOKEN_PATH") else "~/.ray/auth_token")
+        why = (f"refused this process's token (from {source}): the cluster's token differs" if mode == "token" else
+               f"needs a token and this process sends none (RAY_AUTH_MODE={mode})")
+        raise SimfedError(f"the Ray cluster at {address} {why}; set RAY_AUTH_MODE=token and the cluster's token in "
+                          "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (the one its nodes were started with)") from None
+    except Exception:  # anything else is for ray.init to report
+        return

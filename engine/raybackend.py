@@ -2,29 +2,27 @@
 
 The broadcast goes into the object store once per phase; per-client payloads are streamed chunk
 by chunk (at most `inflight_per_worker` chunks queued per worker); each finished chunk goes
-straight from its worker to the server actor (the driver only sees metric rows). A worker that
-died is replaced and its chunks retried (bounded, counted); a server that died raises
-`ServerLost`, and the loop restarts the run from its last checkpoint.
+straight from its worker to the server actor (the driver only sees metric rows). How a phase's
+chunks are handed out and retried is in engine.dispatch. A worker that died is replaced (also one
+found dead when a pool is reused); a server that died raises `ServerLost`, and the loop restarts
+the run from its last checkpoint.
 
-Chunks are handed out in `plan_chunks` order to whichever worker has a free slot, never more than
-a window of chunks past the oldest one not yet folded, so the server holds at most that many
-early results. Within that window a worker first takes a chunk it ran in the previous phase (same
-clients): a method may keep a chunk's intermediate results in the worker between its phases
-(FedACnnL keeps each layer's inputs for the next layer), and only the worker that made them can
-use them.
+On a cluster the server runs on the driver's node and the workers are spread over the nodes, so
+a worker node that dies costs its chunks only, never the server's state (docs/clusters.md).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Sequence
 
-from simfed.algorithms import registry
 from simfed.algorithms.base import RoundInfo
 from simfed.core.errors import SimfedError
 from simfed.engine import resources
 from simfed.engine.backends import Backend, OnChunk, ServerLost, ServerMemory
 from simfed.engine.config import EngineConfig
+from simfed.engine.dispatch import Dispatch, lost_errors
 from simfed.engine.sampling import plan_chunks
 from simfed.engine.server import ChunkResult, Server
 from simfed.engine.worker import Worker, WorkerSpec
@@ -40,11 +38,8 @@ def _unwrap(exc: Exception) -> Exception:
     return exc
 
 
-def _lost_errors() -> tuple:
-    """What Ray raises for a task whose actor died."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
-
-    return (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+class _NoRoom(Exception):
+    """A restarted worker cannot be placed: the nodes left are full."""
 
 
 class ServerActor:
@@ -130,14 +125,28 @@ def release_pool() -> None:
 
 def _placement(ray, bundle: int):
     """Inside a placement group (a Ray Tune trial), actors go into its bundles, so concurrent trials
-    never use more than their reservations; elsewhere, Ray's default scheduling."""
+    never use more than their reservations. Elsewhere the server (bundle -1) runs on the driver's
+    node, so that losing any other node never loses the server's state, and workers are spread over
+    the nodes (Ray's default packs them onto the driver's node first)."""
     pg = ray.util.get_current_placement_group()
     if pg is None:
-        return {}
+        if bundle >= 0:
+            return {"scheduling_strategy": "SPREAD"}
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                      soft=False)}
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    slots = _worker_bundles(pg)
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-        pg, placement_group_bundle_index=bundle if bundle < 0 else bundle % pg.bundle_count)}
+        pg, placement_group_bundle_index=bundle if bundle < 0 else slots[bundle % len(slots)])}
+
+
+def _worker_bundles(pg) -> list[int]:
+    """The bundles of a sweep trial's placement group that hold a worker: those with CPUs or GPUs (the
+    head bundle, which pins the trial's driver to a node, has none)."""
+    return [i for i, b in enumerate(pg.bundle_specs) if b.get("CPU", 0) > 0 or b.get("GPU", 0) > 0]
 
 
 class RayBackend(Backend):
@@ -152,7 +161,7 @@ class RayBackend(Backend):
         self.spec = spec
         pg = ray.util.get_current_placement_group()
         if pg is not None:  # a sweep trial: one worker per reserved bundle
-            self.n_workers = engine.workers or pg.bundle_count
+            self.n_workers = engine.workers or len(_worker_bundles(pg))
         else:  # fail now, not after the placement timeout, when the pool cannot fit
             self.n_workers = resources.check(engine, ray.cluster_resources(), "the Ray cluster")
         self._key = (ray.get_runtime_context().get_job_id(), pg.id.hex() if pg else "", engine.cpus_per_worker,
@@ -163,6 +172,7 @@ class RayBackend(Backend):
             _SERVERS[:] = [(self._key[:2], ray.remote(ServerActor).options(num_cpus=0, **_placement(ray, -1)).remote())]
         self.server = _SERVERS[0][1]
         self.generation = [0] * self.n_workers
+        self.retired: set[int] = set()  # workers lost for the rest of this run (no room left for them)
         self._ran: dict = {}  # chunk clients -> the worker that ran them in the last phase
         self._setup(server_args)
 
@@ -182,8 +192,9 @@ class RayBackend(Backend):
         try:
             # Server and workers set up at once: each starts a process that imports torch and warms up.
             server = self.server.setup.remote(server_args)
-            self._info = ray.get([w.setup.remote(self.spec, i) for i, w in enumerate(self.workers)],
-                                 timeout=PLACEMENT_TIMEOUT_S)
+            deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+            refs = [w.setup.remote(self.spec, i) for i, w in enumerate(self.workers)]
+            self._info = [self._set_up(i, ref, deadline) for i, ref in enumerate(refs)]
             ray.get(server)
         except ray.exceptions.GetTimeoutError:
             raise SimfedError(f"{self.n_workers} workers with {engine.cpus_per_worker} CPUs and "
@@ -198,12 +209,72 @@ class RayBackend(Backend):
                                                     num_gpus=self.engine.gpus_per_worker, max_restarts=0,
                                                     **_placement(self.ray, index)).remote()
 
+    def _set_up(self, w: int, ref, deadline: float) -> dict:
+        """Worker w's setup result; a worker that died meanwhile (its node with it: a pooled actor
+        from an earlier run, or one started on a node that was dying) is started again elsewhere."""
+        attempt = 0
+        while True:
+            try:
+                return self.ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+            except lost_errors():
+                attempt += 1
+                if attempt > self.engine.max_retries:
+                    raise
+            actor = self._start_worker(w)
+            _POOL[self._key][w] = self.workers[w] = actor
+            ref = actor.setup.remote(self.spec, w)
+
     def _replace_worker(self, w: int) -> None:
-        actor = self._start_worker(w)
-        self.ray.get(actor.setup.remote(self.spec, w))
-        _POOL[self._key][w] = actor
-        self.workers[w] = actor
+        """Start worker w again; when the nodes left have no room for it (its node died with a pool
+        that filled the cluster), the rest of this run goes on without it. Ray learns that a node
+        died a few seconds after its actors' tasks failed, so a new worker may first land on the
+        dying node, or wait for room that never comes: room is checked again after each start that
+        died and while a start waits."""
         self.generation[w] += 1
+        deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+        for _ in range(self.engine.max_retries + 1):
+            if not self._has_room():
+                return self._retire(w)
+            actor = self._start_worker(w)
+            _POOL[self._key][w] = self.workers[w] = actor
+            try:
+                self._info[w] = self._await_setup(actor.setup.remote(self.spec, w), deadline)
+                return
+            except lost_errors():
+                continue
+            except _NoRoom:
+                self.ray.kill(actor)
+                return self._retire(w)
+        raise SimfedError(f"worker {w} died {self.engine.max_retries + 1} times while starting again; check the "
+                          "cluster's nodes (`ray status`), then resume the run")
+
+    def _await_setup(self, ref, deadline: float) -> dict:
+        """A restarted worker's setup result, looking every 2 s whether it still has room to start."""
+        while True:
+            try:
+                return self.ray.get(ref, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            except self.ray.exceptions.GetTimeoutError:
+                if not self._has_room():
+                    raise _NoRoom from None
+                if time.monotonic() >= deadline:
+                    raise SimfedError(f"a worker died and could not be started again within {PLACEMENT_TIMEOUT_S} s "
+                                      f"({self.ray.available_resources()} free); resume the run when the cluster "
+                                      "has room") from None
+
+    def _retire(self, w: int) -> None:
+        self.retired.add(w)
+        if len(self.retired) == self.n_workers:
+            raise SimfedError("every worker was lost and the nodes left have no room for one "
+                              f"({self.ray.cluster_resources()}); add nodes, then resume the run")
+
+    def _has_room(self) -> bool:
+        """Do the live nodes fit the pool's live workers plus one started again?"""
+        if self.ray.util.get_current_placement_group() is not None:
+            return True  # Ray moves a sweep trial's reservation to nodes that have room
+        eng = self.engine
+        fits = resources.pool_size(EngineConfig(cpus_per_worker=eng.cpus_per_worker,
+                                                gpus_per_worker=eng.gpus_per_worker), self.ray.cluster_resources())
+        return self.n_workers - len(self.retired) <= fits
 
     def _server_alive(self) -> bool:
         from ray.exceptions import RayActorError
@@ -266,13 +337,13 @@ class RayBackend(Backend):
 
     def run_phase(self, phase: str, info: RoundInfo, client_ids: Sequence[int], sizes: dict, on_chunk: OnChunk,
                   checkpointed_round: int) -> dict[str, float]:
-        dispatch = _Dispatch(self, phase, info, plan_chunks(client_ids, sizes, self.engine.chunk_clients), on_chunk,
+        dispatch = Dispatch(self, phase, info, plan_chunks(client_ids, sizes, self.engine.chunk_clients), on_chunk,
                              checkpointed_round)
         try:
             return dispatch.run()
         except ServerLost:
             raise
-        except _lost_errors() as exc:
+        except lost_errors() as exc:
             if not self._server_alive():
                 raise self._server_lost(dispatch.inflight) from None
             raise _unwrap(exc) from None
@@ -286,98 +357,3 @@ class RayBackend(Backend):
             self.ray.get([a.release.remote() for a in [self.server, *self.workers]], timeout=60)
         except Exception:  # a dead actor has nothing left to release; the pool replaces it next run
             pass
-
-
-class _Dispatch:
-    """One phase on the pool: hands chunks to workers, retries those whose worker died, and has the
-    server fold each finished chunk (in chunk order, whatever the arrival order)."""
-
-    def __init__(self, be: RayBackend, phase: str, info: RoundInfo, chunks: list[list[int]], on_chunk: OnChunk,
-                 checkpointed_round: int):
-        self.be, self.phase, self.info, self.chunks, self.on_chunk = be, phase, info, chunks, on_chunk
-        self.checkpointed_round = checkpointed_round
-        self.bcast_ref = be.server.begin.remote(phase, info)
-        # Methods without per-client payloads (FedAvg) skip one server round trip per chunk.
-        self.per_client = registry.get(be.spec.algorithm).capabilities.payloads or bool(info.starts)
-        self.window = 2 * be.n_workers * max(1, be.engine.inflight_per_worker)
-        self.inflight: dict = {}  # meta ref -> (worker, chunk index, data ref, payload ref, attempt, generation)
-        self.per_worker = [0] * be.n_workers
-        self.retry: list[tuple[int, int, object]] = []  # (chunk index, attempt, payload ref) to run again
-        self.done = [False] * len(chunks)
-        self.todo = list(range(len(chunks)))  # chunks not handed out yet, in order
-        self.folded = 0  # chunks done in an unbroken run from index 0
-        self.keys = [tuple(c) for c in chunks]
-        self.ran_before, self.ran_now = be._ran, {}  # chunk clients -> worker, previous phase and this one
-        self.acks: list = []
-
-    def run(self) -> dict[str, float]:
-        ray = self.be.ray
-        while self.inflight or self.retry or self.todo:
-            self.hand_out()
-            ready, _ = ray.wait(list(self.inflight), num_returns=1)
-            for ref in ready:
-                self.collect(ref)
-        ray.get(self.acks)
-        self.be._ran = self.ran_now
-        return ray.get(self.be.server.end.remote(self.phase, self.info))
-
-    def pick(self, w: int) -> int | None:
-        """The first chunk in the window that w ran last phase, else the first in the window."""
-        first = None
-        for i in self.todo:
-            if i >= self.folded + self.window:
-                break
-            if self.ran_before.get(self.keys[i]) == w:
-                return i
-            first = i if first is None else first
-        return first
-
-    def hand_out(self) -> None:
-        """Fill the least busy workers' free slots: retries first, then new chunks of the window."""
-        be = self.be
-        while self.retry or self.todo:
-            w = min(range(be.n_workers), key=lambda i: (self.per_worker[i], i))
-            if self.per_worker[w] >= be.engine.inflight_per_worker:
-                break
-            if self.retry:
-                self.submit(w, *self.retry.pop(0))
-                continue
-            index = self.pick(w)
-            if index is None:  # the window is full
-                break
-            self.todo.remove(index)
-            self.submit(w, index, 0)
-
-    def submit(self, w: int, index: int, attempt: int, payload_ref=None) -> None:
-        be, chunk = self.be, self.chunks[index]
-        if payload_ref is None and self.per_client:
-            payload_ref = be.server.payloads.remote(self.phase, self.info, chunk)
-        meta_ref, data_ref = be.workers[w].run.options(num_returns=2).remote(
-            self.phase, self.info, self.bcast_ref, payload_ref, chunk, self.checkpointed_round)
-        self.inflight[meta_ref] = (w, index, data_ref, payload_ref, attempt, be.generation[w])
-        self.per_worker[w] += 1
-        self.ran_now[self.keys[index]] = w
-
-    def collect(self, ref) -> None:
-        """A finished task: its result goes to the server, or its chunk is retried on a new worker."""
-        be = self.be
-        w, index, data_ref, payload_ref, attempt, gen = self.inflight.pop(ref)
-        self.per_worker[w] -= 1
-        try:
-            meta = be.ray.get(ref)
-        except _lost_errors():
-            if not be._server_alive():  # the task failed for want of the server's payload
-                raise be._server_lost(self.inflight) from None
-            if attempt >= be.engine.max_retries:
-                raise SimfedError(f"worker {w} died {attempt + 1} times running clients {self.chunks[index][:5]}...; "
-                                  f"giving up (engine.max_retries = {be.engine.max_retries})")
-            if gen == be.generation[w]:
-                be._replace_worker(w)
-            be._retries += 1
-            self.retry.append((index, attempt + 1, payload_ref))
-            return
-        self.acks.append(be.server.receive.remote(data_ref, self.phase, self.info, index))
-        self.done[index] = True
-        while self.folded < len(self.chunks) and self.done[self.folded]:
-            self.folded += 1
-        self.on_chunk(meta)

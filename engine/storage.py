@@ -85,9 +85,21 @@ def sees_marker(root: str, token: str) -> bool:
         return False
 
 
-def unshared_message(root: str, storage: str) -> str:
-    where = (f"client state at {redact(root)} (engine.storage = {redact(storage)!r}) is not visible from every "
-             "node" if storage else "client state would be kept in the run directory, on this machine's disk, "
+def drop_marker(root: str) -> None:
+    """Remove the marker again (a check before the run leaves nothing behind)."""
+    fs, base = resolve(root)
+    try:
+        if fs is None:
+            Path(base, MARKER).unlink(missing_ok=True)
+        else:
+            fs.delete_file(f"{base}/{MARKER}")
+    except OSError:
+        pass  # a marker left behind is harmless: the next check writes a fresh token
+
+
+def unshared_message(root: str, storage: str, node: str = "every node") -> str:
+    where = (f"client state at {redact(root)} (engine.storage = {redact(storage)!r}) is not visible from {node}"
+             if storage else "client state would be kept in the run directory, on this machine's disk, "
              "which the other nodes cannot reach")
     return (f"{where} of this multi-node cluster; set engine.storage to a URI all nodes can reach "
             "(s3://bucket/prefix, gs://...) or a shared filesystem path mounted on every node (/mnt/nfs/simfed)")

@@ -3,9 +3,11 @@
 One trial = one `run_experiment` in its own ordinary run directory (SWEEP/trials/ID), started by
 Ray Tune inside a placement group that reserves the trial's workers (`engine.workers` bundles of
 `cpus_per_worker`/`gpus_per_worker`). The trial's driver and its server actor take no CPU slot (as
-in `simfed launch`), so the placement group holds exactly the workers; `engine.raybackend` puts the
-server and worker actors into the current placement group, so concurrent trials never use more
-than the cluster has. A serial-backend trial reserves one bundle for its in-process work.
+in `simfed launch`), so the placement group holds exactly the workers' CPUs; `engine.raybackend`
+puts the server and worker actors into the current placement group, so concurrent trials never
+use more than the cluster has. Every trial's driver runs on the sweep driver's node, which holds
+the sweep directory; on a cluster the workers spread over the nodes. A serial-backend trial
+reserves one bundle for its in-process work.
 
 After each evaluated round is saved (metrics, checkpoint, status) a trial reports the seen
 clients' validation client-mean accuracy (`val_acc`) and the round to Tune, so ASHA
@@ -44,16 +46,20 @@ class TrialSpec:
     experiment: Experiment
 
 
-def trial_bundles(exp: Experiment) -> list[dict[str, float]]:
-    """The placement group of one trial: an empty head bundle (Tune drops it: the trial's driver and
-    server take no CPU slot) and one bundle per worker; a serial trial does its work in the head."""
+def trial_bundles(exp: Experiment, driver_node: str) -> list[dict[str, float]]:
+    """The placement group of one trial: a head bundle for the trial's driver, with no CPU slot (its
+    driver and server take none), and one bundle per worker; a serial trial does its work in the head.
+    The head asks for a sliver of `node:<driver_node>`, the resource Ray gives each node for its own
+    address: every trial's driver runs on the sweep driver's node, where the sweep directory is,
+    while its workers go wherever the cluster has room."""
     eng = exp.engine
+    head = {f"node:{driver_node}": 0.001}
     bundle = {"CPU": float(eng.cpus_per_worker)}
     if eng.gpus_per_worker > 0:
         bundle["GPU"] = float(eng.gpus_per_worker)
     if eng.backend == "serial":
-        return [bundle]
-    return [{"CPU": 0.0}] + [dict(bundle) for _ in range(max(1, eng.workers))]
+        return [{**head, **bundle}]
+    return [head] + [dict(bundle) for _ in range(max(1, eng.workers))]
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -233,6 +239,7 @@ def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: S
     # Ctrl-C is ours, as SIGTERM and SIGHUP are (engine.signals): Tune's own handler would end fit()
     # as if the sweep were done, with its running trials left "running".
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    import ray
     from ray import tune
 
     from simfed.engine.raybackend import release_pool
@@ -257,8 +264,10 @@ def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: S
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     logging.getLogger("ray.train").setLevel(logging.ERROR)
     by_id = {s.id: s for s in todo}
+    driver_node = ray.util.get_node_ip_address()
     trainable = tune.with_resources(tune.with_parameters(_trial_main, specs=by_id, sweep_dir=str(sweep_dir)),
-                                    lambda cfg: tune.PlacementGroupFactory(trial_bundles(by_id[cfg["trial"]].experiment)))
+                                    lambda cfg: tune.PlacementGroupFactory(
+                                        trial_bundles(by_id[cfg["trial"]].experiment, driver_node)))
     sched = None
     if scheduler.name == "asha":
         from ray.tune.schedulers import ASHAScheduler

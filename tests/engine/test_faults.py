@@ -73,6 +73,11 @@ def test_killed_worker_is_replaced_and_its_clients_retried(engine_store, tmp_pat
     # Every cohort client trained exactly once per round despite the retry.
     train = metrics.load(tmp_path / "killed").filter(pl.col("split") == "train")
     assert train.group_by(["round", "client_id"]).len()["len"].max() == 1
+    # A pooled worker that died between two runs (on a cluster: with its node) is started again
+    # when the next run sets the pool up.
+    os.kill(state["pids"][1], signal.SIGKILL)
+    run_experiment(exp, tmp_path / "next")
+    assert rows(tmp_path / "next").equals(rows(tmp_path / "ref"))
 
 
 def _kill_server_in_round(round_: int, state: dict):
