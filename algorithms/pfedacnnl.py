@@ -93,7 +93,7 @@ class PFedACnnL(LayerwiseMethod):
             up = tensor_bytes(g * k, g, itemsize=FLOAT64) if n > 0 else 0
             return Work(samples=n, steps=1 if n > 0 else 0, bytes_down=down, bytes_up=up)
         base = super().work(phase, cfg, task, n_train)
-        if not self._head_phase(cfg, phase):
+        if not self._head_phase(cfg, task, phase):
             return base
         head = geometry(cfg, task)[-1]
         down = base.bytes_down + tensor_bytes(g * k, g * head.d * head.width, itemsize=FLOAT64)

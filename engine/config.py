@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from simfed.algorithms.base import ModelSpec
 from simfed.core import validate as v
 from simfed.core.config import config_from_dict, to_toml
 from simfed.core.errors import SimfedError
 from simfed.engine.privacy import PrivacyConfig, check_config as check_privacy, parse_section as parse_privacy
 from simfed.engine import system
 from simfed.engine.system import SystemConfig
+
+if TYPE_CHECKING:  # algorithms.base imports torch; reading a run's config must not (`simfed compare`)
+    from simfed.algorithms.base import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,15 @@ class Experiment:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = field(default_factory=lambda: _default_model())
     privacy: PrivacyConfig | None = None  # [privacy]: absent = no differential privacy (engine.privacy)
     system: SystemConfig | None = None  # [system]; None: ideal clients (no virtual clock)
+
+
+def _default_model() -> ModelSpec:
+    from simfed.algorithms.base import ModelSpec
+
+    return ModelSpec()
 
 
 SECTIONS = {"data": DataConfig, "run": RunConfig, "engine": EngineConfig}
@@ -115,7 +123,7 @@ def parse(doc: dict[str, Any], where: str = "experiment") -> Experiment:
         raise SimfedError(f"{where}: [algorithm] name must be a string, got {name!r}")
     algo = registry.get(v.text("[algorithm] name", name, max_len=200))
     cfg = config_from_dict(algo.Config, algo_doc, f"[algorithm] ({name})")
-    model = models.parse_spec(doc["model"]) if "model" in doc else ModelSpec()
+    model = models.parse_spec(doc["model"]) if "model" in doc else _default_model()
     privacy = parse_privacy(doc["privacy"]) if "privacy" in doc else None
     clients = system.parse(doc["system"]) if "system" in doc else None
     return check(Experiment(algorithm=name, algorithm_config=cfg, model=model, privacy=privacy, system=clients,
