@@ -117,10 +117,10 @@ from dataclasses import dataclass
 
 import torch
 
-import functools
-
 from simfed.algorithms.base import Capabilities, PrivacySupport, Reply, ServerState, Task, Work
 from simfed.algorithms.kit import embednet, models, partial, training
+from simfed.algorithms.kit.embednet import (descriptor, descriptor_batch, embed_module, embed_values,  # noqa: F401
+                                           norm_of, public_norm)
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit.globalmodel import client_model
 from simfed.algorithms.kit.models import flat_params, init_model, load_flat
@@ -190,59 +190,11 @@ def normalized(state, u: torch.Tensor) -> torch.Tensor:
     return (u - m) / s
 
 
-def norm_of(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, s): the mean and standard deviation over a descriptor's components."""
-    m, s = u.mean(), (u.std() if u.numel() > 1 else torch.ones(()))
-    if not torch.isfinite(s) or float(s) <= 0:  # a constant descriptor: centre only
-        s = torch.ones(())
-    return m.detach().clone(), s.detach().clone()
-
-
 def fix_norm_(cfg, state) -> None:
     """Set (m, s) from the lowest client id's descriptor of the first training round that had one."""
     if cfg.descriptor_norm != "first" or state.norm is not None or not state._v:
         return
     state.norm = norm_of(state._v[min(state._v)])
-
-
-def public_norm(embed, cfg, task: Task, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, s) of phi's descriptor of a seeded batch of uniform-noise inputs with uniform labels:
-    `descriptor_norm = "public"`, a normalization no client's data enters (what [privacy] needs)."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, "pefll-public"))
-    if task.input == "tokens":  # ids, as the embedding network takes them
-        x = torch.randint(max(len(task.vocab), 1), (cfg.descriptor_batch, *task.input_shape), generator=gen)
-    else:
-        x = torch.rand((cfg.descriptor_batch, *task.input_shape), generator=gen)
-    y = torch.randint(task.num_classes, (cfg.descriptor_batch,), generator=gen)
-    with torch.no_grad():
-        return norm_of(descriptor(embed, cfg, x, y, task.num_classes))
-
-
-def embed_module(ctx, cfg, dim: int):
-    return ctx.module(("pefll-embed", models.cache_key(ctx.task), dim, cfg.label_free),
-                      lambda: embednet.embed_net(ctx.task, dim, not cfg.label_free))
-
-
-def descriptor_batch(cfg, data, ctx) -> torch.Tensor:
-    """Indices of the client's descriptor batch B; identical in the describe and embed phases."""
-    n = data.n("train")
-    if n < 1:
-        raise SimfedError(f"pefll: client {ctx.client_id} has no training samples; every client needs >= 1")
-    if n < cfg.descriptor_batch and cfg.short_clients == "error":
-        raise SimfedError(f"pefll: client {ctx.client_id} has {n} train samples, fewer than descriptor_batch="
-                          f"{cfg.descriptor_batch}; lower descriptor_batch or set short_clients = \"all\"")
-    gen = torch.Generator().manual_seed(derive_seed(ctx.seed, ctx.round, ctx.mode, ctx.client_id, "pefll-batch"))
-    return torch.randperm(n, generator=gen)[:cfg.descriptor_batch]
-
-
-@functools.lru_cache(maxsize=16)
-def _embed_values(task: Task, dim: int, use_labels: bool) -> int:
-    return models.count(models.constructed(lambda: embednet.embed_net(task, dim, use_labels), 0))
-
-
-def descriptor(net, cfg, x, y, num_classes) -> torch.Tensor:
-    """v = mean phi(x, y) over the rows given (differentiable w.r.t. the net's parameters)."""
-    return embednet.phi(net, x, None if cfg.label_free else y, num_classes).mean(0)
 
 
 @register
@@ -259,7 +211,7 @@ class PeFLL(hn.HyperNetMethod):
         """describe: phi down, u_i up; model: theta_i down, delta_i up (the SGD steps); embed: phi and
         du_i down, phi's gradient and a count up."""
         dim = hn.default_embed_dim(task, cfg.embed_dim)
-        phi = tensor_bytes(_embed_values(task, dim, not cfg.label_free))
+        phi = tensor_bytes(embed_values(task, dim, not cfg.label_free))
         if phase == "describe":
             return Work(bytes_down=phi + SCALAR, bytes_up=tensor_bytes(dim))
         if phase == "embed":

@@ -60,7 +60,7 @@ def cifar10_contents(per_batch: int = 100, test: int = 100, seed: int = 0) -> di
                               "test_batch"]):
         n = test if name == "test_batch" else per_batch
         x, y = _images(n, 10, seed * 10 + i)
-        label = f"testing batch 1 of 1" if name == "test_batch" else f"training batch {i + 1} of 5"
+        label = "testing batch 1 of 1" if name == "test_batch" else f"training batch {i + 1} of 5"
         out[name] = {b"batch_label": label.encode(), b"labels": y, b"data": x,
                      b"filenames": [f"img_{i}_{j:05d}.png".encode() for j in range(n)]}
     out["batches.meta"] = {b"num_cases_per_batch": per_batch, b"num_vis": 3072,

@@ -27,7 +27,7 @@ MAY_IMPORT = {
     "api": {"core", "partitions", "algorithms", "engine", "sweeps", "api"},
     "cli": set(FOLDERS),
 }
-NOT_METHODS = {"__init__", "base", "registry"}
+NOT_METHODS = {"__init__", "base", "capabilities", "registry"}
 
 
 def layer_of(module: str) -> str:

@@ -9,10 +9,14 @@
   label appended, then ReLU layers of 120 and 84 units (LeNet's classifier widths) and `dim`
   outputs.
 With `use_labels` false (PeFLL's label-free variant) phi sees x only.
+
+Also here: the descriptor (mean phi), the (m, s) normalization of h's input, and the public
+normalization of `descriptor_norm = "public"` (ours: seeded noise inputs no client's data enters).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,7 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfed.algorithms.base import Task
-from simfed.algorithms.kit.models import LeNet
+from simfed.algorithms.kit.models import LeNet, cache_key, constructed, count
+from simfed.core.errors import SimfedError
+from simfed.core.seeds import derive_seed
 
 TOKEN_DIM = 16
 HIDDEN = (120, 84)
@@ -70,3 +76,52 @@ def embed_input(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> to
     onehot = F.one_hot(y, num_classes).to(x.dtype)
     planes = onehot[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
     return torch.cat([x, planes], dim=1)
+
+
+def descriptor(net, cfg, x, y, num_classes) -> torch.Tensor:
+    """v = mean phi(x, y) over the rows given (differentiable w.r.t. the net's parameters)."""
+    return phi(net, x, None if cfg.label_free else y, num_classes).mean(0)
+
+
+def norm_of(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, s): the mean and standard deviation over a descriptor's components."""
+    m, s = u.mean(), (u.std() if u.numel() > 1 else torch.ones(()))
+    if not torch.isfinite(s) or float(s) <= 0:  # a constant descriptor: centre only
+        s = torch.ones(())
+    return m.detach().clone(), s.detach().clone()
+
+
+def public_norm(embed, cfg, task: Task, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, s) of phi's descriptor of a seeded batch of uniform-noise inputs with uniform labels:
+    `descriptor_norm = "public"`, a normalization no client's data enters (what [privacy] needs)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "pefll-public"))
+    if task.input == "tokens":  # ids, as the embedding network takes them
+        x = torch.randint(max(len(task.vocab), 1), (cfg.descriptor_batch, *task.input_shape), generator=gen)
+    else:
+        x = torch.rand((cfg.descriptor_batch, *task.input_shape), generator=gen)
+    y = torch.randint(task.num_classes, (cfg.descriptor_batch,), generator=gen)
+    with torch.no_grad():
+        return norm_of(descriptor(embed, cfg, x, y, task.num_classes))
+
+
+@functools.lru_cache(maxsize=16)
+def embed_values(task: Task, dim: int, use_labels: bool) -> int:
+    """Parameters of phi for this task (what a describe or embed exchange moves)."""
+    return count(constructed(lambda: embed_net(task, dim, use_labels), 0))
+
+
+def embed_module(ctx, cfg, dim: int):
+    return ctx.module(("pefll-embed", cache_key(ctx.task), dim, cfg.label_free),
+                      lambda: embed_net(ctx.task, dim, not cfg.label_free))
+
+
+def descriptor_batch(cfg, data, ctx) -> torch.Tensor:
+    """Indices of the client's descriptor batch B; identical in the describe and embed phases."""
+    n = data.n("train")
+    if n < 1:
+        raise SimfedError(f"pefll: client {ctx.client_id} has no training samples; every client needs >= 1")
+    if n < cfg.descriptor_batch and cfg.short_clients == "error":
+        raise SimfedError(f"pefll: client {ctx.client_id} has {n} train samples, fewer than descriptor_batch="
+                          f"{cfg.descriptor_batch}; lower descriptor_batch or set short_clients = \"all\"")
+    gen = torch.Generator().manual_seed(derive_seed(ctx.seed, ctx.round, ctx.mode, ctx.client_id, "pefll-batch"))
+    return torch.randperm(n, generator=gen)[:cfg.descriptor_batch]

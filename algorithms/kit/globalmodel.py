@@ -29,7 +29,6 @@ from simfed.algorithms.kit import training, vectorized
 from simfed.algorithms.kit import models
 from simfed.algorithms.kit.models import flat_params, load_flat
 from simfed.algorithms.kit.workload import staleness_weight
-from simfed.core.errors import SimfedError
 
 
 @dataclass(frozen=True)
