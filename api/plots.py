@@ -168,6 +168,13 @@ def _figure(series: list[dict], split: str, title: str, virtual_time: bool = Fal
             if single or len(series) <= 3:
                 ax_train.fill_between(x, [r["loss_p10"] for r in tr], [r["loss_p90"] for r in tr], color=color,
                                       alpha=0.15, linewidth=0)
+    _decorate(fig, axes, series, split, title, xlabel, virtual_time)
+    return fig, plt
+
+
+def _decorate(fig, axes, series: list[dict], split: str, title: str, xlabel: str, virtual_time: bool) -> None:
+    """Titles, labels, whole-round ticks, grids and legends of the four panels."""
+    (ax_acc, ax_loss), (ax_ecdf, ax_train) = axes
     band = series[0]["band"] if len({s["band"] for s in series}) == 1 else "bands"
     ax_acc.set(title=f"{split} accuracy (client mean, band {band})", xlabel=xlabel, ylabel="accuracy")
     ax_loss.set(title=f"{split} loss (client mean, band {band})", xlabel=xlabel, ylabel="cross-entropy")
@@ -189,7 +196,6 @@ def _figure(series: list[dict], split: str, title: str, virtual_time: bool = Fal
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7 if len(series) > 3 else 9)
     fig.suptitle(title)
-    return fig, plt
 
 
 def _html(series: list[dict], split: str, title: str, png: bytes) -> str:

@@ -87,6 +87,23 @@ def _curve_cmd(run_dir: str, run, df, eps: dict[int, float], as_json: bool) -> N
         _print_curve(cv, tr, eps)
 
 
+def _summary_json(run_dir: str, run, rows: list[dict], rounds: list[int], split: str, totals: dict,
+                  eps: dict[int, float]) -> dict:
+    """`simfed metrics --json`: the cohorts at one evaluated round, the training totals, epsilon and status."""
+    at = rows[0]["round"]
+    out = {"run_dir": str(run_dir), "round": at, "split": split, "rounds": rounds,
+           "cohorts": {r["cohort"]: {k: v for k, v in r.items() if k not in ("cohort", "split", "round")}
+                       for r in rows},
+           "train": totals}
+    if eps:
+        upto = max((r for r in eps if r <= at), default=None)
+        out["privacy"] = {"epsilon": _json_eps(eps[upto]) if upto else None, "after_round": upto,
+                          "delta": _delta(run)}
+    if run.status is not None:
+        out["status"] = run.status
+    return out
+
+
 def metrics_cmd(
     run_dir: str = typer.Argument(..., help="A run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -127,17 +144,7 @@ def metrics_cmd(
     at = rows[0]["round"]
     totals = metrics.train_totals(df, up_to=at)
     if as_json:
-        out = {"run_dir": str(run_dir), "round": at, "split": split, "rounds": rounds,
-               "cohorts": {r["cohort"]: {k: v for k, v in r.items() if k not in ("cohort", "split", "round")}
-                           for r in rows},
-               "train": totals}
-        if eps:
-            upto = max((r for r in eps if r <= at), default=None)
-            out["privacy"] = {"epsilon": _json_eps(eps[upto]) if upto else None, "after_round": upto,
-                              "delta": _delta(run)}
-        if status is not None:
-            out["status"] = status
-        typer.echo(json.dumps(out, indent=2))
+        typer.echo(json.dumps(_summary_json(run_dir, run, rows, rounds, split, totals, eps), indent=2))
         return
     from simfed.cli.run_cmd import print_summary
 

@@ -93,6 +93,17 @@ def one_line_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+def _new_attempt(record_path: Path, trial: str, pg) -> tuple[dict, dict]:
+    """The trial's record (trial.json) with a new attempt appended and written; (record, attempt)."""
+    record = read_json(record_path) or {"id": trial, "attempts": []}
+    attempt = {"start": time.time(), "end": None, "wall_s": None, "pid": os.getpid(),
+               "placement_group": pg.id.hex() if pg else "", "bundles": pg.bundle_specs if pg else [],
+               "worker_placement_groups": [], "resumed_from": 0}
+    record["attempts"].append(attempt)
+    write_json(record_path, record)
+    return record, attempt
+
+
 def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     """The Tune trainable: one simfed run, reporting seen-client validation accuracy per evaluation."""
     import ray
@@ -106,13 +117,7 @@ def _trial_main(config: dict, specs: dict, sweep_dir: str) -> None:
     spec: TrialSpec = specs[config["trial"]]
     run_dir = Path(sweep_dir) / "trials" / spec.id
     record_path = run_dir / "trial.json"
-    record = read_json(record_path) or {"id": spec.id, "attempts": []}
-    pg = ray.util.get_current_placement_group()
-    attempt = {"start": time.time(), "end": None, "wall_s": None, "pid": os.getpid(),
-               "placement_group": pg.id.hex() if pg else "", "bundles": pg.bundle_specs if pg else [],
-               "worker_placement_groups": [], "resumed_from": 0}
-    record["attempts"].append(attempt)
-    write_json(record_path, record)
+    record, attempt = _new_attempt(record_path, spec.id, ray.util.get_current_placement_group())
 
     pending: list[dict] = []  # the round's result, until its round is saved
 
@@ -224,6 +229,20 @@ class _Tracker:
         return _Cb()
 
 
+def _pending(sweep_dir: Path, specs: list[TrialSpec], emit: Callable[[dict], None]) -> tuple[_Tracker, list[TrialSpec]]:
+    """The sweep's tracker and the trials still to run (now "pending"); the plan event."""
+    tracker = _Tracker(sweep_dir, [s.id for s in specs], emit)
+    for s in specs:  # a run finished before the driver could record it (killed in between) is done
+        if tracker.states[s.id]["state"] not in DONE and run_status(sweep_dir / "trials" / s.id) == "finished":
+            tracker.states[s.id] = {"state": "finished"}
+    todo = [s for s in specs if tracker.states[s.id]["state"] not in DONE]
+    for s in todo:
+        tracker.states[s.id] = {"state": "pending"}
+    tracker.save()
+    emit({"type": "plan", "total": len(specs), "todo": [s.id for s in todo]})
+    return tracker, todo
+
+
 def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: SchedulerConfig,
               max_concurrent: int | None = None, on_event: Callable[[dict], None] | None = None,
               artifacts: Callable[[Path], list[Path]] | None = None) -> dict:
@@ -246,15 +265,7 @@ def run_sweep(sweep_dir: str | os.PathLike, specs: list[TrialSpec], scheduler: S
 
     emit = on_event or (lambda e: None)
     sweep_dir = Path(sweep_dir).absolute()
-    tracker = _Tracker(sweep_dir, [s.id for s in specs], emit)
-    for s in specs:  # a run finished before the driver could record it (killed in between) is done
-        if tracker.states[s.id]["state"] not in DONE and run_status(sweep_dir / "trials" / s.id) == "finished":
-            tracker.states[s.id] = {"state": "finished"}
-    todo = [s for s in specs if tracker.states[s.id]["state"] not in DONE]
-    for s in todo:
-        tracker.states[s.id] = {"state": "pending"}
-    tracker.save()
-    emit({"type": "plan", "total": len(specs), "todo": [s.id for s in todo]})
+    tracker, todo = _pending(sweep_dir, specs, emit)
     if not todo:
         return {k: v["state"] for k, v in tracker.states.items()}
 
