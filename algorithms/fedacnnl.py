@@ -91,7 +91,8 @@ class FedACnnL(LayerwiseMethod):
     Config = FedACnnLConfig
     summary = "FedACnnL: layer-wise closed-form least squares, summed Gram matrices (Gu et al. 2025)"
     # its layer phases: one stacked Gram per chunk; the network: a chain of solvable layers
-    capabilities = Capabilities(chunk_sums=True, partial="refuse", model=ModelNeeds(chain=True, own_network=True), privacy=NoPrivacy(
+    capabilities = Capabilities(chunk_sums=True, partial="refuse", model=ModelNeeds(chain=True, own_network=True),
+                                privacy=NoPrivacy(
         "its server solves least squares from summed Gram matrices; clipping each client's Gram statistics and "
         "noising them per layer (kept positive definite) is not implemented, so no guarantee is offered"))
 

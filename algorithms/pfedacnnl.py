@@ -80,7 +80,8 @@ class PFedACnnL(LayerwiseMethod):
     Config = PFedACnnLConfig
     summary = "pFedACnnL: FedACnnL + per-client closed-form head toward the global one (Gu et al. 2025)"
     # the shared layers; group and head phases per client; the network: a chain of solvable layers
-    capabilities = Capabilities(chunk_sums=True, partial="refuse", model=ModelNeeds(chain=True, own_network=True), privacy=NoPrivacy(
+    capabilities = Capabilities(chunk_sums=True, partial="refuse", model=ModelNeeds(chain=True, own_network=True),
+                                privacy=NoPrivacy(
         "its layers are least-squares solves from summed Gram matrices (and per-group sums with groups > 0); "
         "clipping and noising those statistics is not implemented, so no guarantee is offered"))
 

@@ -35,6 +35,11 @@ PER_CLIENT = typer.Option(None, "--classes-per-client")
 ALPHA = typer.Option(None, "--alpha")
 VAL = typer.Option(0.15, "--val-fraction")
 TEST = typer.Option(0.15, "--test-fraction")
+# Importers of sources with their own train/test split (LEAF's, TFF's) keep it by default
+LEAF_VAL = typer.Option(None, "--val-fraction", help="Default 0 with LEAF's split, else 0.15.")
+LEAF_TEST = typer.Option(None, "--test-fraction", help="Only without LEAF's split; default 0.15.")
+TFF_VAL = typer.Option(None, "--val-fraction", help="Default 0 with TFF's split, else 0.15.")
+TFF_TEST = typer.Option(None, "--test-fraction", help="Only without TFF's split; default 0.15.")
 LABELS = typer.Option(None, "--compact-labels/--keep-labels",
                       help="When some labels 0..max have no sample: renumber those that occur 0..k-1, or keep "
                            "every class (default: keep, refused when most classes would be empty).")
@@ -90,10 +95,8 @@ def leaf(
     out: str = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = UNSEEN,
     seed: int = SEED,
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
-                                                 help="Default 0 with LEAF's split, else 0.15."),
-    test_fraction: Optional[float] = typer.Option(None, "--test-fraction",
-                                                  help="Only without LEAF's split; default 0.15."),
+    val_fraction: Optional[float] = LEAF_VAL,
+    test_fraction: Optional[float] = LEAF_TEST,
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Import LEAF JSON (FEMNIST); one client per writer."""
@@ -128,10 +131,8 @@ def tff_h5(
     out: str = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = UNSEEN,
     seed: int = SEED,
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
-                                                 help="Default 0 with TFF's split, else 0.15."),
-    test_fraction: Optional[float] = typer.Option(None, "--test-fraction",
-                                                  help="Only without TFF's split; default 0.15."),
+    val_fraction: Optional[float] = TFF_VAL,
+    test_fraction: Optional[float] = TFF_TEST,
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Import TFF's federated EMNIST (fed_emnist*.h5); one client per writer."""
@@ -198,10 +199,8 @@ def shakespeare(
     out: str = typer.Argument(..., help=OUT_HELP),
     unseen_fraction: float = UNSEEN,
     seed: int = SEED,
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
-                                                 help="Default 0 with LEAF's split, else 0.15."),
-    test_fraction: Optional[float] = typer.Option(None, "--test-fraction",
-                                                  help="Only without LEAF's split; default 0.15."),
+    val_fraction: Optional[float] = LEAF_VAL,
+    test_fraction: Optional[float] = LEAF_TEST,
     unknown_char: Optional[str] = typer.Option(None, "--unknown-char",
                                                help="Map characters outside LEAF's 80 to this one "
                                                     "(default: refuse them)."),
