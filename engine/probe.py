@@ -14,7 +14,6 @@ message that did not say why.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -70,26 +69,16 @@ def problem(address: str, timeout: float | None = None) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _quiet_fd2():
-    """Ray's C++ client logs each refused call straight to file descriptor 2; the user gets our line."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def ray_token(address: str) -> None:
     """Raise SimfedError when the Ray GCS at HOST:PORT refuses this process's token (or its lack of one)."""
     from ray._raylet import GcsClient
     from ray.exceptions import AuthenticationError
 
+    from simfed.engine import noise
+
     try:
-        with _quiet_fd2():
+        # Ray's C++ client logs each refused call to descriptor 2: kept for the run's log instead
+        with noise.captured("ray-token"):
             GcsClient(address=address)
     except AuthenticationError:
         mode = os.environ.get("RAY_AUTH_MODE", "disabled")
