@@ -29,6 +29,7 @@ from simfed.engine.evaluate import evaluate
 from simfed.engine.plan import Plan, check_experiment, check_resume, n_train
 from simfed.engine.rounds import RoundPlan
 from simfed.engine.sampling import sample_cohort, sample_poisson
+from simfed.engine.worker import release_heap
 
 Event = Callable[[dict], None]
 
@@ -209,6 +210,10 @@ class _Attempt:
                 status["checkpoint_round"] = done
             rundir.write_status(self.run_dir, status)
         if due:
+            # the server state just saved was the driver's largest allocation: hand its pages back
+            # rather than let the next one land beside them (the soak's driver crept up at these rounds)
+            del state
+            release_heap()
             self.emit({"type": "checkpoint", "round": done})
         # Every file of this round is on disk (metrics, checkpoint, status): a listener that may
         # end the process here (a sweep trial reporting to Tune, which ASHA can stop) leaves a

@@ -12,13 +12,31 @@ from simfed.algorithms import base
 from simfed.algorithms.base import RoundInfo, Task
 from simfed.algorithms.fedavg import FedAvgConfig
 from simfed.engine.server import Server
-from simfed.engine.worker import Worker, WorkerSpec, keep_heap
+from simfed.engine.worker import Worker, WorkerSpec, keep_heap, release_heap
 from simfed.partitions.store import PartitionStore
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_heap_tunes_glibc():
     assert keep_heap() is True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_heap_hands_kept_memory_back():
+    """With the heap kept, freed memory stays in the RSS until release_heap (after an evaluation):
+    the soak's workers crept up in steps at evaluation rounds without it."""
+    import psutil
+
+    assert keep_heap() is True
+    proc = psutil.Process()
+    blocks = [bytearray(b"x" * (1 << 20)) for _ in range(256)]  # 1 MiB each: heap, not mmap
+    held = proc.memory_info().rss
+    del blocks
+    kept = proc.memory_info().rss
+    release_heap()
+    released = proc.memory_info().rss
+    assert kept > held - (64 << 20)  # keep_heap: the free did not shrink the RSS much
+    assert kept - released > 128 << 20, (held >> 20, kept >> 20, released >> 20)
 
 
 def test_a_chunk_holds_one_clients_data_at_a_time(engine_store, tmp_path, monkeypatch):
