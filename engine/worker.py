@@ -94,6 +94,20 @@ def all_finite(obj: Any) -> bool:
     return True
 
 
+def _glibc():
+    """The C library when it is glibc on Linux (mallopt, malloc_trim), else None (macOS, musl)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def keep_heap() -> bool:
     """Stop glibc from handing freed heap back to the OS between clients (Linux only).
 
@@ -104,16 +118,10 @@ def keep_heap() -> bool:
     live tensors happen to lie. A fixed trim threshold of 512 MiB and mmap threshold of 32 MiB keep
     the working set mapped; memory is still reused, so RSS stays at the worker's peak working set.
     """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:  # not glibc: nothing to tune
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-1, 512 << 20)) and bool(libc.mallopt(-3, 32 << 20))  # M_TRIM_/M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        return False
+    return bool(libc.mallopt(-1, 512 << 20)) and bool(libc.mallopt(-3, 32 << 20))  # M_TRIM_/M_MMAP_THRESHOLD
 
 
 def release_heap() -> None:
@@ -126,14 +134,9 @@ def release_heap() -> None:
     (tracemalloc, the serial backend) stayed flat. Trimming once per evaluation chunk bounds the
     mark; training chunks refault their working set once, not once per client.
     """
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: nothing to trim
-            pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class _Client(NamedTuple):
