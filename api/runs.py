@@ -176,19 +176,54 @@ def _prepare(exp, emit: Event, verify: bool, progress: bool, resume_dir: Path | 
             address.resolve(exp.engine.address)
     plan = check_experiment(exp, emit, resume_dir, progress=progress)
     tracking.require(exp.run.track)
-    if verify:
-        plan.store.verify()
-    if exp.engine.backend == "ray":
-        t0 = time.perf_counter()
-        _connect(exp, emit, plan.store.path)
-        emit({"type": "timing", "step": "ray_start", "seconds": time.perf_counter() - t0})
+    if exp.engine.backend != "ray":
+        if verify:
+            plan.store.verify()
+        return plan
+    # The checksum pass reads the whole store (seconds at FEMNIST scale) and mostly waits on disk and
+    # hashlib, which release the GIL: it runs while Ray starts, instead of before. Ray itself must
+    # start on the main thread (its processes die with the thread that started them).
+    checking = _Background(plan.store.verify) if verify else None
+    t0 = time.perf_counter()
+    try:
+        started = _connect(exp, emit, plan.store.path)
+    finally:
+        failure = checking.wait() if checking else None
+    if failure is not None:
+        if started:
+            from simfed.engine import cluster
+
+            cluster.disconnect()
+        raise failure
+    emit({"type": "timing", "step": "ray_start", "seconds": time.perf_counter() - t0})
     return plan
 
 
-def _connect(exp, emit: Event, store_path: str) -> None:
-    """Start or join Ray; the pool must fit the cluster, and on several nodes every node must read the
-    store and reach engine.storage (an unreachable, too small or unshared one fails before anything
-    is written, and a Ray this call started is stopped again)."""
+class _Background:
+    """`fn()` on a thread from now; `wait()` joins it and returns what it raised (None if nothing)."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        import threading
+
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), name="simfed-verify", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # handed to the main thread by wait()
+            self.error = exc
+
+    def wait(self) -> BaseException | None:
+        self.thread.join()
+        return self.error
+
+
+def _connect(exp, emit: Event, store_path: str) -> bool:
+    """Start or join Ray (True when this call started it); the pool must fit the cluster, and on
+    several nodes every node must read the store and reach engine.storage (an unreachable, too small
+    or unshared one fails before anything is written, and a Ray this call started is stopped again)."""
     import ray
 
     from simfed.engine import cluster, resources, shared
@@ -201,6 +236,7 @@ def _connect(exp, emit: Event, store_path: str) -> None:
         if started:
             cluster.disconnect()
         raise
+    return started
 
 
 def _run(exp, run_dir: Path, plan, resume: bool, emit: Event) -> dict:

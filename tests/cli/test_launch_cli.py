@@ -112,3 +112,22 @@ def test_bad_input_is_one_line_exit_2(engine_store, tmp_path, case):
     elif case == "set":
         assert_user_error(simfed("launch", "--set", "rounds=3", "--out", str(out)), "section.key=value")
     assert not out.exists()  # nothing half-written
+
+
+def test_checksum_failure_found_while_ray_starts_is_one_line(tmp_path):
+    """The checksum pass runs while Ray starts (api/runs.py): its failure still ends the launch in one
+    line and exit 2 after Ray is stopped again, with nothing written."""
+    store, out = tmp_path / "s", tmp_path / "run"
+    assert simfed("partition", "synthetic-femnist", str(store), "--clients", "6").returncode == 0
+    with open(store / "train.arrow", "r+b") as f:
+        f.seek(5000)
+        b = f.read(1)
+        f.seek(5000)
+        f.write(bytes([b[0] ^ 0x55]))
+    exp = write_exp(tmp_path, str(store))
+    proc = simfed("launch", str(exp), "--set", 'engine.backend="ray"', "--set", "engine.workers=1", "--out", str(out))
+    assert_user_error(proc, "train.arrow", "checksum mismatch")
+    assert not out.exists()
+    ok = simfed("launch", str(exp), "--set", 'engine.backend="ray"', "--set", "engine.workers=1", "--no-verify",
+                "--out", str(out), "-q")
+    assert ok.returncode == 0, ok.stderr
