@@ -146,10 +146,10 @@ class PFedHN(hn.HyperNetMethod):
     name = "pfedhn"
     Config = PFedHNConfig
     summary = "pFedHN: server hypernetwork maps per-client embeddings to client models (Shamsian et al. 2021)"
-    # k SGD steps from h(e_i)
-    # client_state: the heads of generate = "body" (capabilities are per class; "all" and "head"
-    # never write any, see the docstring)
-    capabilities = Capabilities(client_state=True, payloads=True, chunk_replies=frozenset({"train"}), partial="steps", privacy=NoPrivacy(
+    # partial: k SGD steps from h(e_i); client_state: the heads of generate = "body" (capabilities
+    # are per class; "all" and "head" never write any, see the docstring)
+    capabilities = Capabilities(client_state=True, payloads=True, chunk_replies=frozenset({"train"}), partial="steps",
+                                privacy=NoPrivacy(
         "pfedhn keeps a per-client embedding e_i on the server, moved by that client's updates alone and released "
         "in its model h(e_i); noise on h's summed gradient would cover h only, never e_i or h(e_i)"))
 

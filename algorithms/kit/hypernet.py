@@ -75,7 +75,7 @@ class GeneratedSGDFields(HyperNetFields):
     momentum: float = 0.9
     weight_decay: float = 5e-5
     clip: float = 50.0
-    generate: str = "all"  # "all": every client parameter (the papers); "head": the head, the body shared; pfedhn: "body"
+    generate: str = "all"  # "all": every parameter (the papers); "head": the head, the body shared; pfedhn: "body"
     body_lr: float = 1.0  # generate = "head": server step of the shared body (1 = FedAvg's average)
     # the values of `generate` this method's config accepts (a method offering more overrides it)
     generate_choices: ClassVar[tuple[str, ...]] = ("all", "head")

@@ -106,7 +106,8 @@ def test_seen_clients_are_evaluated_with_their_own_head_and_new_clients_get_a_fi
     runs = []
     for _ in range(2):
         for phase in algo.eval_phases(CFG, state, "unseen"):
-            _, evals = hn.serial_phase(algo, phase, CFG, state, [3], unseen, maker(clients, mode="eval", cohort="unseen"))
+            make = maker(clients, mode="eval", cohort="unseen")
+            _, evals = hn.serial_phase(algo, phase, CFG, state, [3], unseen, make)
         runs.append(evals[3]["test"])
         assert state._unseen == {}  # evaluation scratch, cleared
     assert runs[0] == runs[1]  # seeded: the same fit twice

@@ -46,3 +46,16 @@ def test_privacy_is_refused_in_one_line():
     with pytest.raises(SimfedError) as exc:
         privacy.method_support("pfedhn", registry.get("pfedhn"))
     assert "\n" not in str(exc.value) and "[privacy] with pfedhn" in str(exc.value)
+
+
+def test_vectorize_on_runs_the_per_client_loop_for_body(engine_store, tmp_path):
+    """generate = "body" has no vectorized step: engine.vectorize = "on" gives the loop's numbers, ==."""
+    import dataclasses
+
+    from tests.engine.test_method_parity import rows
+
+    exp = make_exp(engine_store, "pfedhn", rounds=1, clients_per_round=4, eval_clients=2, local_steps=3, hidden=16,
+                   embed_dim=4, unseen_exchanges=1, unseen_head_steps=2, generate="body")
+    for mode in ("on", "off"):
+        run_experiment(dataclasses.replace(exp, engine=dataclasses.replace(exp.engine, vectorize=mode)), tmp_path / mode)
+    assert rows(tmp_path / "on").equals(rows(tmp_path / "off"))
