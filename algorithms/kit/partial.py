@@ -30,9 +30,6 @@ from simfed.algorithms.base import Task
 from simfed.algorithms.kit import models
 from simfed.core.errors import SimfedError
 
-GENERATE = ("all", "head", "body")  # every value a method may accept (its config says which)
-
-
 def split(task: Task, generate: str) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
     """(names and shapes of the generated tensors, length of the shared body's flat vector: the body
     under "head", 0 under "all" and "body", where the server shares no vector)."""
