@@ -75,15 +75,18 @@ class GeneratedSGDFields(HyperNetFields):
     momentum: float = 0.9
     weight_decay: float = 5e-5
     clip: float = 50.0
-    generate: str = "all"  # "all": every client parameter (the papers); "head": the head, the body shared
+    generate: str = "all"  # "all": every parameter (the papers); "head": the head, the body shared; pfedhn: "body"
     body_lr: float = 1.0  # generate = "head": server step of the shared body (1 = FedAvg's average)
+    # the values of `generate` this method's config accepts (a method offering more overrides it)
+    generate_choices: ClassVar[tuple[str, ...]] = ("all", "head")
 
     def __post_init__(self):
         super().__post_init__()
         if self.local_steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("local_steps and batch_size must be >= 1, lr > 0")
-        if self.generate not in partial.GENERATE:
-            raise ValueError(f"generate must be one of {', '.join(partial.GENERATE)}, got {self.generate!r}")
+        if self.generate not in self.generate_choices:
+            raise ValueError(f"generate must be one of {', '.join(map(repr, self.generate_choices))}, "
+                             f"got {self.generate!r}")
         if not self.body_lr > 0:
             raise ValueError("body_lr must be > 0")
 

@@ -13,12 +13,16 @@ offer, as our extension (not in the papers), `generate`:
   through the hypernetwork as before, and the body's change is summed weighted by the client's train
   samples; the server steps body -= body_lr x (weighted mean change), body_lr [1.0] = the plain
   average, as FedAvg.
+- "body" (pFedHN only: the paper's pFedHN-PC): everything but the head; each client keeps its own
+  head as client state (kit/personalhead.py), nothing is shared.
 
 The flat client vector is (body, head) in the model's parameter order; `split` gives the generated
-tensors' shapes and the body's length.
+tensors' shapes and the length of the shared body ("head" only, else 0).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -26,11 +30,9 @@ from simfed.algorithms.base import Task
 from simfed.algorithms.kit import models
 from simfed.core.errors import SimfedError
 
-GENERATE = ("all", "head")
-
-
 def split(task: Task, generate: str) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
-    """(names and shapes of the generated tensors, length of the body's flat vector)."""
+    """(names and shapes of the generated tensors, length of the shared body's flat vector: the body
+    under "head", 0 under "all" and "body", where the server shares no vector)."""
     model = models.build(task)
     shapes = [(n, tuple(s)) for n, s in models.param_shapes(model)]
     if generate == "all":
@@ -38,9 +40,17 @@ def split(task: Task, generate: str) -> tuple[list[tuple[str, tuple[int, ...]]],
     try:
         n_head = sum(1 for m in models.head_modules(model) for _ in m.parameters())
     except ValueError as exc:
-        raise SimfedError(f"[algorithm] generate = \"head\": {exc}") from None
+        raise SimfedError(f"[algorithm] generate = \"{generate}\": {exc}") from None
+    if generate == "body":
+        return shapes[:-n_head], 0
     body = sum(p.numel() for p in list(model.parameters())[:-n_head])
     return shapes[-n_head:], body
+
+
+@functools.lru_cache(maxsize=32)
+def generated_values(task: Task, generate: str) -> int:
+    """How many values the hypernetwork generates per client."""
+    return sum(torch.Size(s).numel() for _, s in split(task, generate)[0])
 
 
 def check_budget(cfg, task: Task, method: str, alternative: str) -> None:

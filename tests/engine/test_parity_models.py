@@ -1,8 +1,9 @@
 """Runs with other models are bit-identical too: serial, Ray with 1 and 2 workers, and Ray
 interrupted then resumed give the same per-client metrics and the same final server state (==),
-for ResNet-18 (FedAvg, and PeFLL generating the head only), the character LSTM and a user model
-loaded by module path (FedAvg). The models are narrow (width / hidden keys) to keep CI fast;
-their shapes are the built-ins' (tests/algorithms/test_models.py checks the full sizes)."""
+for ResNet-18 (FedAvg, and PeFLL generating the head only), the character LSTM, a user model
+loaded by module path (FedAvg), and pFedHN generating the LeNet's body (generate = "body": the
+heads are client state, the unseen clients' heads fitted). The models are narrow (width / hidden
+keys) to keep CI fast; their shapes are the built-ins' (tests/algorithms/test_models.py checks the full sizes)."""
 
 import dataclasses
 
@@ -19,6 +20,9 @@ CASES = {
     "resnet18-pefll-head": ("cifar_store", {"name": "resnet18", "width": 2}, "pefll",
                             dict(local_steps=2, batch_size=8, hidden=8, embed_dim=3, descriptor_batch=8,
                                  generate="head")),
+    "lenet-pfedhn-body": ("engine_store", {"name": "lenet"}, "pfedhn",
+                          dict(local_steps=3, hidden=16, embed_dim=4, unseen_exchanges=2, unseen_head_steps=2,
+                               generate="body")),
     "charlstm-fedavg": ("shakespeare_store", {"name": "charlstm", "hidden": 8}, "fedavg",
                         dict(local_steps=2, batch_size=8)),
     "user-fedavg": ("cifar_store", {"name": "tests.engine.user_models:small_cnn"}, "fedavg",

@@ -27,7 +27,8 @@ from tests.engine.conftest import make_exp
 from tests.engine.test_method_parity import SMALL
 
 WORK_CONFIGS = {**SMALL, "pfedacnnl-groups": dict(patches_per_image=4, forward_dtype="float64", groups=2,
-                                                  cluster_iters=1)}
+                                                  cluster_iters=1),
+                "pfedhn-body": dict(SMALL["pfedhn"], generate="body", unseen_head_steps=2)}
 
 
 @pytest.mark.parametrize("name", sorted(WORK_CONFIGS))
