@@ -378,6 +378,12 @@ class Algorithm:
         """Raise SimfedError for a config that cannot run on this task (called before any work)."""
         return None
 
+    def keeps_client_state(self, cfg: Any) -> bool:
+        """Whether a run with `cfg` writes client state (so a multi-node cluster needs engine.storage).
+        Default: the class's `capabilities.client_state`; a method whose state depends on an option
+        narrows it here."""
+        return self.capabilities.client_state
+
     def validate_privacy(self, cfg: Any) -> None:
         """Raise SimfedError for a config whose release [privacy] cannot cover (called before any work,
         for methods declaring `capabilities.privacy`)."""

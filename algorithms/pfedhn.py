@@ -74,8 +74,8 @@ evaluated with h(e_i) and its own head (its seeded head if never trained). Diffe
   phases keep no state, so the head is fitted afresh in each.
 - Client state: capabilities are declared per class (`Capabilities`, read by the engine before
   any config is known), so pfedhn declares client_state for every `generate`; "all" and "head"
-  never write any (their replies keep the state), but a multi-node cluster then needs
-  engine.storage for any pfedhn run.
+  never write any (their replies keep the state), and `keeps_client_state(cfg)` says so: only
+  "body" needs engine.storage on a multi-node cluster.
 - No vectorized step: `chunk_replies` falls back to the per-client loop under "body" (two
   optimizers and a state per client do not fit vectorized.sgd_train_chunk).
 
@@ -152,6 +152,9 @@ class PFedHN(hn.HyperNetMethod):
                                 privacy=NoPrivacy(
         "pfedhn keeps a per-client embedding e_i on the server, moved by that client's updates alone and released "
         "in its model h(e_i); noise on h's summed gradient would cover h only, never e_i or h(e_i)"))
+
+    def keeps_client_state(self, cfg) -> bool:
+        return cfg.generate == "body"  # the per-client heads; "all" and "head" keep none
 
     def work(self, phase, cfg, task, n_train) -> Work:
         steps, samples = default_steps(cfg, n_train)

@@ -71,7 +71,7 @@ def _run(exp: Experiment, run_dir: Path, plan: Plan, resume: bool, emit: Event, 
     """One attempt: from the plan's checkpoint (resume) or from scratch, until the last round."""
     attempt = _Attempt(exp, run_dir, plan, resume, emit)
     with open_backend(exp, plan, attempt.state_root, attempt.server_state, kind) as be:
-        if registry.get(exp.algorithm).capabilities.client_state:
+        if registry.get(exp.algorithm).keeps_client_state(exp.algorithm_config):
             be.check_storage(attempt.state_root, exp.engine.storage)
         start, rounds = attempt.start, exp.run.rounds
         status = {"state": "running", "completed_rounds": start, "checkpoint_round": start, "rounds": rounds,

@@ -76,8 +76,9 @@ def check_nodes(exp: Experiment, store_path: str) -> None:
     nodes = _live_nodes()
     if len(nodes) < 2:
         return
-    storage = exp.engine.storage if registry.get(exp.algorithm).capabilities.client_state else ""
-    if registry.get(exp.algorithm).capabilities.client_state and not storage:
+    keeps = registry.get(exp.algorithm).keeps_client_state(exp.algorithm_config)
+    storage = exp.engine.storage if keeps else ""
+    if keeps and not storage:
         raise SimfedError(st.unshared_message("", ""))
     want = store_digest(store_path)
     token = st.write_marker(storage) if storage else ""

@@ -111,3 +111,30 @@ def test_seen_clients_are_evaluated_with_their_own_head_and_new_clients_get_a_fi
         runs.append(evals[3]["test"])
         assert state._unseen == {}  # evaluation scratch, cleared
     assert runs[0] == runs[1]  # seeded: the same fit twice
+
+
+def test_only_body_keeps_client_state_so_only_body_needs_shared_storage(monkeypatch):
+    from types import SimpleNamespace
+
+    from simfed.algorithms import registry
+    from simfed.engine import shared
+
+    pfedhn = registry.get("pfedhn")
+    assert [pfedhn.keeps_client_state(PFedHNConfig(generate=g)) for g in ("all", "head", "body")] == [False, False, True]
+    assert registry.get("fedrep").keeps_client_state(registry.get("fedrep").Config())
+    assert not registry.get("fedavg").keeps_client_state(registry.get("fedavg").Config())
+    # A two-node cluster without engine.storage: "body" is refused in one line before any node is asked.
+    monkeypatch.setattr(shared, "_live_nodes", lambda: [{"NodeID": "a"}, {"NodeID": "b"}])
+    asked = []
+    monkeypatch.setattr(shared, "store_digest", lambda path: asked.append(path) or "d")
+    monkeypatch.setattr(shared, "_ask_every_node", lambda nodes, *a: [("d", True) for _ in nodes])
+
+    def exp(generate):
+        return SimpleNamespace(algorithm="pfedhn", algorithm_config=PFedHNConfig(generate=generate),
+                               engine=SimpleNamespace(storage=""))
+
+    with pytest.raises(SimfedError) as err:
+        shared.check_nodes(exp("body"), "/store")
+    assert "\n" not in str(err.value) and not asked
+    shared.check_nodes(exp("all"), "/store")  # no storage needed: the store check alone runs
+    assert asked == ["/store"]
