@@ -1,6 +1,6 @@
 """Wall time of the read-only `simfed` commands and of a launch's start-up (never part of the tests).
 
-    python bench/cli_latency.py [--before PYTHON] [--repeats 5] [--workers 2] [--json]
+    python bench/cli_latency.py [--before PYTHON] [--repeats 5] [--workers 2] [--store STORE] [--json]
 
 For each interpreter (`--before`: a venv's python with another checkout of simfed installed, e.g.
 main's; the "after" one is this process's), in a fresh process each time:
@@ -13,6 +13,9 @@ main's; the "after" one is this process's), in a fresh process each time:
   Ray's start (`simfed.engine.cluster.connect`, timed from outside), the pool's start (the "run_dir"
   to the "start" event, less the warm-up) and the workers' warm-up (their `warmup_s`). The child
   measures this with the public API and a wrapper, so "before" needs no new event.
+- with `--store STORE` (e.g. a 3,597-writer synthetic FEMNIST store), the same start-up measured
+  on that store too, checksums verified as `simfed launch` does by default: where the store's
+  size shows (its checksum pass overlaps Ray's start since this release).
 
 The store, run and sweep directory are built here once (a 24-writer synthetic FEMNIST). Every
 figure comes from one run of this script; the machine's load average is printed with them.
@@ -109,13 +112,19 @@ def measure(python: str, paths: dict[str, Path], repeats: int, workers: int, roo
     for name, args in commands(paths).items():
         out[name] = statistics.median(run(python, args, root) for _ in range(repeats))
     env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(root / "ray"))}
+    out["launch to round 1"] = startup(python, paths["exp"], workers, root, env)
+    if "big_exp" in paths:
+        out["launch to round 1 (--store)"] = startup(python, paths["big_exp"], workers, root, env)
+    return out
+
+
+def startup(python: str, exp: Path, workers: int, root: Path, env: dict) -> dict:
     target = root / f"startup-{abs(hash(python))}-{time.time_ns()}"
-    proc = subprocess.run([python, "-c", STARTUP, str(paths["exp"]), str(target), str(workers)], cwd=root,
+    proc = subprocess.run([python, "-c", STARTUP, str(exp), str(target), str(workers)], cwd=root,
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not proc.stdout.strip():
         raise SystemExit(f"start-up run with {python} failed: {proc.stderr.strip()[-500:]}")
-    out["launch to round 1"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -123,11 +132,15 @@ def main() -> None:
     ap.add_argument("--before", help="python of a venv with the simfed to compare against (e.g. main's)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--store", help="also time the launch's start-up on this (large) store")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cli-latency-") as tmp:
         root = Path(tmp)
         paths = prepare(root)
+        if args.store:
+            paths["big_exp"] = root / "big.toml"
+            paths["big_exp"].write_text(EXP.format(store=Path(args.store).resolve()))
         result = {"load_average": list(os.getloadavg()), "repeats": args.repeats, "workers": args.workers,
                   "after": measure(sys.executable, paths, args.repeats, args.workers, root)}
         if args.before:

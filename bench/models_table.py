@@ -2,10 +2,11 @@
 
 Each cell is 2 rounds through the real engine (serial backend, `simfed.launch`) on a small store
 that fits the model, every seen client in both rounds and in the evaluation, with the method's
-settings from LEARN below: "runs" with the seen clients' mean test accuracy after the last round
-and whether it beats the store's majority class (chance), or the one-line refusal the run gave
-before any work. A hypernetwork method refused for its generated-parameter budget is tried again
-with generate = "head" where it has that option (pefll, pfedhn); the cell then says so.
+settings from LEARN below, overridden per model by MODEL_LEARN: "runs" with the seen clients' mean
+test accuracy after the last round and whether it beats the store's majority class (chance), or the
+one-line refusal the run gave before any work. A hypernetwork method refused for its
+generated-parameter budget is tried again with generate = "head" where it has that option (pefll,
+pfedhn); a cell whose MODEL_LEARN sets generate says so too.
 `--settings small` uses the parity tests' tiny configs instead (tests/engine/test_method_parity.py's
 SMALL: a check that the pair runs, too little work to learn).
 
@@ -50,9 +51,32 @@ LEARN = {
     "pfedhn": {"server_lr": 0.3, "local_steps": 50, "lr": 0.01, "unseen_exchanges": 2},
     "fmlh": {"hn_lr": 0.01, "outer_lr": 0.1, "unseen_exchanges": 2},
 }
-# ResNet-18 trains at about 45 samples/s on this machine's CPU: its cells cap the local work (for
-# the methods with these keys) so that its column takes minutes, not hours.
-MODEL_LEARN = {"resnet18": {"local_steps": 5, "batch_size": 16, "tau": 1}}
+# Per model, settings that override LEARN: "*" for every method that has the key, then per method.
+# ResNet-18 trains at about 45 samples/s on this machine's CPU: its cells cap the local work so that
+# its column takes minutes, not hours; metafl's exact meta-gradient through it did not finish a cell
+# in 10 minutes, so its cell takes the first-order gradient. The character LSTM sits on the unigram
+# plateau (always the most frequent character) for its first ~100 steps of SGD at the image models'
+# step sizes; at lr 0.5 with momentum 0.9 (batch 16), or lr 4 without momentum, it leaves it within
+# ~100-200 steps (0.65 after 200 steps trained centrally on the table's store; lr 1 without momentum:
+# 0.25), so its cells take such steps and enough local steps to get there in 2 rounds. Per-FedAvg
+# and meta-FL take the first-order meta-gradient there (their exact/Hessian-free cells took 9+
+# minutes each).
+MODEL_LEARN = {
+    "resnet18": {"*": {"local_steps": 5, "batch_size": 16, "tau": 1},
+                 "fedavg": {"lr": 0.05, "local_steps": 20},
+                 "pefll": {"lr": 0.05, "local_steps": 20},
+                 "metafl": {"gradient": "first_order"}},
+    "charlstm": {"*": {"batch_size": 16, "lr": 0.5, "momentum": 0.9, "local_steps": 100},
+                 "ditto": {"personal_lr": 0.5, "personal_steps": 100},
+                 "fedrep": {"head_epochs": 5.0, "body_epochs": 20.0},
+                 "pfedme": {"lam": 1.0, "K": 1, "lr": 1.0, "personal_lr": 0.9, "local_steps": 150},
+                 "metafl": {"gradient": "first_order", "alpha": 0.5, "beta": 1.0, "tau": 60, "server_lr": 2.0},
+                 "perfedavg": {"gradient": "first_order", "alpha": 0.5, "beta": 3.0, "tau": 60},
+                 "pefll": {"generate": "head", "server_lr": 0.01},
+                 "pfedhn": {"generate": "head", "server_lr": 0.03},
+                 "fmlh": {"meta_steps": 50, "inner_steps": 1, "inner_lr": 0.5, "outer_lr": 3.0,
+                          "finetune_steps": 20, "finetune_lr": 2.0, "hn_lr": 0.01}},
+}
 STORE_OF = {"lenet": "cifar", "resnet18": "cifar", "mlp": "features", "charlstm": "shakespeare", USER: "cifar"}
 
 
@@ -93,8 +117,9 @@ def settings(method: str, which: str, model: str = "") -> dict:
     if which == "small":
         return dict(SMALL[method])
     fields = registry.get(method).Config.__dataclass_fields__
-    cap = {k: v for k, v in MODEL_LEARN.get(model, {}).items() if k in fields}
-    return {**LEARN.get(method, {}), **cap}
+    per = MODEL_LEARN.get(model, {})
+    common = {k: v for k, v in per.get("*", {}).items() if k in fields}
+    return {**LEARN.get(method, {}), **common, **per.get(method, {})}
 
 
 def run_cell(method: str, model: dict, store: str, rounds: int, extra: dict, which: str = "learn") -> dict:
@@ -127,6 +152,8 @@ def cell(method: str, name: str, store: str, rounds: int, resnet_width: int, whi
 
     model = {"name": name, **({"width": resnet_width} if name == "resnet18" and resnet_width != 64 else {})}
     out = run_cell(method, model, store, rounds, {}, which)
+    if out["status"] == "runs" and "generate" in settings(method, which, name):
+        out["generate"] = settings(method, which, name)["generate"]
     over = out["status"] == "refused" and "max_generated" in out["refusal"]
     if over and "generate" in {f for f in registry.get(method).Config.__dataclass_fields__}:
         head = run_cell(method, model, store, rounds, {"generate": "head"}, which)
@@ -140,7 +167,7 @@ def markdown(cells: dict, models: list[str]) -> str:
     def text(c: dict) -> str:
         if c["status"] == "runs":
             mark = "" if c["above_chance"] else " (not above chance)"
-            how = ' with `generate = "head"`' if c.get("generate") else ""
+            how = f' with `generate = "{c["generate"]}"`' if c.get("generate") else ""
             return f"runs{how}, {c['accuracy']:.2f}{mark}"
         n = notes.setdefault(c["refusal"], len(notes) + 1)
         return f"refused ({n})"
@@ -187,7 +214,7 @@ def main() -> None:
         print(table)
         return
     print(json.dumps({"benchmark": "models_table", "rounds": a.rounds, "resnet_width": a.resnet_width,
-                      "settings": {m: settings(m, a.settings) for m in methods},
+                      "settings": {m: {n: settings(m, a.settings, n) for n in models} for m in methods},
                       "chance": chance, "cells": cells, "markdown": table}, indent=2))
 
 
