@@ -164,7 +164,8 @@ def _resume_round(run_dir: Path, exp) -> int:
 
 def _prepare(exp, emit: Event, verify: bool, progress: bool, resume_dir: Path | None = None):
     """Every check before work, in order: the machine, the store and method (and the run to resume),
-    the checksums, then Ray (started or joined) and the pool against it. Returns the engine's plan."""
+    then Ray (started or joined, the store's checksums checked meanwhile) and the pool against it.
+    Returns the engine's plan."""
     from simfed.engine import address, cluster, resources, tracking
     from simfed.engine.plan import check_experiment
 
@@ -180,9 +181,9 @@ def _prepare(exp, emit: Event, verify: bool, progress: bool, resume_dir: Path | 
         if verify:
             plan.store.verify()
         return plan
-    # The checksum pass reads the whole store (seconds at FEMNIST scale) and mostly waits on disk and
-    # hashlib, which release the GIL: it runs while Ray starts, instead of before. Ray itself must
-    # start on the main thread (its processes die with the thread that started them).
+    # The checksum pass reads every byte of the store and mostly waits on disk and hashlib, which
+    # release the GIL: it runs while Ray starts, instead of before. Ray itself must start on the
+    # main thread (its processes die with the thread that started them).
     checking = _Background(plan.store.verify) if verify else None
     t0 = time.perf_counter()
     try:
