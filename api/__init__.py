@@ -22,8 +22,12 @@ def __getattr__(name: str) -> Any:
         from simfed.core.errors import SimfedError
 
         return SimfedError
-    if name in ("launch", "load_run", "Run"):
+    if name == "launch":
         from simfed import runs
 
-        return getattr(runs, name)
+        return runs.launch
+    if name in ("load_run", "Run"):
+        from simfed import results
+
+        return getattr(results, name)
     raise AttributeError(f"module 'simfed' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""simfed from Python: `launch` runs an experiment as `simfed launch` does, `load_run` reads a run.
+"""simfed from Python: `launch` runs an experiment as `simfed launch` does; `load_run` (results.py)
+reads a run.
 
     import simfed
     run_dir = simfed.launch("examples/quickstart.toml", overrides=["run.rounds=2"])
@@ -7,7 +8,8 @@
     run.curve()     # accuracy and loss per evaluation round, split and cohort
 
 Bad input raises `SimfedError` with the one-line message the command prints; nothing is written
-and no Ray is started before every check has passed. The command line is a thin layer over this
+and no Ray is started before every check has passed, but for the store's checksums, checked while
+Ray starts (a mismatch stops the Ray this call started, before anything is written). The command line is a thin layer over this
 module: it adds option parsing, the progress bar and printing.
 """
 
@@ -25,6 +27,7 @@ from simfed.core import validate
 from simfed.core.config import apply_overrides, load_toml
 from simfed.core.errors import SimfedError
 from simfed.core.safeio import local_path
+from simfed.results import _saved_config
 
 Event = Callable[[dict], None]
 Config = str | os.PathLike | Mapping[str, Any] | None
@@ -184,41 +187,21 @@ def _prepare(exp, emit: Event, verify: bool, progress: bool, resume_dir: Path | 
     # The checksum pass reads every byte of the store and mostly waits on disk and hashlib, which
     # release the GIL: it runs while Ray starts, instead of before. Ray itself must start on the
     # main thread (its processes die with the thread that started them).
-    checking = _Background(plan.store.verify) if verify else None
+    from concurrent.futures import ThreadPoolExecutor
+
     t0 = time.perf_counter()
-    try:
-        started = _connect(exp, emit, plan.store.path)
-    finally:
-        failure = checking.wait() if checking else None
+    with ThreadPoolExecutor(1, thread_name_prefix="simfed-verify") as pool:
+        checking = pool.submit(plan.store.verify) if verify else None
+        try:
+            started = _connect(exp, emit, plan.store.path)
+        finally:
+            failure = checking.exception() if checking else None  # waits for the pass to end
     if failure is not None:
         if started:
-            from simfed.engine import cluster
-
             cluster.disconnect()
         raise failure
     emit({"type": "timing", "step": "ray_start", "seconds": time.perf_counter() - t0})
     return plan
-
-
-class _Background:
-    """`fn()` on a thread from now; `wait()` joins it and returns what it raised (None if nothing)."""
-
-    def __init__(self, fn: Callable[[], Any]):
-        import threading
-
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), name="simfed-verify", daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            fn()
-        except BaseException as exc:  # handed to the main thread by wait()
-            self.error = exc
-
-    def wait(self) -> BaseException | None:
-        self.thread.join()
-        return self.error
 
 
 def _connect(exp, emit: Event, store_path: str) -> bool:
@@ -339,94 +322,3 @@ def _write_config(run_dir: Path, exp) -> None:
         tmp = run_dir / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, run_dir / name)
-
-
-def _saved_config(run_dir: Path, missing: str) -> dict:
-    """A run directory's config.json (the resolved experiment); `missing` is the message when absent."""
-    from simfed.core.safeio import load_json
-
-    saved = run_dir / "config.json"
-    if not os.path.lexists(saved):
-        raise SimfedError(missing)
-    doc = load_json(saved, 16 << 20, "saved config")
-    if not isinstance(doc, dict):
-        raise SimfedError(f"{saved}: not a simfed config (expected a JSON object); the run directory is damaged")
-    return doc
-
-
-def load_run(run_dir: str | os.PathLike) -> "Run":
-    """A run directory (finished, running or interrupted) to read; SimfedError if it is not one."""
-    path = Path(run_dir)
-    if not (path / "metrics").is_dir():
-        raise SimfedError(_not_a_run(path))
-    return Run(path)
-
-
-def _not_a_run(path: Path) -> str:
-    """Why `path` is not a run directory, and what to pass instead."""
-    if not path.exists():
-        return f"{path}: no such directory; pass a run directory `simfed launch` printed"
-    if not path.is_dir():
-        return f"{path}: not a directory; pass a run directory `simfed launch` printed"
-    if (path / "sweep.json").is_file():
-        return (f"{path}: a sweep directory, not a run; see `simfed compare {path}`, or pass one of its runs "
-                f"({path}/trials/ID)")
-    if (path / "manifest.json").is_file():
-        return f"{path}: a partition store, not a run; see `simfed info {path}`"
-    return f"{path}: not a run directory (no metrics/ in it); pass a run directory `simfed launch` printed"
-
-
-class Run:
-    """A run directory, read on demand: nothing is cached, so a running run shows its latest rounds."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __repr__(self) -> str:
-        return f"Run({str(self.path)!r})"
-
-    @property
-    def config(self) -> dict:
-        """The resolved experiment (config.json): every key of every table, defaults included."""
-        return _saved_config(self.path, f"{self.path}: no config.json; pass a directory printed by `simfed launch`")
-
-    @property
-    def status(self) -> dict | None:
-        """status.json: state (running, finished, interrupted, failed), completed rounds, counters."""
-        from simfed.engine import rundir
-
-        return rundir.read_status(self.path)
-
-    def metrics(self):
-        """Every per-client metric row (polars DataFrame): train rows per round and phase, eval rows
-        per evaluated round and split. The same as polars.scan_parquet(path/"metrics/*.parquet")."""
-        from simfed.engine import metrics
-
-        return metrics.load(self.path)
-
-    def summary(self, split: str = "test", round: int | None = None):
-        """Per cohort at one evaluation round (default: the last): the table `simfed metrics` prints."""
-        from simfed.engine import metrics
-
-        return metrics.summarize(self.metrics(), split=split, round=round)
-
-    def curve(self):
-        """Per evaluation round, split and cohort: client-mean accuracy and loss with their 10th/90th
-        percentiles, and the sample-weighted accuracy (`simfed metrics --curve`); with a [system]
-        clock also the round's virtual end time `virtual_time`."""
-        from simfed.engine import metrics
-
-        return metrics.with_virtual_time(metrics.curve(self.metrics()), self.rounds())
-
-    def train_curve(self):
-        """Per training round: the client-mean training loss and its percentiles, dropped updates
-        (and `virtual_time` with a [system] clock)."""
-        from simfed.engine import metrics
-
-        return metrics.with_virtual_time(metrics.train_curve(self.metrics()), self.rounds())
-
-    def rounds(self):
-        """The server's statistics per training round: one row per round, one column per stat."""
-        from simfed.engine import metrics
-
-        return metrics.load_rounds(self.path)

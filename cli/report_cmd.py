@@ -114,7 +114,7 @@ def metrics_cmd(
 ) -> None:
     """Summarize a run's per-client metrics per cohort (or per round with --curve)."""
     from simfed.engine import metrics
-    from simfed.runs import load_run
+    from simfed.results import load_run
 
     run = load_run(run_dir)
     status = run.status
