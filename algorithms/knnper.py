@@ -90,7 +90,7 @@ def knn_probs(query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, k: 
     d = (q.square().sum(1, keepdim=True) - 2.0 * q @ kk.T + kk.square().sum(1)).clamp_min(0.0)
     dist, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
     w = torch.softmax(-dist / (query.shape[1] * scale), dim=1)
-    out = torch.zeros(q.shape[0], num_classes, dtype=torch.float64)
+    out = torch.zeros(q.shape[0], num_classes, dtype=torch.float64, device=q.device)
     return out.scatter_add_(1, labels[idx], w)
 
 

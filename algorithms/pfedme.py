@@ -79,7 +79,7 @@ def pfedme_local(model, w: torch.Tensor, lam: float, K: int, lr: float, personal
     wi = w.clone()
     load_flat(model, w)
     model.train()
-    seen, loss_sum = 0, torch.zeros(())
+    seen, loss_sum = 0, torch.zeros((), device=w.device)
     for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs, budget):
         for _ in range(K):
             loss = proximal_grads(model, wi, lam, x[idx], y[idx])

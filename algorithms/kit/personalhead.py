@@ -36,11 +36,12 @@ def head_count(model: nn.Module) -> int:
 def seeded_head(model: nn.Module, seed: int, client_id: int) -> torch.Tensor:
     """Client `client_id`'s initial head as a flat vector in the model's dtype; the model is left as it is."""
     gen = torch.Generator().manual_seed(derive_seed(seed, "pfedhn-head", int(client_id)))
-    # drawn in float32 whatever the model's dtype, as the client's other random draws are
-    head = [copy.deepcopy(m).float() for m in models.head_modules(model)]
+    # drawn on the CPU in float32 whatever the model's device and dtype, as the client's other
+    # random draws are: a GPU worker's head is the CPU one's
+    head = [copy.deepcopy(m).to("cpu", torch.float32) for m in models.head_modules(model)]
     models.init_modules_((m for h in head for m in h.modules()), gen)
-    dtype = next(model.parameters()).dtype
-    return torch.cat([p.detach().reshape(-1) for h in head for p in h.parameters()]).to(dtype)
+    p0 = next(model.parameters())
+    return torch.cat([p.detach().reshape(-1) for h in head for p in h.parameters()]).to(p0.device, p0.dtype)
 
 
 def head_state(cstate, model: nn.Module, seed: int, client_id: int) -> dict:
@@ -80,7 +81,7 @@ def train_with_head(model: nn.Module, body: torch.Tensor, hstate: dict, x: torch
     body_opt, head_opt = torch.optim.SGD(body_ps, **sgd), torch.optim.SGD(head_ps, **sgd)
     _load_momentum(head_opt, head_ps, hstate.get("momentum"))
     model.train()
-    seen, loss_sum = 0, torch.zeros((), dtype=p0.dtype)
+    seen, loss_sum = 0, torch.zeros((), dtype=p0.dtype, device=p0.device)
     for idx in training.batches(int(y.shape[0]), cfg.batch_size, cfg.local_steps, gen, budget=budget):
         body_opt.zero_grad(set_to_none=True)
         head_opt.zero_grad(set_to_none=True)

@@ -54,7 +54,8 @@ def sgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
     model.train()
     # The reported loss is summed in the model's dtype: float32 runs as ever, and a float64 model's
     # loss is not rounded to float32 (the vectorized trainer is checked against it to 1e-10).
-    seen, loss_sum = 0, torch.zeros((), dtype=next(model.parameters()).dtype)
+    p0 = next(model.parameters())  # the sum stays on the model's device: a CUDA loss adds in place
+    seen, loss_sum = 0, torch.zeros((), dtype=p0.dtype, device=p0.device)
     for idx in batches(int(y.shape[0]), batch_size, steps, gen, epochs, budget):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x[idx]), y[idx])

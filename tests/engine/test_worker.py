@@ -89,11 +89,13 @@ def test_every_method_runs_on_a_cuda_worker(engine_store, tmp_path, vectorize):
     from tests.engine.conftest import make_exp
     from tests.engine.test_method_parity import SMALL
 
-    for name in registry.names():
-        exp = make_exp(engine_store, name, rounds=2, clients_per_round=4, eval_every=2, eval_clients=3,
-                       **SMALL[name])
+    cases = [(name, SMALL[name]) for name in registry.names()]
+    cases.append(("pfedhn", dict(SMALL["pfedhn"], generate="body", unseen_head_steps=2)))  # heads as client state
+    for name, algo in cases:
+        exp = make_exp(engine_store, name, rounds=2, clients_per_round=4, eval_every=2, eval_clients=3, **algo)
         exp = dataclasses.replace(exp, engine=dataclasses.replace(exp.engine, gpus_per_worker=1.0,
                                                                    vectorize=vectorize))
-        run_experiment(exp, tmp_path / f"{name}-{vectorize}")
-        df = metrics.load(tmp_path / f"{name}-{vectorize}")
+        run_dir = tmp_path / f"{name}-{algo.get('generate', 'all')}-{vectorize}"
+        run_experiment(exp, run_dir)
+        df = metrics.load(run_dir)
         assert df.filter(pl.col("split") == "test").height > 0, name

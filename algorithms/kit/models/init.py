@@ -42,7 +42,8 @@ def constructed(make: Callable[[], M], seed: int) -> M:
 
 
 def _uniform_(t: torch.Tensor, bound: float, gen: torch.Generator) -> None:
-    t.copy_(torch.empty_like(t).uniform_(-bound, bound, generator=gen))
+    # drawn on the CPU (the generator's device) and copied: a GPU worker's tensor gets the CPU draws
+    t.copy_(torch.empty(t.shape, dtype=t.dtype).uniform_(-bound, bound, generator=gen))
 
 
 @torch.no_grad()
