@@ -1,6 +1,9 @@
-"""Random 16x16 clients for the hypernetwork tests: {client_id: {split: (x uint8, y)}}."""
+"""Random 16x16 clients for the hypernetwork tests: {client_id: {split: (x uint8, y)}}, and the
+(ClientData, ClientContext) maker the methods' serial phases take."""
 
 import numpy as np
+
+from simfed.algorithms.base import ClientContext, ClientData
 
 
 def make_clients(sizes, seed=0, two_classes=False, val=4, test=6, patterns=False):
@@ -16,3 +19,15 @@ def make_clients(sizes, seed=0, two_classes=False, val=4, test=6, patterns=False
             x = (0.7 * protos[y] + 0.3 * x).astype(np.uint8)
         out[cid] = {"train": (x, y), "val": (x[:val], y[:val]), "test": (x[:test], y[:test])}
     return out
+
+
+def context_maker(clients, task, seed, round_=0, mode="train", cohort="seen"):
+    """make(cid, phase) -> (ClientData, ClientContext) of `clients`, one model cache shared by all."""
+    cache: dict = {}
+
+    def make(cid, phase):
+        d = clients[cid]
+        data = ClientData(cid, cohort, reader=lambda c, s: d[s], counts={k: len(v[1]) for k, v in d.items()})
+        return data, ClientContext(client_id=cid, cohort=cohort, round=round_, seed=seed, phase=phase,
+                                   mode=mode, task=task, cache=cache)
+    return make

@@ -8,26 +8,19 @@ import pytest
 import torch
 
 from simfed.algorithms.kit import hypernet as hn
-from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
+from simfed.algorithms.base import RoundInfo, Task
 from simfed.algorithms.kit.models import lenet_for
 from simfed.algorithms.pfedhn import PFedHN, PFedHNConfig
 from simfed.core.errors import SimfedError
 
-from clients import make_clients
+from clients import context_maker, make_clients
 
 TASK = Task(input_shape=(1, 16, 16), num_classes=4)
 SEED = 3
 
 
 def maker(clients, round_=0, mode="train", cohort="seen"):
-    cache: dict = {}
-
-    def make(cid, phase):
-        d = clients[cid]
-        data = ClientData(cid, cohort, reader=lambda c, s: d[s], counts={k: len(v[1]) for k, v in d.items()})
-        return data, ClientContext(client_id=cid, cohort=cohort, round=round_, seed=SEED, phase=phase,
-                                   mode=mode, task=TASK, cache=cache)
-    return make
+    return context_maker(clients, TASK, SEED, round_, mode, cohort)
 
 
 CFG = PFedHNConfig(embed_dim=5, hidden=16, n_hidden=2, local_steps=3, batch_size=8, lr=0.05,

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simfed.algorithms.base import ClientContext, ClientData, RoundInfo, Task
+from simfed.algorithms.base import RoundInfo, Task
 from simfed.algorithms.kit import hypernet as hn
 from simfed.algorithms.kit import models, partial, personalhead
 from simfed.algorithms.pfedhn import PFedHN, PFedHNConfig
 from simfed.core.config import config_from_dict
 from simfed.core.errors import SimfedError
 
-from clients import make_clients
+from clients import context_maker, make_clients
 
 TASK = Task(input_shape=(1, 16, 16), num_classes=4)
 SEED = 3
@@ -23,14 +23,7 @@ N_HEAD = 84 * 4 + 4  # the LeNet's last Linear layer
 
 
 def maker(clients, round_=0, mode="train", cohort="seen"):
-    cache: dict = {}
-
-    def make(cid, phase):
-        d = clients[cid]
-        data = ClientData(cid, cohort, reader=lambda c, s: d[s], counts={k: len(v[1]) for k, v in d.items()})
-        return data, ClientContext(client_id=cid, cohort=cohort, round=round_, seed=SEED, phase=phase,
-                                   mode=mode, task=TASK, cache=cache)
-    return make
+    return context_maker(clients, TASK, SEED, round_, mode, cohort)
 
 
 def one_line(exc) -> str:
