@@ -360,6 +360,7 @@ class Algorithm:
         task's model (`kit.models.build`) most methods train, at the method's batch size; a method
         with another client model overrides this. Touches no client, state or random stream."""
         from simfed.algorithms.kit import models
+        from simfed.algorithms.kit.sgd import SGD
         from simfed.core.errors import SimfedError
 
         try:
@@ -368,7 +369,7 @@ class Algorithm:
             return
         x = models.dummy_input(task, max(1, int(getattr(cfg, "batch_size", 32))), device)
         y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+        opt = SGD(model.parameters(), lr=0.0, momentum=0.9)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         with torch.no_grad():

@@ -30,6 +30,7 @@ from simfed.algorithms.base import KEEP, ChunkSums, ClientContext, ClientData, R
 from simfed.engine.clientstate import ClientStateStore
 from simfed.engine.mechanism import Broadcast, client_part
 from simfed.engine.server import ChunkResult, add_into, compact
+from simfed.partitions.dtypes import numeric
 from simfed.partitions.store import PartitionStore
 
 
@@ -171,9 +172,9 @@ class Worker:
         self.algo = registry.get(spec.algorithm)
         self.store = PartitionStore.open(spec.store_path)
         table = self.store.clients
-        ids = table.column("client_id").to_numpy()
+        ids = numeric(table.column("client_id"))
         self.cohort = dict(zip(ids.tolist(), table.column("cohort").to_pylist()))
-        self.counts = {s: dict(zip(ids.tolist(), table.column(f"n_{s}").to_numpy().tolist()))
+        self.counts = {s: dict(zip(ids.tolist(), numeric(table.column(f"n_{s}")).tolist()))
                        for s in ("train", "val", "test")}
         self.states = ClientStateStore(spec.state_dir)
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")

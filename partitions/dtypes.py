@@ -96,3 +96,26 @@ def first_bad_row(x: np.ndarray, input: str, vocab_size: int) -> tuple[int, str]
             v = flat[i][(flat[i] < 0) | (flat[i] >= vocab_size)][0]
             return i, f"token id {int(v)} is outside the vocabulary 0..{vocab_size - 1}"
     return None
+
+
+# Arrow's fixed-width numeric types, as numpy reads their value buffers (little-endian hosts).
+_ARROW_NUMPY = {f"{k}{b}": np.dtype(f"<{c}{b // 8}") for k, c in (("int", "i"), ("uint", "u")) for b in (8, 16, 32, 64)}
+_ARROW_NUMPY.update({"float": np.dtype("<f4"), "double": np.dtype("<f8")})
+
+
+def numeric(col) -> np.ndarray:
+    """A null-free numeric pyarrow Array or ChunkedArray as numpy: a read-only view of its values
+    buffer when it is one chunk. pyarrow's own to_numpy goes through its pandas conversion and
+    imports pandas when pandas is installed (0.26 s in every process that opens a store)."""
+    dtype = _ARROW_NUMPY.get(str(col.type))
+    if dtype is None:
+        raise TypeError(f"numeric() takes int/uint/float columns, not {col.type}")
+    parts = []
+    for chunk in getattr(col, "chunks", [col]):
+        if chunk.null_count:
+            raise ValueError("numeric() takes columns without missing values")
+        if len(chunk):
+            parts.append(np.frombuffer(chunk.buffers()[1], dtype=dtype)[chunk.offset:chunk.offset + len(chunk)])
+    if not parts:
+        return np.empty(0, dtype=dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -99,7 +99,7 @@ class _SplitFile:
             xbuf = np.frombuffer(xcol.buffers()[1], dtype=np.uint8)
             width = xcol.type.byte_width
             xs = xbuf[xcol.offset * width:(xcol.offset + len(xcol)) * width]
-            ys = ycol.to_numpy(zero_copy_only=True)
+            ys = dtypes.numeric(ycol)
             self.batches[i] = (xs, ys)
         return self.batches[i]
 
@@ -180,10 +180,10 @@ class PartitionStore:
                               "re-create the store") from None
         check_clients(clients, manifest, self._file(CLIENTS))
         self._manifest, self._clients = manifest, clients
-        self._index = {c: clients.column(c).to_numpy() for c in clients.column_names
+        self._index = {c: dtypes.numeric(clients.column(c)) for c in clients.column_names
                        if c not in ("name", "cohort")}
-        self._index["unseen"] = np.asarray(clients.column("cohort").to_numpy(zero_copy_only=False)
-                                           == "unseen")
+        cohort = clients.column("cohort").to_pylist()
+        self._index["unseen"] = np.array([c == "unseen" for c in cohort], dtype=bool)
 
     def check_files(self) -> None:
         """Every file the manifest lists exists, is a regular file and has its recorded size

@@ -76,7 +76,7 @@ def check_clients(t: pa.Table, m: dict, where: str) -> None:
         raise SimfedError(f"{where}: no clients; re-create the store")
     if t.num_rows != counts["clients"]:
         raise SimfedError(f"{where}: {t.num_rows} clients, the manifest records {counts['clients']}")
-    ids = t.column("client_id").to_numpy()
+    ids = dtypes.numeric(t.column("client_id"))
     if (ids < 0).any() or (np.diff(ids) <= 0).any():
         raise SimfedError(f"{where}: client_id must be non-negative and strictly increasing")
     cohort = np.asarray(t.column("cohort").to_pylist(), dtype=object)
@@ -85,16 +85,16 @@ def check_clients(t: pa.Table, m: dict, where: str) -> None:
     if int((cohort == "seen").sum()) != counts["seen"] or counts["seen"] < 1:
         raise SimfedError(f"{where}: {int((cohort == 'seen').sum())} seen clients, the manifest records "
                           f"{counts['seen']} (at least one is needed)")
-    if (t.column("n_train").to_numpy() < 1).any():
+    if (dtypes.numeric(t.column("n_train")) < 1).any():
         raise SimfedError(f"{where}: every client needs >= 1 train sample; re-create the store")
     for s in SPLITS:
-        n = t.column(f"n_{s}").to_numpy()
-        off = t.column(f"{s}_offset").to_numpy()
+        n = dtypes.numeric(t.column(f"n_{s}"))
+        off = dtypes.numeric(t.column(f"{s}_offset"))
         if (n < 0).any() or int(n.sum()) != counts[s]:
             raise SimfedError(f"{where}: n_{s} does not add up to counts.{s} = {counts[s]}")
         if len(n) and (off[0] != 0 or (off[1:] != off[:-1] + n[:-1]).any()):
             raise SimfedError(f"{where}: {s}_offset does not follow n_{s} (rows sorted by client); "
                               "re-create the store")
-    nc = t.column("n_classes").to_numpy()
+    nc = dtypes.numeric(t.column("n_classes"))
     if (nc < 0).any() or (nc > m["num_classes"]).any():
         raise SimfedError(f"{where}: n_classes out of range 0..{m['num_classes']}")

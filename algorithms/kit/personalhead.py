@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from simfed.algorithms.kit import models, training
 from simfed.algorithms.kit.models import flat_params, load_flat
+from simfed.algorithms.kit.sgd import SGD
 from simfed.core.seeds import derive_seed
 
 
@@ -51,14 +52,14 @@ def head_state(cstate, model: nn.Module, seed: int, client_id: int) -> dict:
     return {"head": seeded_head(model, seed, client_id)}
 
 
-def _split_momentum(opt: torch.optim.SGD, params) -> torch.Tensor | None:
+def _split_momentum(opt: SGD, params) -> torch.Tensor | None:
     bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in params]
     if any(b is None for b in bufs):
         return None
     return torch.cat([b.detach().reshape(-1) for b in bufs]).clone()
 
 
-def _load_momentum(opt: torch.optim.SGD, params, flat: torch.Tensor | None) -> None:
+def _load_momentum(opt: SGD, params, flat: torch.Tensor | None) -> None:
     if flat is None:
         return  # torch's SGD then starts the buffer from the first gradient, as a fresh optimizer
     offset = 0
@@ -78,13 +79,13 @@ def train_with_head(model: nn.Module, body: torch.Tensor, hstate: dict, x: torch
     cut = len(params) - head_count(model)
     body_ps, head_ps = params[:cut], params[cut:]
     sgd = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    body_opt, head_opt = torch.optim.SGD(body_ps, **sgd), torch.optim.SGD(head_ps, **sgd)
+    body_opt, head_opt = SGD(body_ps, **sgd), SGD(head_ps, **sgd)
     _load_momentum(head_opt, head_ps, hstate.get("momentum"))
     model.train()
     seen, loss_sum = 0, torch.zeros((), dtype=p0.dtype, device=p0.device)
     for idx in training.batches(int(y.shape[0]), cfg.batch_size, cfg.local_steps, gen, budget=budget):
-        body_opt.zero_grad(set_to_none=True)
-        head_opt.zero_grad(set_to_none=True)
+        body_opt.zero_grad()
+        head_opt.zero_grad()
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
         if cfg.clip > 0:  # the body's gradient only, as the authors' clip over the generated network

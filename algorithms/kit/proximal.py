@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from simfed.algorithms.base import ClientData, Reply
 from simfed.algorithms.kit import training
 from simfed.algorithms.kit.models import load_flat
+from simfed.algorithms.kit.sgd import SGD
 
 
 def proximal_grads(model, anchor: torch.Tensor, lam: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ def proximal_sgd(model, anchor: torch.Tensor, lam: float, x, y, *, steps: int, b
                  momentum: float, gen: torch.Generator, epochs: float = 0.0, budget: int | None = None) -> int:
     """SGD in place on f + lam/2 ||v - anchor||^2 over training.batches (epochs > 0: whole passes,
     else `steps` steps; at most `budget` of them); returns samples processed."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = SGD(model.parameters(), lr=lr, momentum=momentum)
     model.train()
     seen = 0
     for idx in training.batches(int(y.shape[0]), batch_size, steps, gen, epochs, budget):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from simfed.algorithms.base import Eval
+from simfed.algorithms.kit.sgd import SGD
 
 
 def batches(n: int, batch_size: int, steps: int, gen: torch.Generator, epochs: float = 0.0,
@@ -50,14 +51,14 @@ def sgd_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
               clip: float = 0.0, epochs: float = 0.0, budget: int | None = None) -> tuple[int, float]:
     """Run SGD in place over `batches(...)` (epochs > 0: whole passes, else `steps` steps; at most
     `budget` of them); returns (samples processed, mean training loss)."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
     # The reported loss is summed in the model's dtype: float32 runs as ever, and a float64 model's
     # loss is not rounded to float32 (the vectorized trainer is checked against it to 1e-10).
     p0 = next(model.parameters())  # the sum stays on the model's device: a CUDA loss adds in place
     seen, loss_sum = 0, torch.zeros((), dtype=p0.dtype, device=p0.device)
     for idx in batches(int(y.shape[0]), batch_size, steps, gen, epochs, budget):
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
         if clip > 0:

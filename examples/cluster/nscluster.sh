@@ -45,6 +45,10 @@ make_bridge() {
     mkdir -p "$STATE"
     ip link show "$BRIDGE" >/dev/null 2>&1 && return
     ip link add "$BRIDGE" type bridge
+    # A fixed MAC: a bridge left to itself takes the lowest MAC of its ports, so a node added later
+    # (a random veth MAC) can change it, and every node's ARP entry for the S3 server's address
+    # then points nowhere for up to a minute.
+    ip link set "$BRIDGE" address "$(printf '02:53:4e:43:%02x:01' "${NET##*.}")"
     ip addr add "$NET.1/24" dev "$BRIDGE"   # the host's address on the bridge: the S3 server's
     ip link set "$BRIDGE" up
 }

@@ -87,12 +87,8 @@ class NsCluster:
     # -- the recipe script
     def env(self, prefix: str | None = None) -> dict:
         prefix = prefix or self.prefix
-        # Three Ray nodes and the S3 server share this machine's cores: moto can take more than the
-        # probe's default 3 s to answer a HEAD while the nodes start (a false "did not answer" in CI).
-        # The nodes' Ray and every command run inherit this environment.
-        return {"SIMFED_PROBE_TIMEOUT": "30", **os.environ, "NSC_PREFIX": prefix, "NSC_NET": self.net,
-                "NSC_NODES": " ".join(self.nodes), "NSC_CPUS": str(self.cpus), "NSC_PYTHON": self.python,
-                "NSC_STATE": str(STATE_ROOT / prefix)}
+        return {**os.environ, "NSC_PREFIX": prefix, "NSC_NET": self.net, "NSC_NODES": " ".join(self.nodes),
+                "NSC_CPUS": str(self.cpus), "NSC_PYTHON": self.python, "NSC_STATE": str(STATE_ROOT / prefix)}
 
     def sh(self, *args: str, check: bool = True, timeout: float = 300, prefix: str | None = None):
         proc = subprocess.run(["bash", str(SCRIPT), *args], env=self.env(prefix), capture_output=True, text=True,

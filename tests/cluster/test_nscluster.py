@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import polars as pl
 import psutil
@@ -153,7 +154,12 @@ def test_sweep_trials_spread_over_the_nodes(nscluster, ns_store):
 
 
 def test_a_node_without_the_token_cannot_join_or_submit_work(nscluster):
+    bridge = Path(f"/sys/class/net/{nscluster.prefix}-br")
+    mac = (bridge / "address").read_text()
     nscluster.add("intr")  # a machine on the same network, without the cluster's token
+    # The bridge's MAC is set, not inherited from its lowest port: a node joining cannot move the
+    # S3 server's MAC under the other nodes' ARP entries (their store reads would then time out).
+    assert (bridge / "address").read_text() == mac and (bridge / "addr_assign_type").read_text().strip() == "3"
     fast = {"RAY_gcs_server_port_wait_time_s": "3", "HOME": "/tmp"}  # give up after 3 s, not Ray's 20
     start = [nscluster.python, "-m", "ray.scripts.scripts", "start", "--address", nscluster.head_address,
              f"--node-ip-address={nscluster.ip('intr')}", "--num-cpus=1"]
