@@ -10,7 +10,7 @@ from pathlib import Path
 from simfed.core.errors import SimfedError
 
 
-def _saved_config(run_dir: Path, missing: str) -> dict:
+def saved_config(run_dir: Path, missing: str) -> dict:
     """A run directory's config.json (the resolved experiment); `missing` is the message when absent."""
     from simfed.core.safeio import load_json
 
@@ -57,7 +57,7 @@ class Run:
     @property
     def config(self) -> dict:
         """The resolved experiment (config.json): every key of every table, defaults included."""
-        return _saved_config(self.path, f"{self.path}: no config.json; pass a directory printed by `simfed launch`")
+        return saved_config(self.path, f"{self.path}: no config.json; pass a directory printed by `simfed launch`")
 
     @property
     def status(self) -> dict | None:

@@ -9,8 +9,8 @@ reads a run.
 
 Bad input raises `SimfedError` with the one-line message the command prints; nothing is written
 and no Ray is started before every check has passed, but for the store's checksums, checked while
-Ray starts (a mismatch stops the Ray this call started, before anything is written). The command line is a thin layer over this
-module: it adds option parsing, the progress bar and printing.
+Ray starts (a mismatch stops the Ray this call started, before anything is written). The command
+line is a thin layer over this module: it adds option parsing, the progress bar and printing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from simfed.core import validate
 from simfed.core.config import apply_overrides, load_toml
 from simfed.core.errors import SimfedError
 from simfed.core.safeio import local_path
-from simfed.results import _saved_config
+from simfed.results import saved_config
 
 Event = Callable[[dict], None]
 Config = str | os.PathLike | Mapping[str, Any] | None
@@ -134,7 +134,7 @@ def _resume(resume: str | os.PathLike, address: str | None, verify: bool, emit: 
     if not run_dir.is_dir():
         raise SimfedError(f"--resume {os.fspath(resume)}: not a run directory; pass the directory `simfed launch` "
                           "printed")
-    doc = _saved_config(run_dir, f"--resume {run_dir}: no config.json there; pass the directory `simfed launch` "
+    doc = saved_config(run_dir, f"--resume {run_dir}: no config.json there; pass the directory `simfed launch` "
                                  "printed")
     exp = _parse(doc, address, str(run_dir / "config.json"))
     with rundir.hold(run_dir):  # a run still going (its owner alive) is refused first

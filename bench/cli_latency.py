@@ -135,6 +135,11 @@ def startup(python: str, exp: Path, workers: int, root: Path, env: dict, repeats
     return {**runs[len(runs) // 2], "all_to_round_1": [round(r["to_round_1"], 2) for r in runs]}
 
 
+def _seconds(figure: float | dict) -> float:
+    """A command's median wall time, or a launch's median time to round 1."""
+    return figure if isinstance(figure, float) else figure["to_round_1"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", help="python of a venv with the simfed to compare against (e.g. main's)")
@@ -154,11 +159,8 @@ def main() -> None:
                   "after": measure(sys.executable, paths, args.repeats, args.workers, root, args.startup_repeats)}
         if args.before:
             result["before"] = measure(args.before, paths, args.repeats, args.workers, root, args.startup_repeats)
-            before, after = result["before"], result["after"]
-            result["ratio_after_over_before"] = {  # a launch: its median time to round 1
-                k: (v if isinstance(v, float) else v["to_round_1"]) / (before[k] if isinstance(v, float)
-                                                                      else before[k]["to_round_1"])
-                for k, v in after.items()}
+            result["ratio_after_over_before"] = {
+                k: _seconds(v) / _seconds(result["before"][k]) for k, v in result["after"].items()}
         result["load_average_end"] = list(os.getloadavg())
     print(json.dumps(result, indent=None if args.json else 2))
 
